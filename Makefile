@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TESTS   := test/distributed
 
-.PHONY: demo test bench clean-venv hook-diff
+.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff
 
 $(STAMP): requirements.txt tools/protocol_version_hook.py
 	test -x $(PY) || python3 -m venv .venv
@@ -13,9 +13,9 @@ $(STAMP): requirements.txt tools/protocol_version_hook.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/distributed/../../tools/demo.py
+	$(PY) tools/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider
 
 hook-diff: $(STAMP)
@@ -23,3 +23,22 @@ hook-diff: $(STAMP)
 
 clean-venv:
 	rm -rf .venv
+
+# Longer suites, each its own target (times measured on the 2-core machine: see README).
+bench: $(STAMP)
+	$(PY) benchmarks/distributed/bench_protocol_version.py
+
+STOCK_PY    := .venv-stock/bin/python
+STOCK_STAMP := .venv-stock/.installed
+
+# A second environment with the same pinned wheel and no hook: the baseline.
+$(STOCK_STAMP): requirements.txt
+	test -x $(STOCK_PY) || python3 -m venv .venv-stock
+	$(STOCK_PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STOCK_STAMP)
+
+upstream-suite: $(STAMP) $(STOCK_STAMP)
+	$(PY) tools/run_upstream_suite.py --full
+
+wheel: $(STAMP)
+	$(PY) tools/build_patched_wheel.py
