@@ -15,7 +15,9 @@ How the check talks through the store (all keys live under ``_KEY_PREFIX``):
 * Every other rank reads the current epoch, claims its slot in it with one
   ``compare_set`` (which fails if the slot already holds a payload, i.e. the epoch
   is a stale one from an earlier attempt on the same store) and blocks on the
-  verdict with one ``get``.
+  verdict with one ``get``. Only when the verdict is a failure does it write one
+  more key, an acknowledgement rank 0 waits for before it raises (rank 0 often
+  hosts the store server, which must outlive the others' reads).
 
 So a non-coordinating rank makes three store round trips whatever the world size
 (O(1) per rank, O(N) globally); the coordinator makes six, one of which reads N
@@ -85,6 +87,8 @@ _MAX_PAYLOAD_BYTES = 64 * 1024
 # How many hosts, or invalid ranks, one line of a message lists before "and N more".
 _MAX_LISTED = 8
 _MAX_TEXT_FIELD = 128
+# How long rank 0 waits for the others to read a failing verdict (see _await_acks).
+_ACK_GRACE_SECONDS = 30.0
 
 # The c10d logger: the outcome lands beside init_process_group's own log lines.
 logger = logging.getLogger("torch.distributed.distributed_c10d")
@@ -486,13 +490,42 @@ def _coordinate(
     reserve = _coordinator_reserve(deadline.timeout)
     store.set_timeout(deadline.remaining(reserve))
     raws = _call(deadline, "collecting payloads", store.multi_get, slots[1:], reserve=reserve)
+    missing: list[int] = []
     if raws is None:
         missing = _find_missing(store, slots)
         verdict = _Verdict("timeout", _missing_detail(missing, deadline.timeout, backend), None)
     else:
         verdict = _judge_payloads([payload.encode(), *raws], backend)
     store.set(_key(epoch, "verdict"), verdict.to_json())
+    if verdict.negotiated is None:
+        _await_acks(store, epoch, world_size, missing, deadline)
     return verdict
+
+
+def _await_acks(
+    store: dist.Store, epoch: int, world_size: int, missing: Sequence[int], deadline: _Deadline
+) -> None:
+    """Keep rank 0 here until every rank that published has read the failing verdict.
+
+    Rank 0 often hosts the store server (``env://``, ``tcp://``): if it raised at
+    once, its process could exit and take the server down before the others read
+    the verdict, and they would fail with a bare connection error instead of the
+    verdict. On success there is no such wait: the backend build that follows
+    needs the store anyway. The others are already blocked on the verdict, so
+    their reads take milliseconds; a rank that died after publishing never
+    acknowledges, hence the grace period (within the check's timeout).
+    """
+    ranks = [rank for rank in range(1, world_size) if rank not in missing]
+    acks = [_key(epoch, "ack", rank) for rank in ranks]
+    grace = min(deadline.remaining(), timedelta(seconds=_ACK_GRACE_SECONDS))
+    try:
+        store.wait(acks, grace)
+    except RuntimeError:
+        silent = [ranks[i] for i in _find_missing(store, acks)]
+        logger.warning(
+            "Protocol version check: %s did not confirm reading the failing verdict "
+            "within %.0fs; they may have died.", _ranks_phrase(silent), grace.total_seconds()
+        )
 
 
 def _await_verdict(
@@ -512,7 +545,10 @@ def _await_verdict(
             if raw is None:
                 return _coordinator_timeout(store, epoch, deadline, backend)
             if raw != _SUPERSEDED.encode():
-                return _Verdict.from_json(raw)
+                verdict = _Verdict.from_json(raw)
+                if verdict.negotiated is None:
+                    store.set(_key(epoch, "ack", rank), "1")  # see _await_acks
+                return verdict
         # The slot was taken (an earlier attempt on this store) or the epoch was
         # abandoned: wait for rank 0 to open the next one.
         epoch += 1

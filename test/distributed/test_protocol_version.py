@@ -1,0 +1,424 @@
+# Owner(s): ["oncall: distributed"]
+"""Tests for the protocol version guardrail in ``init_process_group``.
+
+Every multi-rank test spawns real processes that run real gloo through a real
+rendezvous store; the guardrail's own environment variables simulate mixed builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings, strategies as st
+from torch.distributed import _protocol_version as pv
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
+
+from protocol_version_utils import (
+    all_reduce_and_version,
+    env_init,
+    free_port,
+    MODE_ENV,
+    spawn_ranks,
+    VERSION_ENV,
+    versions_env,
+)
+
+
+MISMATCH = "protocol version mismatch"
+
+
+def _info(rank: int, version: int, host: str = "node-a", min_version: int | None = None) -> pv._RankInfo:
+    return pv._RankInfo(
+        rank=rank,
+        version=version,
+        min_version=version if min_version is None else min_version,
+        torch_version="2.13.0+cpu",
+        hostname=host,
+        pid=100 + rank,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Functions run inside spawned ranks (module level, so spawn can pickle them)
+# --------------------------------------------------------------------------- #
+
+
+def _init_kwargs(path: str, rank: int, world_size: int, port: int, tmpdir: str) -> dict[str, Any]:
+    """How one init path is reached; the store-based paths build the store here."""
+    timeout = timedelta(seconds=60)
+    common: dict[str, Any] = {"rank": rank, "world_size": world_size, "timeout": timeout}
+    if path in ("tcp://", "cpu:gloo", "no-backend", "device_id"):
+        common["init_method"] = f"tcp://127.0.0.1:{port}"
+    elif path == "file://":
+        common["init_method"] = f"file://{tmpdir}/rendezvous-{port}"
+    elif path == "env://":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        common["init_method"] = "env://"
+    elif path in ("TCPStore", "TCPStore-no-libuv"):
+        common["store"] = dist.TCPStore(
+            "127.0.0.1", port, world_size, rank == 0, timeout=timeout,
+            use_libuv=path == "TCPStore",
+        )
+    elif path == "FileStore":
+        common["store"] = dist.FileStore(f"{tmpdir}/store-{port}", world_size)
+    backend = {"cpu:gloo": "cpu:gloo", "no-backend": None}.get(path, "gloo")
+    if path == "device_id":
+        common["device_id"] = torch.device("cpu")
+    return {"backend": backend, **common}
+
+
+def _outcome(fn: Any, *args: Any, **kwargs: Any) -> str:
+    """Run ``fn`` and describe how it ended, so a rank can report both phases."""
+    try:
+        fn(*args, **kwargs)
+        return "ok"
+    except (RuntimeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _matching_job(kwargs: dict[str, Any]) -> dict[str, Any]:
+    dist.init_process_group(**kwargs)
+    try:
+        return all_reduce_and_version(torch, pv.get_group_protocol_version)
+    finally:
+        dist.destroy_process_group()
+
+
+def init_path_scenario(rank: int, world_size: int, path: str, ports: tuple[int, int], tmpdir: str) -> dict[str, str]:
+    """On one init path: first a mixed job (rank 1 on version 2), then a matching one."""
+    os.environ[VERSION_ENV] = "2" if rank == 1 else "1"
+    mixed = _outcome(dist.init_process_group, **_init_kwargs(path, rank, world_size, ports[0], tmpdir))
+    os.environ.pop(VERSION_ENV)
+    matching = _outcome(_matching_job, _init_kwargs(path, rank, world_size, ports[1], tmpdir))
+    return {"mixed": mixed, "matching": matching}
+
+
+def init_on_tcpstore(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    """Init on a TCPStore that does not wait for its clients, as torchrun's does:
+    a rank that never comes is then first noticed by the protocol version check."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def reinit_three_times(rank: int, world_size: int, port: int) -> list[dict[str, Any]]:
+    return [env_init(rank, world_size, port, timeout_s=60) for _ in range(3)]
+
+
+def init_capturing_log(rank: int, world_size: int, port: int) -> dict[str, Any]:
+    """env:// init with the c10d logger captured; reports what a user would see."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    pv.logger.addHandler(handler)
+    pv.logger.setLevel(logging.INFO)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+        try:
+            group_version: Any = pv.get_group_protocol_version()
+        except RuntimeError as e:
+            group_version = str(e)
+    finally:
+        dist.destroy_process_group()
+    return {"sum": tensor.item(), "log": records, "group_version": group_version}
+
+
+def init_off_on_own_store(rank: int, world_size: int, port: int) -> bool:
+    """With the check off, init on a store we hold and report whether any key of
+    the check's namespace exists afterwards (there must be none)."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    dist.destroy_process_group()
+    return store.check([pv._key("counter")]) or store.check([pv._key("current")])
+
+
+# --------------------------------------------------------------------------- #
+# Tests
+# --------------------------------------------------------------------------- #
+
+
+class TestVersionOverride(TestCase):
+    def test_default_is_the_build_constant(self) -> None:
+        with mock.patch.dict(os.environ, clear=False) as env:
+            env.pop(VERSION_ENV, None)
+            self.assertEqual(pv.get_protocol_version(), pv.PROTOCOL_VERSION)
+            self.assertEqual(pv.PROTOCOL_VERSION, 1)
+
+    @parametrize("raw,expected", [("7", 7), ("  42\n", 42), ("0", 0), (str(2**63 - 1), 2**63 - 1)])
+    def test_valid_override(self, raw: str, expected: int) -> None:
+        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+            self.assertEqual(pv.get_protocol_version(), expected)
+            self.assertEqual(pv.get_min_protocol_version(), expected)
+
+    @parametrize("raw", ["", " ", "abc", "1.5", "1e3", "-1", "+1", "1_0", "0x1", str(2**63), "\u0661", "１"])
+    def test_invalid_override_names_variable_and_value(self, raw: str) -> None:
+        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+            with self.assertRaises(RuntimeError) as ctx:
+                pv.get_protocol_version()
+        self.assertIn(VERSION_ENV, str(ctx.exception))
+        self.assertIn(repr(raw), str(ctx.exception))
+
+    # Anything an environment variable can hold (no NUL, no lone surrogates), plus
+    # digit strings around the 64-bit limit.
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))),
+            st.from_regex(r"\s*[0-9]{1,21}\s*", fullmatch=True),
+        )
+    )
+    def test_override_accepts_exactly_ascii_decimal_integers(self, raw: str) -> None:
+        stripped = raw.strip()
+        valid = stripped.isascii() and stripped.isdigit() and int(stripped) < 2**63
+        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+            if valid:
+                self.assertEqual(pv.get_protocol_version(), int(stripped))
+            else:
+                self.assertRaisesRegex(RuntimeError, VERSION_ENV, pv.get_protocol_version)
+
+    def test_bad_override_fails_before_any_store_traffic(self) -> None:
+        store = dist.HashStore()
+        with mock.patch.dict(os.environ, {VERSION_ENV: "abc"}):
+            with self.assertRaisesRegex(RuntimeError, VERSION_ENV):
+                pv.check_protocol_version(store, 0, 2, timedelta(seconds=1))
+        self.assertEqual(store.num_keys(), 0)
+
+    def test_check_mode_parsing(self) -> None:
+        for raw, mode in [("error", "error"), (" WARN ", "warn"), ("off", "off")]:
+            with mock.patch.dict(os.environ, {MODE_ENV: raw}):
+                self.assertEqual(pv._check_mode(), mode)
+        with mock.patch.dict(os.environ, {MODE_ENV: "loud"}):
+            self.assertRaisesRegex(RuntimeError, f"{MODE_ENV}='loud'", pv._check_mode)
+
+
+class TestMessages(TestCase):
+    def test_compress_ranks(self) -> None:
+        self.assertEqual(pv._compress_ranks([5, 0, 1, 2]), "0-2,5")
+        self.assertEqual(pv._compress_ranks([3]), "3")
+        self.assertEqual(pv._compress_ranks(list(range(1024))), "0-1023")
+        self.assertEqual(pv._compress_ranks([0, 2, 4, 5, 6, 9]), "0,2,4-6,9")
+
+    def test_mismatch_message(self) -> None:
+        infos = [_info(0, 1), _info(1, 1), _info(2, 1, "node-b"), _info(3, 2, "node-c"), _info(4, 1), _info(5, 2, "node-c")]
+        verdict = pv._judge(infos, "gloo")
+        self.assertEqual(verdict.status, "mismatch")
+        self.assertExpectedInline(
+            pv._error_message(verdict, infos[3]),
+            """\
+torch.distributed protocol version mismatch: the 6 ranks of this job (backend gloo) run builds that cannot talk to each other.
+  protocol version 1: ranks 0-2,4 on hosts node-a, node-b (torch 2.13.0+cpu)
+  protocol version 2: ranks 3,5 on host node-c (torch 2.13.0+cpu)
+Why: ranks 3,5 accept nothing older than protocol version 2, but ranks 0-2,4 speak at most version 1.
+What to do: upgrade ranks 0-2,4 to a build that speaks protocol version 2 (or roll ranks 3,5 back), then restart the job. TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE and TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE only simulate other builds in tests; unset them in production.
+This rank (rank 3, host node-c) runs protocol version 2.""",
+        )
+
+    def test_timeout_message(self) -> None:
+        self.assertExpectedInline(
+            pv._missing_detail([2, 3, 7], timedelta(seconds=120), "gloo"),
+            """torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version. They may run a build without this check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), may not have started, or may have died.""",
+        )
+
+    def test_long_host_lists_are_capped(self) -> None:
+        infos = [_info(r, 1, f"host-{r:02d}") for r in range(20)] + [_info(20, 2)]
+        line = pv._describe_groups(infos)[0]
+        self.assertIn("host-07 and 12 more", line)
+
+
+class TestCheckOnOneStore(TestCase):
+    """The exchange itself, ranks as threads on one HashStore."""
+
+    def _run(self, store: dist.Store, versions: dict[int, int], world_size: int, timeout: float = 10.0) -> dict[int, Any]:
+        """Run the ranks in ``versions`` as threads; absent ranks never arrive."""
+        out: dict[int, Any] = {}
+
+        def rank_main(rank: int) -> None:
+            try:
+                out[rank] = pv.check_protocol_version(store, rank, world_size, timedelta(seconds=timeout))
+            except RuntimeError as e:
+                out[rank] = e
+
+        # The override variable is process-wide, so threads get their versions here.
+        with mock.patch.object(pv, "_local_info", lambda r: _info(r, versions[r])):
+            threads = [threading.Thread(target=rank_main, args=(r,)) for r in versions]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout + 5)
+        return out
+
+    def test_repeated_checks_never_reuse_a_verdict(self) -> None:
+        store = dist.HashStore()
+        # pass, fail, pass, fail on the very same store: each call is judged afresh.
+        for versions, ok in [([1, 1, 1], True), ([1, 2, 1], False), ([1, 1, 1], True), ([2, 2, 1], False)]:
+            results = self._run(store, dict(enumerate(versions)), 3)
+            if ok:
+                self.assertEqual(results, {0: 1, 1: 1, 2: 1})
+            else:
+                self.assertTrue(all(isinstance(r, RuntimeError) and MISMATCH in str(r) for r in results.values()), results)
+
+    def test_missing_coordinator_is_named(self) -> None:
+        results = self._run(dist.HashStore(), {1: 1, 2: 1}, 3, timeout=2.0)
+        for result in results.values():
+            self.assertIn("rank 0, which collects every rank's version, never opened the check", str(result))
+
+    def test_world_size_one_needs_no_peer(self) -> None:
+        store = dist.HashStore()
+        started = time.monotonic()
+        self.assertEqual(pv.check_protocol_version(store, 0, 1, timedelta(seconds=60)), pv.PROTOCOL_VERSION)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(store.num_keys(), 0)
+
+    def test_bad_arguments(self) -> None:
+        store = dist.HashStore()
+        self.assertRaisesRegex(ValueError, "rank must be in", pv.check_protocol_version, store, 3, 2)
+        self.assertRaisesRegex(ValueError, "world_size", pv.check_protocol_version, store, 0, 0)
+        self.assertRaisesRegex(ValueError, "timeout", pv.check_protocol_version, store, 0, 2, timedelta(0))
+
+    def test_timeout_restores_the_store_timeout(self) -> None:
+        store = dist.HashStore()
+        store.set_timeout(timedelta(seconds=77))
+        with self.assertRaisesRegex(RuntimeError, "rank 1 never published"):
+            pv.check_protocol_version(store, 0, 2, timedelta(seconds=1))
+        self.assertEqual(store.timeout, timedelta(seconds=77))
+
+
+class TestInitProcessGroupInProcess(TestCase):
+    def tearDown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        super().tearDown()
+
+    def test_world_size_one(self) -> None:
+        store = dist.HashStore()
+        started = time.monotonic()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(pv.get_group_protocol_version(), pv.PROTOCOL_VERSION)
+
+    def test_group_version_needs_a_group(self) -> None:
+        self.assertRaisesRegex(RuntimeError, "init_process_group", pv.get_group_protocol_version)
+
+    def test_fake_backend_is_skipped(self) -> None:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        with mock.patch.dict(os.environ, {VERSION_ENV: "9"}):
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+        self.assertRaisesRegex(RuntimeError, "fake backend", pv.get_group_protocol_version)
+
+    def test_invalid_mode_is_an_error_before_the_backend(self) -> None:
+        with mock.patch.dict(os.environ, {MODE_ENV: "maybe"}):
+            with self.assertRaisesRegex(RuntimeError, f"{MODE_ENV}='maybe'"):
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.assertFalse(dist.is_initialized())
+
+
+class TestMultiProcess(TestCase):
+    """Real ranks, real gloo."""
+
+    def assert_every_rank_raised(self, results: list[Any], needle: str = MISMATCH) -> None:
+        for result in results:
+            self.assertEqual(result.error_type, "RuntimeError", f"rank {result.rank}: {result}")
+            self.assertIn(needle, result.error)
+
+    def test_matching_versions(self) -> None:
+        for common in ({}, {VERSION_ENV: "5"}):
+            results = spawn_ranks(env_init, 2, args=(free_port(),), common_env=common)
+            expected_version = int(common.get(VERSION_ENV, pv.PROTOCOL_VERSION))
+            self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": expected_version}] * 2)
+
+    def test_one_against_two_every_rank_raises(self) -> None:
+        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=versions_env({1: 2}))
+        self.assert_every_rank_raised(results)
+        self.assertIn("This rank (rank 0", results[0].error)
+        self.assertIn("runs protocol version 1.", results[0].error)
+        self.assertIn("runs protocol version 2.", results[1].error)
+
+    def test_four_ranks_one_odd_fails_fast_everywhere(self) -> None:
+        # With a 120 s timeout, every rank must fail within seconds of the last arrival.
+        results = spawn_ranks(env_init, 4, args=(free_port(), "gloo", 120.0), rank_env=versions_env({2: 2}))
+        self.assert_every_rank_raised(results)
+        self.assertIn("ranks 0-1,3 on host", results[0].error)
+        self.assertIn("protocol version 2: rank 2 on host", results[0].error)
+        last_arrival = max(r.started for r in results)
+        last_failure = max(r.finished for r in results)
+        self.assertLess(last_failure - last_arrival, 30.0)
+
+    @parametrize("path", ["env://", "tcp://", "file://", "TCPStore", "TCPStore-no-libuv", "FileStore", "cpu:gloo", "no-backend"])
+    def test_init_paths(self, path: str) -> None:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            results = spawn_ranks(init_path_scenario, 2, args=(path, (free_port(), free_port()), tmpdir))
+        for result in results:
+            self.assertTrue(result.ok, f"rank {result.rank}: {result}")
+            self.assertIn(MISMATCH, result.value["mixed"])
+            self.assertEqual(result.value["matching"], "ok")
+
+    def test_device_id_path(self) -> None:
+        # This CPU build cannot init with a device_id (stock torch rejects a cpu one
+        # while building the backend), but the check runs first: a mixed job gets
+        # the guardrail's error, a matching one stock's own ValueError, unchanged.
+        with tempfile.TemporaryDirectory() as tmpdir:
+            results = spawn_ranks(init_path_scenario, 2, args=("device_id", (free_port(), free_port()), tmpdir))
+        for result in results:
+            self.assertIn(MISMATCH, result.value["mixed"])
+            self.assertEqual(
+                result.value["matching"],
+                "ValueError: init_process_group device_id parameter must be an accelerator with an index",
+            )
+
+    def test_reinit_three_times_through_env(self) -> None:
+        results = spawn_ranks(reinit_three_times, 2, args=(free_port(),))
+        for result in results:
+            self.assertEqual(result.value, [{"sum": 2.0, "group_version": 1}] * 3, str(result))
+
+    def test_rank_that_never_arrives_is_named(self) -> None:
+        # A 3-rank job whose rank 2 never starts: rank 0 names it before the timeout.
+        results = spawn_ranks(init_on_tcpstore, 3, args=(free_port(), 6.0), ranks=[0, 1])
+        self.assert_every_rank_raised(results, "rank 2 never published a protocol version")
+        for result in results:
+            self.assertIn("timed out after 6s", result.error)
+            self.assertLess(result.finished - result.started, 6.0 + 5.0)
+
+    def test_warn_mode_logs_and_goes_on(self) -> None:
+        rank_env = versions_env({1: 2})
+        results = spawn_ranks(init_capturing_log, 2, args=(free_port(),), rank_env=rank_env, common_env={MODE_ENV: "warn"})
+        for result in results:
+            self.assertTrue(result.ok, str(result))
+            self.assertEqual(result.value["sum"], 2.0)
+            self.assertTrue(any(MISMATCH in line and "=warn: continuing" in line for line in result.value["log"]))
+            self.assertIn("no protocol version was negotiated", result.value["group_version"])
+
+    def test_error_mode_logs_outcome(self) -> None:
+        results = spawn_ranks(init_capturing_log, 2, args=(free_port(),))
+        for result in results:
+            self.assertTrue(any("negotiated protocol version 1" in line for line in result.value["log"]), str(result))
+
+    def test_off_mode_touches_nothing_and_lets_a_mismatch_through(self) -> None:
+        results = spawn_ranks(
+            init_off_on_own_store, 2, args=(free_port(),), rank_env=versions_env({1: 2}), common_env={MODE_ENV: "off"}
+        )
+        self.assertEqual([(r.error, r.value) for r in results], [(None, False)] * 2)
+
+
+instantiate_parametrized_tests(TestVersionOverride)
+instantiate_parametrized_tests(TestMultiProcess)
+
+
+if __name__ == "__main__":
+    run_tests()
