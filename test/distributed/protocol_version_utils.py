@@ -153,9 +153,15 @@ def env_init(
 
 
 def all_reduce_and_version(torch: Any, get_version: Callable[[], int]) -> dict[str, Any]:
+    """One all_reduce of ones, and the group's negotiated version (``None`` when
+    none was negotiated, e.g. with the check off)."""
     tensor = torch.ones(1)
     dist.all_reduce(tensor)
-    return {"sum": tensor.item(), "group_version": get_version()}
+    try:
+        version: int | None = get_version()
+    except RuntimeError:
+        version = None
+    return {"sum": tensor.item(), "group_version": version}
 
 
 def versions_env(versions: Mapping[int, int]) -> dict[int, dict[str, str | None]]:

@@ -281,9 +281,10 @@ def _plural(count: int, word: str) -> str:
     return word if count == 1 else f"{word}s"
 
 
-def _ranks_phrase(ranks: Sequence[int]) -> str:
-    """``[3]`` -> ``"rank 3"``, ``[0, 1, 2]`` -> ``"ranks 0-2"``."""
-    return f"{_plural(len(ranks), 'rank')} {_compress_ranks(ranks)}"
+def _ranks_phrase(ranks: Sequence[int], singular_verb: str = "", plural_verb: str = "") -> str:
+    """``[3]`` -> ``"rank 3"``, ``[0, 1, 2]`` -> ``"ranks 0-2"``, with a verb that agrees."""
+    verb = singular_verb if len(ranks) == 1 else plural_verb
+    return f"{_plural(len(ranks), 'rank')} {_compress_ranks(ranks)}{' ' + verb if verb else ''}"
 
 
 def _list_some(items: Sequence[str]) -> str:
@@ -337,8 +338,9 @@ def _mismatch_detail(infos: Sequence[_RankInfo], backend: str) -> str:
         f"torch.distributed protocol version mismatch: the {len(infos)} ranks of this "
         f"job (backend {backend}) run builds that cannot talk to each other.",
         *_describe_groups(infos),
-        f"Why: {_ranks_phrase(demanding)} accept nothing older than protocol version "
-        f"{required}, but {_ranks_phrase(stragglers)} speak at most version {newest_straggler}.",
+        f"Why: {_ranks_phrase(demanding, 'accepts', 'accept')} nothing older than protocol "
+        f"version {required}, but {_ranks_phrase(stragglers, 'speaks', 'speak')} at most "
+        f"version {newest_straggler}.",
         f"What to do: upgrade {_ranks_phrase(stragglers)} to a build that speaks protocol "
         f"version {required} (or roll {_ranks_phrase(demanding)} back), then restart the job. "
         f"{VERSION_OVERRIDE_ENV} and {MIN_VERSION_OVERRIDE_ENV} only simulate other builds "
