@@ -1,0 +1,243 @@
+# Owner(s): ["oncall: distributed"]
+"""Version ranges, the negotiated group version, the framework helper and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings, strategies as st
+from torch.distributed import _protocol_version as pv
+from torch.testing._internal.common_utils import run_tests, TestCase
+
+from protocol_version_utils import (
+    env_init,
+    free_port,
+    MIN_VERSION_ENV,
+    MODE_ENV,
+    spawn_ranks,
+    VERSION_ENV,
+)
+
+
+def _info(rank: int, min_version: int, version: int, host: str = "node-a") -> pv._RankInfo:
+    return pv._RankInfo(rank, version, min_version, "2.13.0+cpu", host, 1000 + rank)
+
+
+def _ranges_env(ranges: dict[int, tuple[int, int]]) -> dict[int, dict[str, str | None]]:
+    """``{rank: (min, version)}`` -> per-rank override variables."""
+    return {
+        rank: {MIN_VERSION_ENV: str(low), VERSION_ENV: str(high)}
+        for rank, (low, high) in ranges.items()
+    }
+
+
+# A rank's range: (min, version) with min <= version.
+ranges = st.tuples(st.integers(0, 6), st.integers(0, 6)).map(lambda t: (min(t), max(t)))
+
+
+class TestRangeRules(TestCase):
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(ranges, min_size=1, max_size=8))
+    def test_group_rule_is_the_pairwise_rule(self, rank_ranges: list[tuple[int, int]]) -> None:
+        infos = [_info(r, low, high) for r, (low, high) in enumerate(rank_ranges)]
+        pairwise = all(
+            a.version >= b.min_version and b.version >= a.min_version
+            for a, b in itertools.combinations(infos, 2)
+        )
+        self.assertEqual(pv._negotiate(infos) is not None, pairwise)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(ranges, min_size=1, max_size=8))
+    def test_negotiated_version_is_the_highest_every_rank_speaks(self, rank_ranges: list[tuple[int, int]]) -> None:
+        infos = [_info(r, low, high) for r, (low, high) in enumerate(rank_ranges)]
+        negotiated = pv._negotiate(infos)
+        spoken_by_all = [v for v in range(0, 7) if all(i.min_version <= v <= i.version for i in infos)]
+        self.assertEqual(negotiated, max(spoken_by_all) if spoken_by_all else None)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(0, 4), min_size=1, max_size=8))
+    def test_exact_match_defaults(self, versions: list[int]) -> None:
+        # The first issue's rule: with min == version everywhere, all must be equal.
+        infos = [_info(r, v, v) for r, v in enumerate(versions)]
+        verdict = pv._judge(infos, "gloo")
+        if len(set(versions)) == 1:
+            self.assertEqual((verdict.status, verdict.negotiated), ("ok", versions[0]))
+        else:
+            self.assertEqual(verdict.status, "mismatch")
+            self.assertIn("protocol version mismatch", verdict.detail)
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.lists(ranges, min_size=2, max_size=4), st.randoms(use_true_random=False))
+    def test_verdict_does_not_depend_on_arrival_order(self, rank_ranges: list[tuple[int, int]], rnd: Any) -> None:
+        # Real exchanges on one store, ranks arriving in a hypothesis-chosen order.
+        order = list(range(len(rank_ranges)))
+        rnd.shuffle(order)
+        outcomes = self._exchange_in_order(rank_ranges, order)
+        expected = pv._negotiate([_info(r, *rr) for r, rr in enumerate(rank_ranges)])
+        if expected is None:
+            self.assertTrue(all(isinstance(o, RuntimeError) for o in outcomes.values()), outcomes)
+        else:
+            self.assertEqual(set(outcomes.values()), {expected})
+
+    def _exchange_in_order(self, rank_ranges: list[tuple[int, int]], order: list[int]) -> dict[int, Any]:
+        store = dist.HashStore()
+        world_size = len(rank_ranges)
+        outcomes: dict[int, Any] = {}
+
+        def rank_main(rank: int) -> None:
+            try:
+                outcomes[rank] = pv.check_protocol_version(store, rank, world_size, timedelta(seconds=10))
+            except RuntimeError as e:
+                outcomes[rank] = e
+
+        infos = {r: _info(r, *rr) for r, rr in enumerate(rank_ranges)}
+        with mock.patch.object(pv, "_local_info", lambda r: infos[r]):
+            threads = []
+            for rank in order:
+                thread = threading.Thread(target=rank_main, args=(rank,))
+                thread.start()
+                threads.append(thread)
+                # Publish one at a time, in the chosen order (rank 0 opens the epoch
+                # whenever its turn comes; the others wait for it).
+                thread.join(0.02)
+            for thread in threads:
+                thread.join(15)
+        return outcomes
+
+
+class TestRangeMessages(TestCase):
+    def test_incompatible_ranges_message(self) -> None:
+        infos = [_info(0, 1, 2), _info(1, 1, 2), _info(2, 3, 4, "node-b"), _info(3, 1, 1, "node-c")]
+        verdict = pv._judge(infos, "gloo")
+        self.assertExpectedInline(
+            pv._error_message(verdict, infos[0]),
+            """\
+torch.distributed protocol version mismatch: the 4 ranks of this job (backend gloo) run builds that cannot talk to each other.
+  protocol version 1: rank 3 on host node-c (torch 2.13.0+cpu)
+  protocol versions 1-2: ranks 0-1 on host node-a (torch 2.13.0+cpu)
+  protocol versions 3-4: rank 2 on host node-b (torch 2.13.0+cpu)
+Why: rank 2 accepts nothing older than protocol version 3, but ranks 0-1,3 speak at most version 2.
+What to do: upgrade ranks 0-1,3 to a build that speaks protocol version 3 (or roll rank 2 back), then restart the job. TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE and TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE only simulate other builds in tests; unset them in production.
+This rank (rank 0, host node-a) runs protocol versions 1-2.""",
+        )
+
+    def test_min_override(self) -> None:
+        with mock.patch.dict(os.environ, {VERSION_ENV: "5", MIN_VERSION_ENV: "3"}):
+            self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (3, 5))
+        with mock.patch.dict(os.environ, {MIN_VERSION_ENV: "0"}):
+            os.environ.pop(VERSION_ENV, None)
+            self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (0, pv.PROTOCOL_VERSION))
+        with mock.patch.dict(os.environ, {VERSION_ENV: "2", MIN_VERSION_ENV: "3"}):
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_ENV}=3 is above", pv.get_min_protocol_version)
+        with mock.patch.dict(os.environ, {MIN_VERSION_ENV: "x"}):
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_ENV}='x'", pv.get_min_protocol_version)
+
+
+# --------------------------------------------------------------------------- #
+# Multi-process: ranges through init_process_group, and the framework helper
+# --------------------------------------------------------------------------- #
+
+
+def gloo_on_own_store(rank: int, world_size: int, port: int) -> float:
+    """What a framework does without init_process_group: check, then build
+    ProcessGroupGloo directly on the store, then use it."""
+    timeout = timedelta(seconds=60)
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timeout)
+    negotiated = pv.check_protocol_version(store, rank, world_size, timeout, backend="gloo")
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("my_framework", store), rank, world_size, timeout)
+    tensor = torch.full((1,), float(negotiated))
+    pg.allreduce([tensor]).wait()
+    return tensor.item()
+
+
+class TestRangesMultiProcess(TestCase):
+    def test_overlapping_ranges_agree_on_the_highest_common_version(self) -> None:
+        # Rank 0 is the new build (speaks 2-3), rank 1 the old one (1-2): they run 2.
+        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=_ranges_env({0: (2, 3), 1: (1, 2)}))
+        self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": 2}] * 2)
+
+    def test_disjoint_ranges_fail_everywhere(self) -> None:
+        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=_ranges_env({0: (1, 1), 1: (2, 3)}))
+        for result in results:
+            self.assertEqual(result.error_type, "RuntimeError", str(result))
+            self.assertIn("protocol versions 2-3: rank 1", result.error)
+            self.assertIn("upgrade rank 0 to a build that speaks protocol version 2", result.error)
+
+    def test_helper_before_process_group_gloo(self) -> None:
+        results = spawn_ranks(gloo_on_own_store, 2, args=(free_port(),))
+        self.assertEqual([r.value for r in results], [2.0 * pv.PROTOCOL_VERSION] * 2)
+
+    def test_helper_refuses_a_mixed_job_and_ignores_the_mode(self) -> None:
+        # Calling the helper is the decision to check: TORCH_DISTRIBUTED_PROTOCOL_CHECK=off
+        # does not silence it.
+        results = spawn_ranks(
+            gloo_on_own_store, 2, args=(free_port(),),
+            rank_env={1: {VERSION_ENV: "2"}}, common_env={MODE_ENV: "off"},
+        )
+        for result in results:
+            self.assertEqual(result.error_type, "RuntimeError", str(result))
+            self.assertIn("protocol version mismatch", result.error)
+
+
+# --------------------------------------------------------------------------- #
+# The operator CLI
+# --------------------------------------------------------------------------- #
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in (VERSION_ENV, MIN_VERSION_ENV, MODE_ENV)}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed._protocol_version", *args],
+        env={**clean, **env}, capture_output=True, text=True, timeout=120,
+    )
+
+
+class TestCli(TestCase):
+    def test_text(self) -> None:
+        out = _cli()
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertExpectedInline(
+            out.stdout.replace(torch.__version__, "<torch>"),
+            """\
+protocol version:     1
+minimum accepted:     1
+torch version:        <torch>
+check mode:           error
+overrides in effect:  none
+""",
+        )
+
+    def test_json_with_overrides(self) -> None:
+        out = _cli("--json", **{VERSION_ENV: " 4 ", MIN_VERSION_ENV: "2", MODE_ENV: "warn"})
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(
+            json.loads(out.stdout),
+            {
+                "protocol_version": 4,
+                "min_protocol_version": 2,
+                "torch_version": torch.__version__,
+                "check_mode": "warn",
+                "overrides": {VERSION_ENV: " 4 ", MIN_VERSION_ENV: "2"},
+            },
+        )
+
+    def test_invalid_settings_exit_non_zero(self) -> None:
+        for env in ({VERSION_ENV: "1.5"}, {MODE_ENV: "loud"}, {MIN_VERSION_ENV: "2", VERSION_ENV: "1"}):
+            out = _cli("--json", **env)
+            self.assertEqual(out.returncode, 2, env)
+            self.assertEqual(out.stdout, "")
+            self.assertIn(next(iter(env)), out.stderr)
+
+
+if __name__ == "__main__":
+    run_tests()
