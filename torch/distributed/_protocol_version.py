@@ -394,9 +394,9 @@ class _Verdict:
             obj = json.loads(raw.decode("utf-8"))
             status, detail, negotiated = obj["status"], obj["detail"], obj["negotiated"]
         except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-            raise _InvalidPayload(f"unreadable verdict ({e!r:.80})") from None
+            raise _InvalidPayload(f"an unreadable verdict ({e!r:.80})") from None
         if status not in ("ok", "mismatch", "invalid", "timeout") or not isinstance(detail, str):
-            raise _InvalidPayload(f"unknown verdict status {status!r:.40}")
+            raise _InvalidPayload(f"a verdict with an unknown status {status!r:.40}")
         if status == "ok" and type(negotiated) is not int:
             raise _InvalidPayload("an 'ok' verdict without a negotiated version")
         return cls(status, detail, negotiated if status == "ok" else None)
@@ -562,7 +562,7 @@ def _await_verdict(
 def _parse_epoch(raw: bytes) -> int:
     text = raw.decode("ascii", errors="replace")
     if not (text.isascii() and text.isdigit()):
-        raise _InvalidPayload(f"the current epoch key holds {text[:40]!r}, not an integer")
+        raise _InvalidPayload(f"a current epoch that is not an integer ({text[:40]!r})")
     return int(text)
 
 
@@ -602,9 +602,9 @@ def _exchange(
     except _InvalidPayload as e:
         detail = f"torch.distributed protocol version check: rank 0 published {e}."
         return _Verdict("invalid", detail, None), info
-    except RuntimeError as e:
-        if isinstance(e, _StoreFailure):
-            raise RuntimeError(f"torch.distributed protocol version check on rank {rank}: {e}") from e
+    except _StoreFailure as e:
+        raise RuntimeError(f"torch.distributed protocol version check on rank {rank}: {e}") from e
+    except RuntimeError as e:  # a store call outside _call: the store is broken
         raise RuntimeError(
             f"torch.distributed protocol version check on rank {rank}: the rendezvous "
             f"store failed: {e}"
