@@ -3,6 +3,9 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TESTS   := test/distributed
+# Defined before the rules that use them: make expands prerequisites as it reads.
+STOCK_PY    := .venv-stock/bin/python
+STOCK_STAMP := .venv-stock/.installed
 
 .PHONY: demo test bench upstream-suite wheel clean-venv hook-diff
 
@@ -27,9 +30,6 @@ clean-venv:
 # Longer suites, each its own target (times measured on the 2-core machine: see README).
 bench: $(STAMP)
 	$(PY) benchmarks/distributed/bench_protocol_version.py
-
-STOCK_PY    := .venv-stock/bin/python
-STOCK_STAMP := .venv-stock/.installed
 
 # A second environment with the same pinned wheel and no hook: the baseline.
 $(STOCK_STAMP): requirements.txt
