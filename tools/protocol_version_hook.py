@@ -13,6 +13,7 @@ reinstall. Everything it inserts sits between two marker comments, which is how
     python tools/protocol_version_hook.py status    # exit 0 when installed
     python tools/protocol_version_hook.py diff      # the change, as a unified diff
     python tools/protocol_version_hook.py revert    # back to stock
+    python tools/protocol_version_hook.py export --checkout DIR  # into a PyTorch source tree
 
 ``--torch-dir DIR`` points at a ``torch`` package directory without importing it
 (how the wheel and export tools reuse the same edit). The tool refuses, without
@@ -123,6 +124,53 @@ def revert(torch_dir: Path) -> str:
     return f"reverted {target} to stock"
 
 
+# What `export` copies into a PyTorch checkout, each to the same path there as here.
+EXPORTED_FILES = (
+    "torch/distributed/_protocol_version.py",
+    "test/distributed/test_protocol_version.py",
+    "test/distributed/protocol_version_utils.py",  # the spawn helpers that test imports
+    "docs/source/distributed.protocol_version.md",
+)
+# What a PyTorch source checkout has and an installed torch does not.
+CHECKOUT_MARKERS = ("setup.py", "torch/distributed/distributed_c10d.py", "test/distributed", "docs/source")
+
+
+def export(checkout: Path) -> list[str]:
+    """Apply the change in-tree to a PyTorch source checkout, to propose it upstream.
+
+    Copies real files (no links into this repo) and inserts the hook with
+    ``patch_source``. Everything is read and checked before anything is written,
+    so a refusal changes nothing; a second run reports every file "unchanged".
+    Returns one line per file.
+    """
+    missing = [marker for marker in CHECKOUT_MARKERS if not (checkout / marker).exists()]
+    if missing:
+        raise PatchError(
+            f"refusing to export: {checkout} does not look like a PyTorch source "
+            f"checkout (it has no {', '.join(missing)})"
+        )
+    target = c10d_path(checkout / "torch")
+    # Bytes, not text mode: the checkout's line endings stay as they are.
+    planned = {target: patch_source(target.read_bytes().decode(), str(target)).encode()}
+    for name in EXPORTED_FILES:
+        if not (REPO / name).is_file():
+            raise PatchError(f"cannot export {name}: it is missing from {REPO}")
+        planned[checkout / name] = (REPO / name).read_bytes()
+    return [_write_if_changed(path, data, checkout) for path, data in planned.items()]
+
+
+def _write_if_changed(path: Path, data: bytes, root: Path) -> str:
+    name = path.relative_to(root)
+    if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+        return f"unchanged {name}"
+    state = "updated" if path.exists() or path.is_symlink() else "created"
+    if path.is_symlink():  # e.g. `install --torch-dir` ran on the checkout: write a real file
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return f"{state} {name}"
+
+
 def diff(torch_dir: Path) -> str:
     target = c10d_path(torch_dir)
     patched = target.read_text()
@@ -139,10 +187,16 @@ def diff(torch_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["install", "revert", "status", "diff"])
+    parser.add_argument("command", choices=["install", "revert", "status", "diff", "export"])
     parser.add_argument("--torch-dir", type=Path, help="a torch package directory")
+    parser.add_argument("--checkout", type=Path, help="export: a PyTorch source checkout")
     args = parser.parse_args(argv)
+    if args.command == "export" and args.checkout is None:
+        parser.error("export needs --checkout DIR")
     try:
+        if args.command == "export":
+            print("\n".join(export(args.checkout)))
+            return 0
         torch_dir = args.torch_dir or find_torch_dir()
         if args.command == "status":
             patched = is_patched(c10d_path(torch_dir).read_text())
