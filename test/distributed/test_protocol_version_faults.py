@@ -1,0 +1,635 @@
+# Owner(s): ["oncall: distributed"]
+"""Fault and hostile-input tests for the protocol version guardrail.
+
+What happens to the check when the world misbehaves: the store server dies
+mid-check, a rank crashes between publishing and the verdict, something writes
+garbage into a rank's slot, two jobs share one store server, a job restarts on
+the store of a failed attempt, a rank is late. Every rank runs the real check
+against a real store: threads with their own store client each where only the
+store protocol matters (``check_protocol_version``, the framework helper), spawned
+processes where a rank must be able to die or to run another build, and
+``init_process_group`` where the init path matters.
+
+Timeouts are short (a few seconds) where a timeout is the point, generous where
+it only bounds a failure; timed assertions allow a lot of slack because the
+machine is small and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch.distributed as dist
+from torch.distributed import _protocol_version as pv
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
+
+from protocol_version_utils import (
+    env_init,
+    GUARDRAIL_ENVS,
+    RankResult,
+    spawn_ranks,
+    VERSION_ENV,
+    versions_env,
+)
+
+
+HOST = "127.0.0.1"
+# Exit code of a rank that killed itself on purpose (see publish_then_die).
+DIED = 43
+# Slack for joining rank threads and for timed assertions: the box has 2 cores
+# and other engineers run tests on it at the same time.
+SLACK_S = 15.0
+MISMATCH = "protocol version mismatch"
+
+
+def tcp_client(port: int) -> dist.TCPStore:
+    return dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=60))
+
+
+def tcp_server(use_libuv: bool = True) -> dist.TCPStore:
+    """A store server in this process on a free port; it does not wait for clients."""
+    return dist.TCPStore(
+        HOST, 0, is_master=True, wait_for_workers=False, use_libuv=use_libuv,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def ready_key(tag: str, rank: int) -> str:
+    """A test-only key (outside the check's namespace) a rank sets when it starts."""
+    return f"test/{tag}/ready/{rank}"
+
+
+def inject_payload(store: dist.Store, rank: int, payload: bytes) -> None:
+    """Play a hostile rank: join the epoch rank 0 opened and claim ``rank``'s slot
+    with ``payload``, exactly where a real rank would publish its own."""
+    epoch = int(store.get(pv._key("current")))
+    claimed = store.compare_set(pv._key(epoch, "rank", rank), "", payload)
+    assert claimed == payload, f"slot of rank {rank} was already taken"
+
+
+def mask_host(message: str) -> str:
+    """The last line of every error names this host; the rest must not depend on it."""
+    return message.replace(socket.gethostname(), "<host>")
+
+
+# --------------------------------------------------------------------------- #
+# Ranks as threads, each with its own store client
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Outcome:
+    value: int | None = None
+    error: str | None = None
+    finished: float = 0.0  # time.monotonic() when the check returned or raised
+
+
+class RankThreads:
+    """Runs the real ``check_protocol_version`` for some ranks of one job, one
+    thread per rank. Give every rank its own store client (TCPStore, FileStore,
+    PrefixStore over either) so the server sees one connection per rank, as in a
+    job; a HashStore can only be shared."""
+
+    def __init__(self, world_size: int, timeout_s: float) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.outcomes: dict[int, Outcome] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self, stores: Mapping[int, dist.Store]) -> RankThreads:
+        for rank, store in stores.items():
+            thread = threading.Thread(target=self._run, args=(rank, store), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _run(self, rank: int, store: dist.Store) -> None:
+        outcome = Outcome()
+        try:
+            outcome.value = pv.check_protocol_version(
+                store, rank, self.world_size, timedelta(seconds=self.timeout_s)
+            )
+        except RuntimeError as e:
+            outcome.error = str(e)
+        outcome.finished = time.monotonic()
+        self.outcomes[rank] = outcome
+
+    def join(self) -> dict[int, Outcome]:
+        """Wait for every started rank; none may outlive its timeout by much."""
+        deadline = time.monotonic() + self.timeout_s + SLACK_S
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in self._threads):
+            raise AssertionError(f"a rank still runs {SLACK_S}s past its {self.timeout_s}s timeout")
+        return dict(sorted(self.outcomes.items()))
+
+
+def run_threads(
+    port: int, ranks: Sequence[int], world_size: int, timeout_s: float
+) -> dict[int, Outcome]:
+    return RankThreads(world_size, timeout_s).start({r: tcp_client(port) for r in ranks}).join()
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None) -> Iterator[None]:
+    saved = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def start_staged(
+    threads: RankThreads,
+    stores: Mapping[int, dist.Store],
+    observer: dist.Store,
+    versions: Mapping[int, int | None],
+    epoch: int = 1,
+) -> None:
+    """Start rank threads one by one, in order, each under its own version override.
+
+    Threads share this process's environment, so a rank's override stays set only
+    until that rank has published (it reads its versions before any store
+    traffic); then the next rank starts. ``observer`` sees the ranks' keys through
+    a connection of its own: a TCPStore client runs one call at a time.
+    """
+    for rank, version in versions.items():
+        with env_var(VERSION_ENV, None if version is None else str(version)):
+            threads.start({rank: stores[rank]})
+            wait_for_key(observer, pv._key(epoch, "rank", rank))
+
+
+# --------------------------------------------------------------------------- #
+# A store server that can be killed: a separate process, like torchrun's agent
+# --------------------------------------------------------------------------- #
+
+_SERVER_SCRIPT = """
+import sys
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+sys.stdin.read()  # serve until killed, or until the test process goes away
+"""
+
+
+@contextlib.contextmanager
+def store_server_process() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def spawn_in_background(*args: Any, **kwargs: Any) -> tuple[threading.Thread, list[RankResult]]:
+    """``spawn_ranks`` in a thread, for a test that acts while the ranks run."""
+    results: list[RankResult] = []
+    thread = threading.Thread(target=lambda: results.extend(spawn_ranks(*args, **kwargs)))
+    thread.start()
+    return thread, results
+
+
+def wait_for_key(store: dist.Store, key: str, timeout_s: float = SLACK_S) -> None:
+    """Poll (a ``get`` would also work, but this never holds a server connection busy)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key} never appeared")
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- #
+# Functions run inside spawned ranks (module level, so spawn can pickle them)
+# --------------------------------------------------------------------------- #
+
+
+def publish_then_die(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    """Run the real check as ``rank`` and kill this process the moment its own
+    payload is in the store: a crash after publishing, before any verdict."""
+    store, observer = tcp_client(port), tcp_client(port)
+    observer.set(ready_key("die", rank), "1")
+    threading.Thread(
+        target=pv.check_protocol_version,
+        args=(store, rank, world_size, timedelta(seconds=timeout_s)),
+        daemon=True,
+    ).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if observer.check([pv._key("current")]):
+            slot = pv._key(int(observer.get(pv._key("current"))), "rank", rank)
+            # The pid tells this process's payload from an earlier attempt's.
+            if observer.check([slot]) and json.loads(observer.get(slot))["pid"] == os.getpid():
+                os._exit(DIED)
+        time.sleep(0.01)
+
+
+def check_after_ready(rank: int, world_size: int, port: int, timeout_s: float, tag: str) -> int:
+    """The real check, after telling the test (through a ready key) that it starts."""
+    store = tcp_client(port)
+    store.set(ready_key(tag, rank), "1")
+    return pv.check_protocol_version(store, rank, world_size, timedelta(seconds=timeout_s))
+
+
+# --------------------------------------------------------------------------- #
+# Tests
+# --------------------------------------------------------------------------- #
+
+
+class GuardrailEnvTestCase(TestCase):
+    """Rank threads read this process's environment: keep the developer's out."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        for name in GUARDRAIL_ENVS:
+            self.enterContext(env_var(name, None))
+
+    def assertAllFail(self, outcomes: Mapping[int, Outcome], *fragments: str) -> None:
+        for rank, outcome in outcomes.items():
+            self.assertIsNotNone(outcome.error, f"rank {rank} passed: {outcome.value}")
+            for fragment in fragments:
+                self.assertIn(fragment, outcome.error)
+
+    def assertAllPass(self, outcomes: Mapping[int, Outcome], ranks: Sequence[int]) -> None:
+        self.assertEqual(sorted(outcomes), sorted(ranks))
+        for rank, outcome in outcomes.items():
+            self.assertIsNone(outcome.error, f"rank {rank} failed")
+            self.assertEqual(outcome.value, pv.PROTOCOL_VERSION)
+
+
+class TestStoreServerDies(GuardrailEnvTestCase):
+    TIMEOUT_S = 30.0
+
+    @parametrize(
+        "present,waits",
+        [
+            # Rank 2 never comes: rank 0 collects, rank 1 waits for the verdict.
+            ((0, 1), {0: "collecting payloads", 1: "waiting for the verdict"}),
+            # Rank 0 never comes: the others wait for it to open the check.
+            ((1, 2), {1: "reading the current epoch", 2: "reading the current epoch"}),
+        ],
+        name_fn=lambda present, waits: "while_rank_0_" + ("collects" if 0 in present else "is_awaited"),
+    )
+    def test_every_rank_gets_a_store_error_with_context(
+        self, present: tuple[int, ...], waits: dict[int, str]
+    ) -> None:
+        """Killing the server mid-check fails every rank at once, not at its
+        timeout, with the check's context and the store's own reason."""
+        with store_server_process() as (server, port):
+            observer = tcp_client(port)
+            threads = RankThreads(3, self.TIMEOUT_S).start({r: tcp_client(port) for r in present})
+            if 0 in present:
+                wait_for_key(observer, pv._key(1, "rank", 1))
+            time.sleep(1.0)  # let every rank enter its blocking call
+            server.kill()
+            killed = time.monotonic()
+            outcomes = threads.join()
+        for rank, what in waits.items():
+            error = outcomes[rank].error
+            self.assertIsNotNone(error)
+            self.assertIn(
+                f"protocol version check on rank {rank}: the rendezvous store failed while {what}: ",
+                error,
+            )
+            self.assertIn("Connection was likely closed", error)
+            self.assertLess(outcomes[rank].finished - killed, self.TIMEOUT_S / 2)
+
+    def test_init_process_group_on_an_agent_store_that_dies(self) -> None:
+        """torchrun's layout: the store lives in the agent, every rank is a client.
+        The agent dying while rank 0 collects fails both ranks' init at once."""
+        with store_server_process() as (server, port):
+            observer = dist.PrefixStore("default_pg", tcp_client(port))
+            job, results = spawn_in_background(
+                env_init, 3, (port, "gloo", self.TIMEOUT_S), ranks=[0, 1],
+                common_env={"TORCHELASTIC_USE_AGENT_STORE": "True"}, timeout=self.TIMEOUT_S + 60,
+            )
+            wait_for_key(observer, pv._key(1, "rank", 1), timeout_s=60)
+            time.sleep(1.0)
+            server.kill()
+            killed = time.time()
+            job.join()
+        self.assertEqual([r.rank for r in results], [0, 1])
+        for result, what in zip(results, ["collecting payloads", "waiting for the verdict"]):
+            self.assertEqual(result.error_type, "RuntimeError", result.error)
+            self.assertIn(
+                f"protocol version check on rank {result.rank}: the rendezvous store failed while {what}",
+                result.error,
+            )
+            self.assertLess(result.finished - killed, self.TIMEOUT_S / 2)
+
+
+class TestRankCrashes(GuardrailEnvTestCase):
+    def test_coordinator_dies_after_publishing(self) -> None:
+        """Rank 0 opens the epoch, publishes and dies: the others time out with a
+        message that names rank 0 and says how far it got."""
+        server = tcp_server()
+        (died,) = spawn_ranks(publish_then_die, 3, (server.port, 60.0), ranks=[0], timeout=90)
+        self.assertEqual(died.exitcode, DIED, died.error)
+        outcomes = run_threads(server.port, [1, 2], 3, timeout_s=3)
+        self.assertAllFail(outcomes, "rank 0, which collects every rank's version, published its "
+                           "version but never delivered a verdict")
+        self.assertExpectedInline(
+            mask_host(outcomes[1].error),
+            """\
+torch.distributed protocol version check timed out after 3s (backend unknown): rank 0, which collects every rank's version, published its version but never delivered a verdict. It may run a build without this check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), may not have started, or may have died.
+This rank (rank 1, host <host>) runs protocol version 1.""",
+        )
+
+    @parametrize("version", [1, 2])
+    def test_rank_dies_after_publishing(self, version: int) -> None:
+        """A non-coordinator that publishes and then dies still counts: the verdict
+        forms from its payload. Matching, the check passes (the dead rank shows up
+        later, in backend setup); mismatching, every live rank raises the mismatch.
+        """
+        server = tcp_server()
+        timeout_s = 8.0
+        dying, died = spawn_in_background(
+            publish_then_die, 3, (server.port, 60.0), ranks=[2],
+            rank_env=versions_env({2: version}), timeout=90,
+        )
+        wait_for_key(server, ready_key("die", 2), timeout_s=60)
+        started = time.monotonic()
+        threads = RankThreads(3, timeout_s).start({0: tcp_client(server.port)})
+        dying.join()  # rank 2 claimed its slot in rank 0's epoch and is gone
+        self.assertEqual(died[0].exitcode, DIED, died[0].error)
+        threads.start({1: tcp_client(server.port)})
+        outcomes = threads.join()
+        if version == pv.PROTOCOL_VERSION:
+            self.assertAllPass(outcomes, [0, 1])
+            return
+        self.assertAllFail(outcomes, MISMATCH, "protocol version 2: rank 2", "upgrade ranks 0-1")
+        self.assertLess(max(o.finished for o in outcomes.values()) - started, timeout_s + SLACK_S)
+
+
+# A payload whose unpickling creates a file: proof that the check never unpickles.
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def creates_file_when_evaluated(path: str) -> bytes:
+    return f"__import__('pathlib').Path({path!r}).touch()".encode()
+
+
+def creates_file_when_unpickled(path: str) -> bytes:
+    return pickle.dumps(_CreatesFileWhenUnpickled(path))
+
+
+# What a hostile rank writes, and the reason the check must give for it.
+MALFORMED = {
+    "a_list": (b"[1, 1]", "expected a JSON object, got list"),
+    "a_number": (b"1", "expected a JSON object, got int"),
+    "no_version": (b'{"min_protocol_version": 1}', "'protocol_version' must be an integer in [0, 2**63), got None"),
+    "string": (b'{"protocol_version": "1"}', "'protocol_version' must be an integer in [0, 2**63), got '1'"),
+    "float": (b'{"protocol_version": 1.0}', "'protocol_version' must be an integer in [0, 2**63), got 1.0"),
+    "bool": (b'{"protocol_version": true}', "'protocol_version' must be an integer in [0, 2**63), got True"),
+    "negative": (b'{"protocol_version": -1}', "'protocol_version' must be an integer in [0, 2**63), got -1"),
+    "min_above": (
+        b'{"protocol_version": 1, "min_protocol_version": 2}',
+        "minimum version 2 is above its version 1",
+    ),
+}
+assert len(MALFORMED) <= pv._MAX_LISTED  # one verdict lists them all
+
+
+class TestHostilePayloads(GuardrailEnvTestCase):
+    # Rank 0 may hold on to a failing verdict until every rank read it; a hostile
+    # rank never does, so keep the timeout short.
+    TIMEOUT_S = 5.0
+
+    def judge_with_hostile_ranks(self, payloads: Sequence[bytes]) -> dict[int, Outcome]:
+        """Ranks 0 and 1 run the real check; ranks 2, 3, ... publish ``payloads``."""
+        server = tcp_server()
+        threads = RankThreads(2 + len(payloads), self.TIMEOUT_S)
+        threads.start({0: tcp_client(server.port), 1: tcp_client(server.port)})
+        for rank, payload in enumerate(payloads, start=2):
+            inject_payload(server, rank, payload)
+        return threads.join()
+
+    def test_malformed_payloads_are_named_by_rank_on_every_rank(self) -> None:
+        outcomes = self.judge_with_hostile_ranks([payload for payload, _ in MALFORMED.values()])
+        expected = [f"  rank {rank}: {reason}\n" for rank, (_, reason) in enumerate(MALFORMED.values(), 2)]
+        self.assertAllFail(outcomes, f"{len(MALFORMED)} ranks published an invalid protocol version payload", *expected)
+
+    def test_code_and_oversized_payloads_are_never_run(self) -> None:
+        """A pickle that would create a file when unpickled, a Python expression that
+        would when evaluated and a 1 MiB blob: each is refused with a reason, and
+        the marker files do not exist."""
+        with tempfile.TemporaryDirectory() as tmp:
+            markers = [os.path.join(tmp, name) for name in ("unpickled", "evaluated", "control")]
+            # The probes work: a consumer that unpickled would create the marker.
+            pickle.loads(creates_file_when_unpickled(markers[2]))
+            self.assertTrue(os.path.exists(markers[2]))
+            outcomes = self.judge_with_hostile_ranks(
+                [
+                    creates_file_when_unpickled(markers[0]),
+                    creates_file_when_evaluated(markers[1]),
+                    b"x" * 2**20,
+                    b"protocol_version=1",
+                ]
+            )
+            self.assertFalse(os.path.exists(markers[0]))
+            self.assertFalse(os.path.exists(markers[1]))
+        self.assertAllFail(outcomes, "rank 2: not valid JSON", "rank 3: not valid JSON")
+        self.assertExpectedInline(
+            mask_host(outcomes[0].error),
+            """\
+torch.distributed protocol version check failed (backend unknown): 4 ranks published an invalid protocol version payload, so this job cannot be judged safe:
+  rank 2: not valid JSON ('utf-8' codec can't decode byte 0x80 in position 0: invalid start byte)
+  rank 3: not valid JSON (Expecting value: line 1 column 1 (char 0))
+  rank 4: 1048576 bytes, over the 65536-byte limit
+  rank 5: not valid JSON (Expecting value: line 1 column 1 (char 0))
+Something other than this check wrote to its keys in the rendezvous store, or a build that speaks another payload format joined the job.
+This rank (rank 0, host <host>) runs protocol version 1.""",
+        )
+
+    def test_payload_from_a_future_build_is_accepted(self) -> None:
+        """A later build may add fields and speak a range: what this build
+        understands is enough to agree on the version both speak."""
+        future = {
+            "protocol_version": 3,
+            "min_protocol_version": 1,
+            "torch_version": "9.9.9",
+            "hostname": "node-from-the-future",
+            "pid": 1,
+            "token": "0" * 16,
+            "transport": {"name": "zero-copy", "window": [1, 2]},
+            "signed_by": None,
+        }
+        outcomes = self.judge_with_hostile_ranks([json.dumps(future).encode()])
+        self.assertAllPass(outcomes, [0, 1])
+
+
+class TestSharedStoreServer(GuardrailEnvTestCase):
+    def test_two_jobs_on_one_server_get_their_own_verdicts(self) -> None:
+        """Job "a" matches; job "b" mixes builds (its rank 1 runs version 2). Both
+        use one server through their own PrefixStore, and both coordinators
+        collect at the same time: neither job's payloads or verdict leak."""
+        server = tcp_server()
+        jobs = {name: RankThreads(2, timeout_s=30) for name in "ab"}
+        stores = {name: {r: dist.PrefixStore(name, tcp_client(server.port)) for r in (0, 1)} for name in "ab"}
+        for name, rank, version in (("a", 0, None), ("b", 0, None), ("b", 1, 2), ("a", 1, None)):
+            observer = dist.PrefixStore(name, server)
+            start_staged(jobs[name], stores[name], observer, {rank: version})
+        self.assertAllPass(jobs["a"].join(), [0, 1])
+        outcomes = jobs["b"].join()
+        self.assertAllFail(
+            outcomes, MISMATCH, "the 2 ranks of this job", "protocol version 1: rank 0 on host",
+            "protocol version 2: rank 1 on host",
+        )
+
+
+ATTEMPT_1 = ["passed", "mixed_builds", "rank_2_never_came", "rank_0_never_came", "rank_0_died"]
+
+
+class TestRestartOnTheSameStore(GuardrailEnvTestCase):
+    """An elastic restart on the same store and prefix: attempt 2 is judged on its
+    own ranks only, however attempt 1 ended."""
+
+    def run_attempt_1(self, how: str, port: int) -> None:
+        """Leave the store as attempt 1 (world size 3) left it, and check it failed as intended."""
+        if how == "passed":
+            self.assertAllPass(run_threads(port, [0, 1, 2], 3, timeout_s=30), [0, 1, 2])
+        elif how == "mixed_builds":
+            threads = RankThreads(3, timeout_s=30)
+            stores = {r: tcp_client(port) for r in (0, 1, 2)}
+            start_staged(threads, stores, tcp_client(port), {0: None, 1: None, 2: 2})
+            self.assertAllFail(threads.join(), MISMATCH)
+        elif how == "rank_2_never_came":
+            self.assertAllFail(run_threads(port, [0, 1], 3, timeout_s=2), "rank 2 never published")
+        elif how == "rank_0_never_came":
+            self.assertAllFail(run_threads(port, [1, 2], 3, timeout_s=2), "never opened the check")
+        else:  # rank 0 published and died; rank 1 waited in vain; rank 2 never came
+            (died,) = spawn_ranks(publish_then_die, 3, (port, 60.0), ranks=[0], timeout=90)
+            self.assertEqual(died.exitcode, DIED, died.error)
+            self.assertAllFail(run_threads(port, [1], 3, timeout_s=2), "never delivered a verdict")
+
+    def assertRestartPasses(self, attempt_1: str, rank_0: str, use_libuv: bool = True) -> None:
+        """With ``rank_0="last"`` the other ranks of attempt 2 first find attempt
+        1's epoch (and, unless attempt 1's rank 0 never came, their slots in it)."""
+        server = tcp_server(use_libuv)
+        self.run_attempt_1(attempt_1, server.port)
+        first, then = ([0], [1, 2]) if rank_0 == "first" else ([1, 2], [0])
+        threads = RankThreads(3, timeout_s=30).start({r: tcp_client(server.port) for r in first})
+        time.sleep(1.0)  # long enough for the first group to reach the store
+        threads.start({r: tcp_client(server.port) for r in then})
+        self.assertAllPass(threads.join(), [0, 1, 2])
+
+    @parametrize("attempt_1", ATTEMPT_1)
+    @parametrize("rank_0", ["first", "last"])
+    def test_restart_passes(self, attempt_1: str, rank_0: str) -> None:
+        self.assertRestartPasses(attempt_1, rank_0)
+
+    def test_restart_after_a_dead_coordinator_on_the_legacy_server(self) -> None:
+        """Attempt 2's rank 2 claims its empty slot in attempt 1's epoch and waits
+        for that epoch's verdict until attempt 2's rank 0 supersedes it. The
+        legacy (non-libuv) TCPStore server wakes no waiter on ``compare_set``."""
+        self.assertRestartPasses("rank_0_died", "last", use_libuv=False)
+
+    def test_restart_is_judged_anew(self) -> None:
+        """Attempt 1 passed; attempt 2 brings a rank with another build and its rank
+        0 comes last: attempt 1's verdict must not let it through."""
+        server = tcp_server()
+        self.run_attempt_1("passed", server.port)
+        other_build, results = spawn_in_background(
+            check_after_ready, 3, (server.port, 60.0, "attempt2"), ranks=[2],
+            rank_env=versions_env({2: 2}), timeout=120,
+        )
+        wait_for_key(server, ready_key("attempt2", 2), timeout_s=60)
+        threads = RankThreads(3, timeout_s=30).start({1: tcp_client(server.port)})
+        time.sleep(1.0)  # ranks 1 and 2 reach the store with attempt 1's epoch first
+        threads.start({0: tcp_client(server.port)})
+        other_build.join()
+        self.assertAllFail(threads.join(), MISMATCH, "protocol version 2: rank 2")
+        self.assertEqual(results[0].error_type, "RuntimeError", results[0].error)
+        self.assertIn("protocol version 2: rank 2", results[0].error)
+
+
+class TestLateRank(GuardrailEnvTestCase):
+    @parametrize("late", [0, 2])
+    def test_rank_late_within_the_timeout_passes(self, late: int) -> None:
+        server = tcp_server()
+        threads = RankThreads(3, timeout_s=20)
+        threads.start({r: tcp_client(server.port) for r in (0, 1, 2) if r != late})
+        time.sleep(3.0)
+        threads.start({late: tcp_client(server.port)})
+        self.assertAllPass(threads.join(), [0, 1, 2])
+
+
+STORE_KINDS = ["TCPStore", "TCPStore-no-libuv", "FileStore", "PrefixStore", "HashStore"]
+
+
+class TestStoreKinds(GuardrailEnvTestCase):
+    """The core exchange on every kind of store: a matching check, then a second
+    one on the same store where rank 1 runs protocol version 2. Ranks are threads
+    with a client each (a HashStore lives in one process, so they share it)."""
+
+    def open_stores(self, kind: str, tmp: str) -> tuple[dict[int, dist.Store], dist.Store]:
+        """Each rank's view of one store, and an observer's."""
+        if kind == "HashStore":
+            store = dist.HashStore()
+            return {0: store, 1: store}, store
+        if kind == "FileStore":
+            path = os.path.join(tmp, "store")
+            return {r: dist.FileStore(path, -1) for r in (0, 1)}, dist.FileStore(path, -1)
+        libuv = kind != "TCPStore-no-libuv"
+        server = tcp_server(use_libuv=libuv)
+        self.assertEqual(server.libuvBackend, libuv)
+        if kind == "PrefixStore":
+            return {r: dist.PrefixStore("job", tcp_client(server.port)) for r in (0, 1)}, dist.PrefixStore("job", server)
+        return {r: tcp_client(server.port) for r in (0, 1)}, server
+
+    @parametrize("kind", ["TCPStore", "TCPStore-no-libuv", "FileStore", "PrefixStore", "HashStore"])
+    def test_match_then_mismatch(self, kind: str) -> None:
+        runs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            stores, observer = self.open_stores(kind, tmp)
+            for epoch, versions in ((1, {0: None, 1: None}), (2, {0: None, 1: 2})):
+                threads = RankThreads(2, timeout_s=30)
+                start_staged(threads, stores, observer, versions, epoch)
+                runs.append(threads.join())
+        self.assertAllPass(runs[0], [0, 1])
+        self.assertAllFail(runs[1], MISMATCH, "protocol version 2: rank 1")
+        for rank, outcome in runs[1].items():
+            self.assertIn(f"This rank (rank {rank},", outcome.error)
+
+
+instantiate_parametrized_tests(TestStoreServerDies)
+instantiate_parametrized_tests(TestRankCrashes)
+instantiate_parametrized_tests(TestRestartOnTheSameStore)
+instantiate_parametrized_tests(TestLateRank)
+instantiate_parametrized_tests(TestStoreKinds)
+
+
+if __name__ == "__main__":
+    run_tests()
