@@ -14,12 +14,14 @@ How the check talks through the store (all keys live under ``_KEY_PREFIX``):
   judges them and publishes one verdict for the epoch.
 * Every other rank reads the current epoch, claims its slot in it with one
   ``compare_set`` (which fails if the slot already holds a payload, i.e. the epoch
-  is a stale one from an earlier attempt on the same store) and blocks on the
+  is a stale one from an earlier attempt on the same store), writes it once more
+  with ``set`` (the legacy, non-libuv TCPStore server wakes no waiter on a
+  ``compare_set``, so rank 0 would not see the claim) and blocks on the
   verdict with one ``get``. Only when the verdict is a failure does it write one
   more key, an acknowledgement rank 0 waits for before it raises (rank 0 often
   hosts the store server, which must outlive the others' reads).
 
-So a non-coordinating rank makes three store round trips whatever the world size
+So a non-coordinating rank makes four store round trips whatever the world size
 (O(1) per rank, O(N) globally); the coordinator makes six, one of which reads N
 payloads. Epochs make the check repeat-safe on one store: a second ``init``, a
 restarted job or a direct second call judges only the payloads of the new
@@ -81,6 +83,8 @@ CHECK_MODES = ("error", "warn", "off")
 
 _KEY_PREFIX = "protocol_version"
 _SUPERSEDED = "superseded"
+# What rank 0 leaves in the slot of a rank that never published in time.
+_MISSING = "missing"
 _MAX_INT64 = 2**63 - 1
 # A payload is a few hundred bytes; anything far larger is not from this check.
 _MAX_PAYLOAD_BYTES = 64 * 1024
@@ -475,6 +479,18 @@ def _find_missing(store: dist.Store, keys: Sequence[str]) -> list[int]:
     return [rank for rank, key in enumerate(keys) if not store.check([key])]
 
 
+def _close_missing(store: dist.Store, slots: Sequence[str]) -> list[int]:
+    """Ranks whose slot is still empty, found by filling it with :data:`_MISSING`.
+
+    A rank that comes after the timeout verdict (late, or from a later attempt on
+    this store) then finds its slot taken and waits for a new epoch, instead of
+    claiming a slot the verdict never judged and taking that verdict for its own.
+    One ``compare_set`` per rank: only on the timeout path.
+    """
+    closed = _MISSING.encode()
+    return [rank for rank, key in enumerate(slots) if store.compare_set(key, "", _MISSING) == closed]
+
+
 def _coordinate(
     store: dist.Store, world_size: int, payload: str, deadline: _Deadline, backend: str
 ) -> _Verdict:
@@ -488,13 +504,15 @@ def _coordinate(
     if epoch > 1:
         # Ranks still waiting in an earlier epoch that never got a verdict (its
         # coordinator died) are told to move on rather than left to time out.
-        store.compare_set(_key(epoch - 1, "verdict"), "", _SUPERSEDED)
+        stale = _key(epoch - 1, "verdict")
+        if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED.encode():
+            store.set(stale, _SUPERSEDED)  # wakes them on the legacy server too
     reserve = _coordinator_reserve(deadline.timeout)
     store.set_timeout(deadline.remaining(reserve))
     raws = _call(deadline, "collecting payloads", store.multi_get, slots[1:], reserve=reserve)
     missing: list[int] = []
     if raws is None:
-        missing = _find_missing(store, slots)
+        missing = _close_missing(store, slots)
         verdict = _Verdict("timeout", _missing_detail(missing, deadline.timeout, backend), None)
     else:
         verdict = _judge_payloads([payload.encode(), *raws], backend)
@@ -540,8 +558,9 @@ def _await_verdict(
         return _coordinator_timeout(store, None, deadline, backend)
     epoch = _parse_epoch(raw_epoch)
     while True:
-        claimed = store.compare_set(_key(epoch, "rank", rank), "", payload)
-        if claimed == payload.encode():
+        slot = _key(epoch, "rank", rank)
+        if store.compare_set(slot, "", payload) == payload.encode():
+            store.set(slot, payload)  # wakes rank 0 on the legacy server too
             store.set_timeout(deadline.remaining())
             raw = _call(deadline, "waiting for the verdict", store.get, _key(epoch, "verdict"))
             if raw is None:
