@@ -1,0 +1,78 @@
+# Owner(s): ["oncall: distributed"]
+"""Mutation proof: the mismatch tests pass because of the guardrail, not by luck.
+
+The same 2-rank job with mixed protocol versions is run three times, with real
+spawned ranks and real gloo: as installed (every rank must refuse), with the hook
+taken out of ``distributed_c10d`` (stock torch), and with ``_check_protocol_version``
+made a no-op. The two mutations are served in memory to the spawned ranks (see
+protocol_version_mutation.py): the shared .venv is not touched. Each mutated rank
+reports what it really compiled, so a mutation that silently failed to apply
+cannot pass for a guardrail that lets mismatches through.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+from torch.distributed import distributed_c10d
+from torch.testing._internal.common_utils import run_tests, TestCase
+
+from protocol_version_mutation import sitecustomize_pythonpath
+from protocol_version_probe import init_rank
+from protocol_version_utils import free_port, RankResult, spawn_ranks, versions_env
+
+
+MISMATCH = "protocol version mismatch"
+# Rank 1 runs a build that speaks only version 2; rank 0 speaks only version 1.
+MIXED = versions_env({1: 2})
+INSTALLED_C10D = distributed_c10d.__file__
+
+
+def _run_mixed_job(mutation: str | None) -> list[RankResult]:
+    """The mismatch scenario, with ``mutation`` served to every rank (None: as installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {}
+        if mutation is not None:
+            paths = [sitecustomize_pythonpath(Path(tmp), mutation), os.environ.get("PYTHONPATH")]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+        # Spawned ranks inherit the environment at start, before site runs.
+        with mock.patch.dict(os.environ, env):
+            return spawn_ranks(init_rank, 2, args=(free_port(),), rank_env=MIXED, timeout=150)
+
+
+class TestGuardrailMutation(TestCase):
+    def assert_every_rank_refuses(self, results: list[RankResult]) -> None:
+        """What the mismatch tests demand: every rank raises the mismatch error."""
+        for result in results:
+            self.assertEqual(result.error_type, "RuntimeError", result)
+            self.assertIn(MISMATCH, result.error)
+
+    def assert_mismatch_went_through(self, results: list[RankResult], mutation: str, hook: bool) -> None:
+        """Stock behaviour: init and a collective succeed on every rank, nothing negotiated."""
+        for result in results:
+            self.assertTrue(result.ok, result)
+            self.assertEqual(result.value["sum"], 2.0)
+            self.assertIsNone(result.value["group_version"])
+            self.assertEqual(result.value["mutations"], [mutation])
+            self.assertEqual(result.value["hook_compiled"], hook)
+            # Same file on disk as the installed torch: only the code in memory differs.
+            self.assertEqual(result.value["c10d_file"], INSTALLED_C10D)
+        # ...so the mismatch tests' own assertion fails on this build.
+        with self.assertRaises(AssertionError):
+            self.assert_every_rank_refuses(results)
+
+    def test_guardrail_installed_every_rank_refuses(self) -> None:
+        self.assert_every_rank_refuses(_run_mixed_job(None))
+
+    def test_without_hook_mismatch_initialises(self) -> None:
+        self.assert_mismatch_went_through(_run_mixed_job("unhook"), "unhook", hook=False)
+
+    def test_noop_check_lets_mismatch_through(self) -> None:
+        self.assert_mismatch_went_through(_run_mixed_job("noop"), "noop", hook=True)
+
+
+if __name__ == "__main__":
+    run_tests()

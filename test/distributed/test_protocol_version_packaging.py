@@ -1,0 +1,385 @@
+# Owner(s): ["oncall: distributed"]
+"""The two ways the guardrail leaves this repo: a wheel, and an export to PyTorch.
+
+* The wheel recipe (versions, METADATA, RECORD, the zip) on a small wheel made
+  at test time: fast, exact.
+* The real thing: the pinned upstream wheel is repacked, pip installs it into a
+  fresh venv, and real 2-rank gloo jobs run with that venv's interpreter.
+* ``protocol_version_hook.py export`` on a scratch PyTorch tree made at test time
+  from the installed torch: run twice, the second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, strategies as st
+from packaging.version import Version
+from torch.distributed import distributed_c10d
+from torch.distributed._protocol_version import PROTOCOL_VERSION
+from torch.testing._internal.common_utils import run_tests, TestCase
+
+from protocol_version_utils import GUARDRAIL_ENVS
+
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import build_patched_wheel as bw  # noqa: E402
+import protocol_version_hook as hook  # noqa: E402
+
+
+PROBE = Path(__file__).resolve().parent / "protocol_version_probe.py"
+MISMATCH = "protocol version mismatch"
+
+
+def _stock_c10d() -> str:
+    """Stock distributed_c10d.py, from the installed (patched) one: nothing committed."""
+    return hook.unpatch_source(Path(distributed_c10d.__file__).read_text())
+
+
+def _record_rows(wheel: zipfile.ZipFile, record: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(wheel.read(record).decode())))
+
+
+def _matches_record(data: bytes, digest: str, size: str) -> bool:
+    """Independent of record_hash: decode the recorded digest and compare bytes."""
+    mode, _, value = digest.partition("=")
+    recorded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    return mode == "sha256" and recorded == hashlib.sha256(data).digest() and int(size) == len(data)
+
+
+# --------------------------------------------------------------------------- #
+# The recipe, on a small wheel
+# --------------------------------------------------------------------------- #
+
+SMALL = "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl"
+OLD_INFO = "torch-2.13.0+cpu.dist-info/"
+NEW_INFO = "torch-2.13.0+cpu.protocolv1.dist-info/"
+METADATA = "Metadata-Version: 2.4\nName: torch\nVersion: 2.13.0+cpu\n\nVersion: 9 (a line of the description)\n"
+LIBRARY = bytes(range(256)) * 512
+
+
+def _small_upstream(directory: Path, c10d: str) -> Path:
+    """A wheel shaped like torch's: a stored file, a deflated executable, dist-info."""
+    path = directory / SMALL
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("torch/__init__.py", "", zipfile.ZIP_STORED)
+        wheel.writestr(bw.C10D, c10d, zipfile.ZIP_DEFLATED)
+        library = zipfile.ZipInfo("torch/lib/libfake.so", (2026, 7, 3, 22, 22, 46))
+        library.external_attr = (stat.S_IFREG | 0o755) << 16
+        wheel.writestr(library, LIBRARY, zipfile.ZIP_DEFLATED)
+        wheel.writestr(OLD_INFO + "METADATA", METADATA)
+        wheel.writestr(OLD_INFO + "WHEEL", "Wheel-Version: 1.0\n")
+        wheel.writestr(OLD_INFO + "RECORD", "stale,sha256=x,1\n")
+    return path
+
+
+class TestWheelRecipe(TestCase):
+    def test_local_version_extends_the_upstream_label(self) -> None:
+        self.assertEqual(bw.local_version("2.13.0+cpu", "protocolv1"), "2.13.0+cpu.protocolv1")
+        self.assertEqual(bw.local_version("2.13.0", "protocolv1"), "2.13.0+protocolv1")
+
+    def test_local_version_refuses_what_pep440_rewrites(self) -> None:
+        with self.assertRaises(bw.BuildError) as ctx:
+            bw.local_version("2.13.0+cpu", "Protocol_V1")
+        self.assertExpectedInline(
+            str(ctx.exception),
+            """'2.13.0+cpu.Protocol_V1' is not in PEP 440 normal form (it reads as '2.13.0+cpu.protocol.v1')""",
+        )
+        with self.assertRaises(bw.BuildError):
+            bw.local_version("2.13.0+cpu", "v1!")
+
+    @given(
+        upstream=st.sampled_from(["2.13.0+cpu", "2.13.0", "2.14.1+cpu.cxx11", "3.0.0rc1+cpu"]),
+        suffix=st.from_regex(r"[a-z0-9]{1,12}(\.[a-z0-9]{1,12}){0,2}", fullmatch=True),
+    )
+    def test_local_version_rules(self, upstream: str, suffix: str) -> None:
+        """Same release, upstream label kept as a prefix, sorts after upstream, normal form."""
+        result = bw.local_version(upstream, suffix)
+        version, base = Version(result), Version(upstream)
+        self.assertEqual(str(version), result)
+        self.assertEqual(version.public, base.public)
+        self.assertEqual(version.local, f"{base.local}.{suffix}" if base.local else suffix)
+        self.assertGreater(version, base)
+
+    def test_record_hash_is_the_wheel_format(self) -> None:
+        # The digest upstream's RECORD lists for its empty files.
+        self.assertEqual(
+            bw.record_hash(hashlib.sha256(b"").digest()),
+            "sha256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU",
+        )
+
+    def test_record_text_quotes_and_ends_with_itself(self) -> None:
+        rows = [("torch/a,b.py", "sha256=abc", 3), ("torch/c.py", "sha256=def", 0)]
+        self.assertExpectedInline(
+            bw.record_text(rows, NEW_INFO + "RECORD"),
+            """\
+"torch/a,b.py",sha256=abc,3
+torch/c.py,sha256=def,0
+torch-2.13.0+cpu.protocolv1.dist-info/RECORD,,
+""",
+        )
+
+    def test_set_metadata_version_touches_only_the_header(self) -> None:
+        self.assertEqual(
+            bw.set_metadata_version(METADATA, "2.13.0+cpu.protocolv1"),
+            METADATA.replace("Version: 2.13.0+cpu", "Version: 2.13.0+cpu.protocolv1"),
+        )
+        with self.assertRaises(bw.BuildError):
+            bw.set_metadata_version("Name: torch\n\nVersion: 1\n", "1.0")
+
+    def test_pins_and_suffix_come_from_the_repo(self) -> None:
+        self.assertEqual(bw.pinned_torch_version(REPO / "requirements.txt"), "2.13.0")
+        self.assertEqual(bw.default_local_suffix(), f"protocolv{PROTOCOL_VERSION}")
+
+    def test_build_small_wheel(self) -> None:
+        stock = _stock_c10d()
+        with tempfile.TemporaryDirectory() as tmp:
+            upstream = _small_upstream(Path(tmp), stock)
+            built = bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
+            self.assertEqual(built.name, "torch-2.13.0+cpu.protocolv1-cp311-cp311-linux_x86_64.whl")
+            self.assertEqual(os.listdir(built.parent), [built.name])
+            with zipfile.ZipFile(built) as wheel, zipfile.ZipFile(upstream) as source:
+                self.assertIsNone(wheel.testzip())
+                self.assertEqual(
+                    wheel.namelist(),
+                    ["torch/__init__.py", bw.C10D, "torch/lib/libfake.so", bw.MODULE,
+                     NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"],
+                )
+                self.assertEqual(wheel.read(bw.C10D).decode(), hook.patch_source(stock))
+                self.assertEqual(wheel.read(bw.MODULE), hook.MODULE_SOURCE.read_bytes())
+                self.assertIn("\nVersion: 2.13.0+cpu.protocolv1\n", wheel.read(NEW_INFO + "METADATA").decode())
+                # Unchanged entries keep content, compression, mode and timestamp.
+                for name in ("torch/__init__.py", "torch/lib/libfake.so"):
+                    new, old = wheel.getinfo(name), source.getinfo(name)
+                    self.assertEqual(wheel.read(name), source.read(name))
+                    self.assertEqual(
+                        (new.compress_type, new.external_attr, new.date_time, new.compress_size),
+                        (old.compress_type, old.external_attr, old.date_time, old.compress_size),
+                    )
+                rows = _record_rows(wheel, NEW_INFO + "RECORD")
+                self.assertEqual([row[0] for row in rows], wheel.namelist())
+                self.assertEqual(rows[-1], [NEW_INFO + "RECORD", "", ""])
+                for name, digest, size in rows[:-1]:
+                    self.assertTrue(_matches_record(wheel.read(name), digest, size), name)
+
+    def test_failed_build_leaves_no_wheel(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            upstream = _small_upstream(Path(tmp), "def init_process_group(): pass\n")
+            with self.assertRaisesRegex(hook.PatchError, "refusing to patch"):
+                bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
+            self.assertEqual(os.listdir(Path(tmp) / "out"), [])
+
+    def test_missing_upstream_wheel_is_reported(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(bw.BuildError) as ctx:
+                bw.find_upstream_wheel("0.0.1", Path(tmp))
+        self.assertIn("the pinned upstream wheel torch==0.0.1 (CPU build) is missing", str(ctx.exception))
+        self.assertIn("--upstream-wheel PATH", str(ctx.exception))
+
+
+# --------------------------------------------------------------------------- #
+# The real wheel, installed by pip into a fresh venv
+# --------------------------------------------------------------------------- #
+
+
+# Unset for commands run in the venv: the guardrail's variables and PYTHONPATH
+# (only the venv may count), and PYTHONDONTWRITEBYTECODE, so that the first torch
+# import in the venv leaves bytecode for the next ones (pip installs with
+# --no-compile below).
+_UNSET = (*GUARDRAIL_ENVS, "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in _UNSET}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+class TestPatchedWheelInstall(TestCase):
+    """``make wheel``'s recipe on the pinned wheel, then a plain ``pip install``."""
+
+    tmp: Path
+    wheel: Path
+    python: Path
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        cls._tmpdir = tempfile.TemporaryDirectory()
+        cls.tmp = Path(cls._tmpdir.name)
+        try:
+            upstream = bw.find_upstream_wheel(
+                bw.pinned_torch_version(REPO / "requirements.txt"), bw.DEFAULT_DOWNLOAD_DIR
+            )
+            cls.wheel = bw.build_wheel(upstream, cls.tmp / "dist", bw.default_local_suffix())
+            _run([sys.executable, "-m", "venv", str(cls.tmp / "venv")], cls.tmp, 120)
+            cls.python = cls.tmp / "venv" / "bin" / "python"
+            # --no-compile: byte-compiling all of torch takes longer than the rest
+            # of this class; the probes' imports compile only what they use.
+            install = [str(cls.python), "-m", "pip", "install", "--no-compile", "--quiet"]
+            _run([*install, str(cls.wheel)], cls.tmp, 300)
+        except BaseException:
+            cls._tmpdir.cleanup()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._tmpdir.cleanup()
+        super().tearDownClass()
+
+    def probe(self, *args: str) -> Any:
+        """Run protocol_version_probe.py with the venv's interpreter; its JSON report."""
+        proc = _run([str(self.python), str(PROBE), *args], self.tmp, 240)
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    def assert_in_venv(self, path: str) -> None:
+        self.assertTrue(Path(path).is_relative_to(self.tmp / "venv"), path)
+
+    def test_pip_check(self) -> None:
+        proc = _run([str(self.python), "-m", "pip", "check"], self.tmp, 120)
+        self.assertIn("No broken requirements found.", proc.stdout)
+
+    def test_installed_files_match_record_and_repo(self) -> None:
+        report = self.probe("inspect")
+        evidence, record = report["evidence"], report["record"]
+        self.assertEqual(evidence["torch_distribution"], bw.WheelName.parse(self.wheel.name).version)
+        self.assert_in_venv(evidence["c10d_file"])
+        self.assert_in_venv(evidence["module_file"])
+        self.assertFalse(evidence["module_is_symlink"])
+        self.assertEqual(Path(evidence["module_file"]).read_bytes(), hook.MODULE_SOURCE.read_bytes())
+        self.assertTrue(evidence["hook_compiled"])
+        self.assertEqual(evidence["mutations"], [])
+        with zipfile.ZipFile(self.wheel) as wheel:
+            files_in_wheel = len(wheel.namelist()) - 1  # all but RECORD
+        self.assertEqual(record["mismatched"], [])
+        self.assertGreaterEqual(record["checked"], files_in_wheel)
+        self.assertEqual(record["unhashed"], [f"{NEW_INFO}RECORD"])
+
+    def test_matching_job_negotiates(self) -> None:
+        for result in self.probe("job", "{}", "2"):
+            self.assertIsNone(result["error_type"], result)
+            self.assertEqual(result["exitcode"], 0)
+            self.assertEqual(result["value"]["sum"], 2.0)
+            self.assertEqual(result["value"]["group_version"], PROTOCOL_VERSION)
+            self.assert_in_venv(result["value"]["c10d_file"])
+
+    def test_mismatch_job_every_rank_raises(self) -> None:
+        results = self.probe("job", json.dumps({1: PROTOCOL_VERSION + 1}), "2")
+        self.assertEqual(len(results), 2)
+        for result in results:
+            self.assertEqual(result["error_type"], "RuntimeError", result)
+            self.assertIn(MISMATCH, result["error"])
+
+
+# --------------------------------------------------------------------------- #
+# Export to a PyTorch checkout
+# --------------------------------------------------------------------------- #
+
+
+def _scratch_checkout(root: Path) -> Path:
+    """The parts of a PyTorch source tree that export reads or recognises."""
+    (root / "torch" / "distributed").mkdir(parents=True)
+    (root / "test" / "distributed").mkdir(parents=True)
+    (root / "docs" / "source").mkdir(parents=True)
+    (root / "setup.py").write_text("")
+    hook.c10d_path(root / "torch").write_text(_stock_c10d())
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bool, int, bytes]]:
+    """Every file under ``root``: whether a symlink, its mode and its bytes."""
+    return {
+        str(path.relative_to(root)): (path.is_symlink(), path.lstat().st_mode, path.read_bytes())
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _export(checkout: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = hook.main(["export", "--checkout", str(checkout)])
+    return code, out.getvalue(), err.getvalue()
+
+
+class TestExportToCheckout(TestCase):
+    def test_export_twice_second_run_changes_nothing(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = _scratch_checkout(Path(tmp))
+            code, out, _ = _export(checkout)
+            self.assertEqual(code, 0)
+            self.assertExpectedInline(
+                out,
+                """\
+updated torch/distributed/distributed_c10d.py
+created torch/distributed/_protocol_version.py
+created test/distributed/test_protocol_version.py
+created test/distributed/protocol_version_utils.py
+created docs/source/distributed.protocol_version.md
+""",
+            )
+            self.assertEqual(hook.c10d_path(checkout / "torch").read_text(), hook.patch_source(_stock_c10d()))
+            for name in hook.EXPORTED_FILES:
+                self.assertFalse((checkout / name).is_symlink(), name)
+                self.assertEqual((checkout / name).read_bytes(), (REPO / name).read_bytes(), name)
+            before = _snapshot(checkout)
+            code, out, _ = _export(checkout)
+            self.assertEqual(code, 0)
+            self.assertEqual(
+                out.splitlines(),
+                [f"unchanged {name}" for name in (bw.C10D, *hook.EXPORTED_FILES)],
+            )
+            self.assertEqual(_snapshot(checkout), before)
+
+    def test_export_replaces_a_link_into_this_repo(self) -> None:
+        """After ``install --torch-dir`` on a checkout, the module is a symlink."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = _scratch_checkout(Path(tmp))
+            hook.module_link(checkout / "torch").symlink_to(hook.MODULE_SOURCE)
+            code, out, _ = _export(checkout)
+            self.assertEqual(code, 0)
+            self.assertIn("updated torch/distributed/_protocol_version.py", out.splitlines())
+            self.assertFalse(hook.module_link(checkout / "torch").is_symlink())
+
+    def test_export_refuses_an_installed_torch(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "torch" / "distributed").mkdir(parents=True)
+            hook.c10d_path(Path(tmp) / "torch").write_text(_stock_c10d())
+            before = _snapshot(Path(tmp))
+            code, out, err = _export(Path(tmp))
+            self.assertEqual((code, out), (2, ""))
+            self.assertExpectedInline(
+                err.replace(tmp, "DIR"),
+                """error: refusing to export: DIR does not look like a PyTorch source checkout (it has no setup.py, test/distributed, docs/source)\n""",
+            )
+            self.assertEqual(_snapshot(Path(tmp)), before)
+
+    def test_export_refuses_an_unknown_c10d_and_writes_nothing(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = _scratch_checkout(Path(tmp))
+            hook.c10d_path(checkout / "torch").write_text("def init_process_group(): pass\n")
+            before = _snapshot(checkout)
+            code, _, err = _export(checkout)
+            self.assertEqual(code, 2)
+            self.assertIn("refusing to patch", err)
+            self.assertEqual(_snapshot(checkout), before)
+
+
+if __name__ == "__main__":
+    run_tests()
