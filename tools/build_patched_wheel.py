@@ -357,7 +357,9 @@ def _replacements(source: zipfile.ZipFile, old_dist_info: str, version: str) -> 
     }
 
 
-def _write_wheel(source: zipfile.ZipFile, raw: BinaryIO, out: BinaryIO, old: WheelName, new: WheelName) -> None:
+def _write_wheel(
+    source: zipfile.ZipFile, raw: BinaryIO, out: BinaryIO, old: WheelName, new: WheelName
+) -> None:
     """Package files first, then our module, then dist-info (renamed), RECORD last."""
     if old.dist_info + "METADATA" not in source.NameToInfo:
         raise BuildError(f"the upstream wheel has no {old.dist_info}METADATA")

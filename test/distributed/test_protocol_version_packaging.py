@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from packaging.version import Version
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import PROTOCOL_VERSION
@@ -50,6 +50,12 @@ def _stock_c10d() -> str:
     return hook.unpatch_source(Path(distributed_c10d.__file__).read_text())
 
 
+def _sha(data: bytes | str) -> str:
+    """Compare file contents by digest: TestCase.assertEqual walks bytes one by one
+    (seconds for a 250 kB distributed_c10d.py)."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
 def _record_rows(wheel: zipfile.ZipFile, record: str) -> list[list[str]]:
     return list(csv.reader(io.StringIO(wheel.read(record).decode())))
 
@@ -68,8 +74,14 @@ def _matches_record(data: bytes, digest: str, size: str) -> bool:
 SMALL = "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl"
 OLD_INFO = "torch-2.13.0+cpu.dist-info/"
 NEW_INFO = "torch-2.13.0+cpu.protocolv1.dist-info/"
-METADATA = "Metadata-Version: 2.4\nName: torch\nVersion: 2.13.0+cpu\n\nVersion: 9 (a line of the description)\n"
+METADATA = (
+    "Metadata-Version: 2.4\nName: torch\nVersion: 2.13.0+cpu\n\n"
+    "Version: 9 (a line of the description)\n"
+)
 LIBRARY = bytes(range(256)) * 512
+# A local version segment PEP 440 keeps as written: a leading letter, or a number
+# without leading zeros.
+_SEGMENT = r"(?:[a-z][a-z0-9]{0,11}|0|[1-9][0-9]{0,8})"
 
 
 def _small_upstream(directory: Path, c10d: str) -> Path:
@@ -99,12 +111,14 @@ class TestWheelRecipe(TestCase):
             str(ctx.exception),
             """'2.13.0+cpu.Protocol_V1' is not in PEP 440 normal form (it reads as '2.13.0+cpu.protocol.v1')""",
         )
-        with self.assertRaises(bw.BuildError):
-            bw.local_version("2.13.0+cpu", "v1!")
+        for suffix in ("v1!", "01", "pv-1", ""):
+            with self.assertRaises(bw.BuildError, msg=suffix):
+                bw.local_version("2.13.0+cpu", suffix)
 
+    @settings(max_examples=200, deadline=None)
     @given(
         upstream=st.sampled_from(["2.13.0+cpu", "2.13.0", "2.14.1+cpu.cxx11", "3.0.0rc1+cpu"]),
-        suffix=st.from_regex(r"[a-z0-9]{1,12}(\.[a-z0-9]{1,12}){0,2}", fullmatch=True),
+        suffix=st.from_regex(rf"{_SEGMENT}(?:\.{_SEGMENT}){{0,2}}", fullmatch=True),
     )
     def test_local_version_rules(self, upstream: str, suffix: str) -> None:
         """Same release, upstream label kept as a prefix, sorts after upstream, normal form."""
@@ -159,13 +173,14 @@ torch-2.13.0+cpu.protocolv1.dist-info/RECORD,,
                     ["torch/__init__.py", bw.C10D, "torch/lib/libfake.so", bw.MODULE,
                      NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"],
                 )
-                self.assertEqual(wheel.read(bw.C10D).decode(), hook.patch_source(stock))
-                self.assertEqual(wheel.read(bw.MODULE), hook.MODULE_SOURCE.read_bytes())
-                self.assertIn("\nVersion: 2.13.0+cpu.protocolv1\n", wheel.read(NEW_INFO + "METADATA").decode())
+                self.assertEqual(_sha(wheel.read(bw.C10D)), _sha(hook.patch_source(stock)))
+                self.assertEqual(_sha(wheel.read(bw.MODULE)), _sha(hook.MODULE_SOURCE.read_bytes()))
+                metadata = wheel.read(NEW_INFO + "METADATA").decode()
+                self.assertIn("\nVersion: 2.13.0+cpu.protocolv1\n", metadata)
                 # Unchanged entries keep content, compression, mode and timestamp.
                 for name in ("torch/__init__.py", "torch/lib/libfake.so"):
                     new, old = wheel.getinfo(name), source.getinfo(name)
-                    self.assertEqual(wheel.read(name), source.read(name))
+                    self.assertEqual(_sha(wheel.read(name)), _sha(source.read(name)))
                     self.assertEqual(
                         (new.compress_type, new.external_attr, new.date_time, new.compress_size),
                         (old.compress_type, old.external_attr, old.date_time, old.compress_size),
@@ -258,18 +273,21 @@ class TestPatchedWheelInstall(TestCase):
     def test_installed_files_match_record_and_repo(self) -> None:
         report = self.probe("inspect")
         evidence, record = report["evidence"], report["record"]
-        self.assertEqual(evidence["torch_distribution"], bw.WheelName.parse(self.wheel.name).version)
+        built = bw.WheelName.parse(self.wheel.name)
+        self.assertEqual(evidence["torch_distribution"], built.version)
         self.assert_in_venv(evidence["c10d_file"])
         self.assert_in_venv(evidence["module_file"])
         self.assertFalse(evidence["module_is_symlink"])
-        self.assertEqual(Path(evidence["module_file"]).read_bytes(), hook.MODULE_SOURCE.read_bytes())
+        self.assertEqual(
+            _sha(Path(evidence["module_file"]).read_bytes()), _sha(hook.MODULE_SOURCE.read_bytes())
+        )
         self.assertTrue(evidence["hook_compiled"])
         self.assertEqual(evidence["mutations"], [])
         with zipfile.ZipFile(self.wheel) as wheel:
             files_in_wheel = len(wheel.namelist()) - 1  # all but RECORD
         self.assertEqual(record["mismatched"], [])
         self.assertGreaterEqual(record["checked"], files_in_wheel)
-        self.assertEqual(record["unhashed"], [f"{NEW_INFO}RECORD"])
+        self.assertEqual(record["unhashed"], [f"{built.dist_info}RECORD"])
 
     def test_matching_job_negotiates(self) -> None:
         for result in self.probe("job", "{}", "2"):
@@ -302,10 +320,10 @@ def _scratch_checkout(root: Path) -> Path:
     return root
 
 
-def _snapshot(root: Path) -> dict[str, tuple[bool, int, bytes]]:
-    """Every file under ``root``: whether a symlink, its mode and its bytes."""
+def _snapshot(root: Path) -> dict[str, tuple[bool, int, str]]:
+    """Every file under ``root``: whether a symlink, its mode and its content's digest."""
     return {
-        str(path.relative_to(root)): (path.is_symlink(), path.lstat().st_mode, path.read_bytes())
+        str(path.relative_to(root)): (path.is_symlink(), path.lstat().st_mode, _sha(path.read_bytes()))
         for path in sorted(root.rglob("*"))
         if path.is_file()
     }
@@ -334,10 +352,13 @@ created test/distributed/protocol_version_utils.py
 created docs/source/distributed.protocol_version.md
 """,
             )
-            self.assertEqual(hook.c10d_path(checkout / "torch").read_text(), hook.patch_source(_stock_c10d()))
+            self.assertEqual(
+                _sha(hook.c10d_path(checkout / "torch").read_bytes()),
+                _sha(hook.patch_source(_stock_c10d())),
+            )
             for name in hook.EXPORTED_FILES:
                 self.assertFalse((checkout / name).is_symlink(), name)
-                self.assertEqual((checkout / name).read_bytes(), (REPO / name).read_bytes(), name)
+                self.assertEqual(_sha((checkout / name).read_bytes()), _sha((REPO / name).read_bytes()))
             before = _snapshot(checkout)
             code, out, _ = _export(checkout)
             self.assertEqual(code, 0)
