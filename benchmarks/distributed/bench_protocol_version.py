@@ -1,0 +1,186 @@
+"""Benchmarks of the torch.distributed protocol version guardrail (``make bench``).
+
+1. Check cost at scale: N simulated ranks (threads, one TCPStore client each, one
+   libuv server) run only the check, beside a plain store barrier (the floor) and
+   a naive design in which every rank reads every other rank's key.
+2. Init overhead: ``init_process_group`` + ``destroy_process_group`` with gloo and
+   2, 4, 8 spawned ranks, check on against check off, interleaved.
+3. Time to verdict on a mismatch: from the last rank's arrival in
+   ``init_process_group`` to the last rank's RuntimeError, timeout 300 s.
+
+Each benchmark runs its variants side by side in the same run and reports medians
+and ratios: absolute times on a shared machine are noise. Results and the machine
+note live in docs/source/protocol_version_benchmarks.md.
+
+Usage: bench_protocol_version.py [--quick] [--only 1,3] [--sizes 64,256]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+# Set before torch is imported (and inherited by the spawned ranks). Every TCPStore
+# connection makes c10d look up the peer's name; this machine's resolver drops some
+# of those reverse lookups, and glibc's default (5 s timeout, 2 attempts) turns each
+# drop into a long stall while connecting thousands of clients. Nothing timed here
+# connects, but the set-up would take minutes. The failed lookups only cost a log
+# line, which the C++ log level below keeps quiet.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parents[1] / "test" / "distributed"))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import _bench_init  # noqa: E402
+import _bench_store_scale  # noqa: E402
+from _bench_common import Target  # noqa: E402
+
+
+SCALE_SIZES = (64, 256, 1024, 2048)
+INIT_SIZES = (2, 4, 8)
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _machine_note() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}  torch {torch.__version__}  "
+        f"python {platform.python_version()}  {os.cpu_count()} CPUs  load average {load}"
+    )
+
+
+def _prepare_for_many_threads(largest: int) -> None:
+    """One thread and two sockets (client and server end) per simulated rank."""
+    threading.stack_size(512 * 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * largest + 256
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def bench_scale(sizes: list[int], reps: int) -> list[Target]:
+    print("\n## 1. Check cost at scale (threads, one TCPStore client each, libuv server)")
+    _prepare_for_many_threads(max(sizes))
+    results = []
+    for world_size in sizes:
+        started = time.perf_counter()
+        profile = world_size == _bench_store_scale.TARGET_N
+        results.append(_bench_store_scale.measure(world_size, reps, profile))
+        print(
+            f"  N={world_size}: {reps} interleaved repetitions in "
+            f"{time.perf_counter() - started:.1f}s (connecting took "
+            f"{results[-1].connect_seconds:.1f}s, not timed)",
+            flush=True,
+        )
+    print()
+    print(_bench_store_scale.table(results))
+    print(
+        "\nmedian ms: release of the N threads to the last return; x floor: median of the "
+        "per-repetition ratios to the barrier (x range: min-max);\nCPU us/rank: process CPU "
+        "(all threads and the in-process server) / N; calls: store calls that reach the "
+        "server,\nwire: requests sent (get and multi_get are a WAIT plus a fetch); keys: "
+        "keys read or written; max/mean over ranks, then rank 0."
+    )
+    profiled = _bench_store_scale.profile_table(results)
+    if profiled.count("\n") > 1:
+        print(
+            "\nwhere the check's time goes: the check's store calls alone (fresh store, no "
+            "JSON, no checks), then without\nthe epoch read (a get: WAIT + GET) and without "
+            "the claim re-set for the legacy server, same repetitions:\n"
+        )
+        print(profiled)
+    print()
+    print(_bench_store_scale.call_breakdown(results))
+    return _bench_store_scale.targets(results)
+
+
+def bench_init(sizes: list[int], spawns: int, pairs: int) -> list[Target]:
+    print("\n## 2. init_process_group + destroy_process_group overhead (gloo, spawned ranks)")
+    results = []
+    for world_size in sizes:
+        started = time.perf_counter()
+        results.append(_bench_init.measure_init(world_size, spawns, pairs))
+        print(
+            f"  {world_size} ranks: {spawns} spawns x {pairs} on/off pairs in "
+            f"{time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+    print()
+    print(_bench_init.init_table(results))
+    print(
+        "\nper cycle: max over ranks of the time around init + destroy (after a store "
+        "barrier); medians over cycles;\npaired: median of on/off ratios of adjacent "
+        "cycles (order alternates); check ms: the check's own log line, max over ranks."
+    )
+    return _bench_init.init_targets(results)
+
+
+def bench_verdict(world_size: int, trials: int, delay: float) -> list[Target]:
+    print("\n## 3. Time to verdict on a mismatch (timeout 300 s, odd rank late on purpose)")
+    results = []
+    for late_rank in (world_size - 1, 0):
+        started = time.perf_counter()
+        results.append(_bench_init.measure_verdict(world_size, late_rank, trials, delay))
+        print(
+            f"  late rank {late_rank}: {trials} trials in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+    print()
+    print(_bench_init.verdict_table(results))
+    print(
+        f"\nper trial: last RuntimeError minus the last arrival in init_process_group "
+        f"(the odd rank, on protocol version 2, sleeps {delay:g}s after a store barrier);\n"
+        "its check ms: the late rank's own check duration, from its log line."
+    )
+    return _bench_init.verdict_targets(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3], help="e.g. 1,3")
+    parser.add_argument("--sizes", type=_parse_ints, help="N for benchmark 1")
+    parser.add_argument("--reps", type=int, help="repetitions per N in benchmark 1")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    print(f"# protocol version guardrail benchmarks\n{_machine_note()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    targets: list[Target] = []
+    if 1 in args.only:
+        sizes = args.sizes or ([64, 256, 1024] if args.quick else list(SCALE_SIZES))
+        targets += bench_scale(sizes, args.reps or (3 if args.quick else 9))
+    if 2 in args.only:
+        targets += bench_init(
+            [2, 8] if args.quick else list(INIT_SIZES),
+            spawns=1 if args.quick else 2,
+            pairs=4 if args.quick else 8,
+        )
+    if 3 in args.only:
+        targets += bench_verdict(4, trials=2 if args.quick else 4, delay=2.0)
+
+    print("\n## Targets")
+    for target in targets:
+        print(target.line())
+    print(f"\ntotal {time.perf_counter() - started:.0f}s; finished {_machine_note()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
