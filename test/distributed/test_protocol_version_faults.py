@@ -37,6 +37,7 @@ from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
     parametrize,
     run_tests,
+    subtest,
     TestCase,
 )
 
@@ -86,7 +87,7 @@ def inject_payload(store: dist.Store, rank: int, payload: bytes) -> None:
 
 def mask_host(message: str) -> str:
     """The last line of every error names this host; the rest must not depend on it."""
-    return message.replace(socket.gethostname(), "<host>")
+    return message.replace(f"host {socket.gethostname()})", "host <host>)")
 
 
 # --------------------------------------------------------------------------- #
@@ -218,7 +219,7 @@ def spawn_in_background(*args: Any, **kwargs: Any) -> tuple[threading.Thread, li
 
 
 def wait_for_key(store: dist.Store, key: str, timeout_s: float = SLACK_S) -> None:
-    """Poll (a ``get`` would also work, but this never holds a server connection busy)."""
+    """Poll with ``check``: bounded by our own deadline, not by the store's timeout."""
     deadline = time.monotonic() + timeout_s
     while not store.check([key]):
         if time.monotonic() > deadline:
@@ -446,10 +447,12 @@ class TestHostilePayloads(GuardrailEnvTestCase):
         would when evaluated and a 1 MiB blob: each is refused with a reason, and
         the marker files do not exist."""
         with tempfile.TemporaryDirectory() as tmp:
-            markers = [os.path.join(tmp, name) for name in ("unpickled", "evaluated", "control")]
-            # The probes work: a consumer that unpickled would create the marker.
-            pickle.loads(creates_file_when_unpickled(markers[2]))
-            self.assertTrue(os.path.exists(markers[2]))
+            markers = [os.path.join(tmp, name) for name in ("unpickled", "evaluated")]
+            # The probes work: a consumer that unpickled or evaluated would create a marker.
+            controls = [os.path.join(tmp, name) for name in ("control-unpickled", "control-evaluated")]
+            pickle.loads(creates_file_when_unpickled(controls[0])).close()
+            eval(creates_file_when_evaluated(controls[1]))  # noqa: S307 - our own literal
+            self.assertTrue(all(os.path.exists(path) for path in controls))
             outcomes = self.judge_with_hostile_ranks(
                 [
                     creates_file_when_unpickled(markers[0]),
@@ -488,6 +491,32 @@ This rank (rank 0, host <host>) runs protocol version 1.""",
         }
         outcomes = self.judge_with_hostile_ranks([json.dumps(future).encode()])
         self.assertAllPass(outcomes, [0, 1])
+
+
+    @parametrize(
+        "key,value,reason",
+        [
+            subtest(("current", b"1; rm -rf /", "not an integer"), name="epoch_not_an_integer"),
+            subtest(("verdict", b'["ok", 1]', "unreadable verdict"), name="verdict_not_an_object"),
+            subtest(
+                ("verdict", b'{"status": "fine", "detail": "", "negotiated": 1}', "unknown status 'fine'"),
+                name="verdict_unknown_status",
+            ),
+            subtest(
+                ("verdict", b'{"status": "ok", "detail": "", "negotiated": "1"}', "without a negotiated version"),
+                name="ok_verdict_without_a_version",
+            ),
+        ],
+    )
+    def test_hostile_coordinator_keys_are_refused(self, key: str, value: bytes, reason: str) -> None:
+        """What the other ranks read from rank 0 (the epoch, the verdict) is
+        parsed as strictly as a payload, and the error blames rank 0."""
+        store = dist.HashStore()
+        store.set(pv._key("current"), value if key == "current" else b"1")
+        if key == "verdict":
+            store.set(pv._key(1, "verdict"), value)
+        outcomes = RankThreads(2, self.TIMEOUT_S).start({1: store}).join()
+        self.assertAllFail(outcomes, "protocol version check: rank 0 published ", reason)
 
 
 class TestSharedStoreServer(GuardrailEnvTestCase):
@@ -626,6 +655,7 @@ class TestStoreKinds(GuardrailEnvTestCase):
 
 instantiate_parametrized_tests(TestStoreServerDies)
 instantiate_parametrized_tests(TestRankCrashes)
+instantiate_parametrized_tests(TestHostilePayloads)
 instantiate_parametrized_tests(TestRestartOnTheSameStore)
 instantiate_parametrized_tests(TestLateRank)
 instantiate_parametrized_tests(TestStoreKinds)
