@@ -78,11 +78,11 @@ def ready_key(tag: str, rank: int) -> str:
 
 
 def inject_payload(store: dist.Store, rank: int, payload: bytes) -> None:
-    """Play a hostile rank: join the epoch rank 0 opened and claim ``rank``'s slot
-    with ``payload``, exactly where a real rank would publish its own."""
-    epoch = int(store.get(pv._key("current")))
-    claimed = store.compare_set(pv._key(epoch, "rank", rank), "", payload)
-    assert claimed == payload, f"slot of rank {rank} was already taken"
+    """Play a hostile rank: write ``payload`` into ``rank``'s slot of the epoch rank
+    0 opened, exactly where a real rank would publish its own."""
+    epoch, closed = pv._parse_current(store.get(pv._key("current")))
+    assert not closed, "the epoch was judged before the hostile rank could publish"
+    store.set(pv._key(epoch, "rank", rank), payload)
 
 
 def mask_host(message: str) -> str:
@@ -580,10 +580,21 @@ class TestRestartOnTheSameStore(GuardrailEnvTestCase):
         self.assertRestartPasses(attempt_1, rank_0)
 
     def test_restart_after_a_dead_coordinator_on_the_legacy_server(self) -> None:
-        """Attempt 2's rank 2 claims its empty slot in attempt 1's epoch and waits
-        for that epoch's verdict until attempt 2's rank 0 supersedes it. The
-        legacy (non-libuv) TCPStore server wakes no waiter on ``compare_set``."""
+        """Attempt 2's ranks 1-2 publish in attempt 1's unjudged epoch and wait for
+        its verdict until attempt 2's rank 0 supersedes it. The legacy (non-libuv)
+        TCPStore server wakes no waiter on ``compare_set``, so the superseding
+        verdict must reach them another way."""
         self.assertRestartPasses("rank_0_died", "last", use_libuv=False)
+
+    def test_restart_with_more_ranks(self) -> None:
+        """Attempt 1 passed with 2 ranks; attempt 2 has 3 and its new rank 2 comes
+        first: it must wait for attempt 2's epoch, not return attempt 1's verdict."""
+        server = tcp_server()
+        self.assertAllPass(run_threads(server.port, [0, 1], 2, timeout_s=30), [0, 1])
+        threads = RankThreads(3, timeout_s=30).start({2: tcp_client(server.port)})
+        time.sleep(1.0)  # rank 2 reaches the store while attempt 1's epoch is current
+        threads.start({r: tcp_client(server.port) for r in (0, 1)})
+        self.assertAllPass(threads.join(), [0, 1, 2])
 
     def test_restart_is_judged_anew(self) -> None:
         """Attempt 1 passed; attempt 2 brings a rank with another build and its rank

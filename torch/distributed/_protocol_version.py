@@ -12,20 +12,20 @@ How the check talks through the store (all keys live under ``_KEY_PREFIX``):
 * Rank 0 coordinates. It opens a fresh *epoch* ``e`` (an atomic counter), publishes
   its own payload, then reads every other rank's payload with one ``multi_get``,
   judges them and publishes one verdict for the epoch.
-* Every other rank reads the current epoch, claims its slot in it with one
-  ``compare_set`` (which fails if the slot already holds a payload, i.e. the epoch
-  is a stale one from an earlier attempt on the same store), writes it once more
-  with ``set`` (the legacy, non-libuv TCPStore server wakes no waiter on a
-  ``compare_set``, so rank 0 would not see the claim) and blocks on the
-  verdict with one ``get``. Only when the verdict is a failure does it write one
-  more key, an acknowledgement rank 0 waits for before it raises (rank 0 often
-  hosts the store server, which must outlive the others' reads).
+* Every other rank reads the current epoch with one ``get`` (it blocks until rank
+  0 has opened one), publishes its payload in it with one ``set`` and blocks on the
+  verdict with one ``get``. Rank 0 publishes the verdict and marks the epoch
+  closed in the same write, so a rank that reads a closed epoch (left by an earlier
+  attempt on this store, or an earlier call) waits for the next one instead of
+  taking an old verdict for its own. Only when the verdict is a failure does a
+  rank write one more key, an acknowledgement rank 0 waits for before it raises
+  (rank 0 often hosts the store server, which must outlive the others' reads).
 
-So a non-coordinating rank makes four store round trips whatever the world size
-(O(1) per rank, O(N) globally); the coordinator makes six, one of which reads N
+So a non-coordinating rank makes three store calls whatever the world size (O(1)
+per rank, O(N) globally); the coordinator makes five, one of which reads N
 payloads. Epochs make the check repeat-safe on one store: a second ``init``, a
-restarted job or a direct second call judges only the payloads of the new
-arrivals, never an earlier verdict. Payloads and verdicts are JSON, parsed and
+restarted job (even with more ranks) or a direct second call judges only the
+payloads of the new arrivals, never an earlier verdict. Payloads and verdicts are JSON, parsed and
 validated; nothing read from the store is unpickled or evaluated.
 
 Environment variables (read on every check):
@@ -83,8 +83,8 @@ CHECK_MODES = ("error", "warn", "off")
 
 _KEY_PREFIX = "protocol_version"
 _SUPERSEDED = "superseded"
-# What rank 0 leaves in the slot of a rank that never published in time.
-_MISSING = "missing"
+# Appended to the "current" epoch once its verdict is out (see _await_verdict).
+_CLOSED = " closed"
 _MAX_INT64 = 2**63 - 1
 # A payload is a few hundred bytes; anything far larger is not from this check.
 _MAX_PAYLOAD_BYTES = 64 * 1024
@@ -479,18 +479,6 @@ def _find_missing(store: dist.Store, keys: Sequence[str]) -> list[int]:
     return [rank for rank, key in enumerate(keys) if not store.check([key])]
 
 
-def _close_missing(store: dist.Store, slots: Sequence[str]) -> list[int]:
-    """Ranks whose slot is still empty, found by filling it with :data:`_MISSING`.
-
-    A rank that comes after the timeout verdict (late, or from a later attempt on
-    this store) then finds its slot taken and waits for a new epoch, instead of
-    claiming a slot the verdict never judged and taking that verdict for its own.
-    One ``compare_set`` per rank: only on the timeout path.
-    """
-    closed = _MISSING.encode()
-    return [rank for rank, key in enumerate(slots) if store.compare_set(key, "", _MISSING) == closed]
-
-
 def _coordinate(
     store: dist.Store, world_size: int, payload: str, deadline: _Deadline, backend: str
 ) -> _Verdict:
@@ -506,20 +494,29 @@ def _coordinate(
         # coordinator died) are told to move on rather than left to time out.
         stale = _key(epoch - 1, "verdict")
         if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED.encode():
-            store.set(stale, _SUPERSEDED)  # wakes them on the legacy server too
-    reserve = _coordinator_reserve(deadline.timeout)
-    store.set_timeout(deadline.remaining(reserve))
-    raws = _call(deadline, "collecting payloads", store.multi_get, slots[1:], reserve=reserve)
-    missing: list[int] = []
-    if raws is None:
-        missing = _close_missing(store, slots)
-        verdict = _Verdict("timeout", _missing_detail(missing, deadline.timeout, backend), None)
-    else:
-        verdict = _judge_payloads([payload.encode(), *raws], backend)
-    store.set(_key(epoch, "verdict"), verdict.to_json())
+            store.set(stale, _SUPERSEDED)  # the legacy TCPStore server wakes no waiter on compare_set
+    verdict, missing = _collect(store, slots, payload, deadline, backend)
+    # One write: whoever reads "current" from now on knows this epoch is judged.
+    store.multi_set([_key(epoch, "verdict"), _key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
     if verdict.negotiated is None:
         _await_acks(store, epoch, world_size, missing, deadline)
     return verdict
+
+
+def _collect(
+    store: dist.Store, slots: Sequence[str], payload: str, deadline: _Deadline, backend: str
+) -> tuple[_Verdict, list[int]]:
+    """Read every other rank's payload in one call and judge; on timeout, name the
+    ranks whose slot is still empty."""
+    reserve = _coordinator_reserve(deadline.timeout)
+    store.set_timeout(deadline.remaining(reserve))
+    raws = _call(deadline, "collecting payloads", store.multi_get, slots[1:], reserve=reserve)
+    if raws is None:
+        missing = _find_missing(store, slots)
+        if missing:
+            return _Verdict("timeout", _missing_detail(missing, deadline.timeout, backend), None), missing
+        raws = store.multi_get(slots[1:])  # the last ones came in just now
+    return _judge_payloads([payload.encode(), *raws], backend), []
 
 
 def _await_acks(
@@ -551,38 +548,43 @@ def _await_acks(
 def _await_verdict(
     store: dist.Store, rank: int, payload: str, deadline: _Deadline, backend: str
 ) -> _Verdict:
-    """Any rank but 0: join the newest epoch, claim this rank's slot, await the verdict."""
+    """Any rank but 0: join the open epoch, publish this rank's payload, await the verdict.
+
+    An epoch that is already judged ("current" says closed: an earlier attempt on
+    this store, or an earlier call) is never joined: the rank waits for rank 0 to
+    open the next one, so it can never take an old verdict for its own.
+    """
     store.set_timeout(deadline.remaining())
-    raw_epoch = _call(deadline, "reading the current epoch", store.get, _key("current"))
-    if raw_epoch is None:
+    raw_current = _call(deadline, "reading the current epoch", store.get, _key("current"))
+    if raw_current is None:
         return _coordinator_timeout(store, None, deadline, backend)
-    epoch = _parse_epoch(raw_epoch)
+    epoch, closed = _parse_current(raw_current)
     while True:
-        slot = _key(epoch, "rank", rank)
-        if store.compare_set(slot, "", payload) == payload.encode():
-            store.set(slot, payload)  # wakes rank 0 on the legacy server too
+        if closed:
+            epoch += 1
             store.set_timeout(deadline.remaining())
-            raw = _call(deadline, "waiting for the verdict", store.get, _key(epoch, "verdict"))
-            if raw is None:
-                return _coordinator_timeout(store, epoch, deadline, backend)
-            if raw != _SUPERSEDED.encode():
-                verdict = _Verdict.from_json(raw)
-                if verdict.negotiated is None:
-                    store.set(_key(epoch, "ack", rank), "1")  # see _await_acks
-                return verdict
-        # The slot was taken (an earlier attempt on this store) or the epoch was
-        # abandoned: wait for rank 0 to open the next one.
-        epoch += 1
+            if _call(deadline, "waiting for a new epoch", store.get, _key(epoch, "open")) is None:
+                return _coordinator_timeout(store, None, deadline, backend)
+        store.set(_key(epoch, "rank", rank), payload)
         store.set_timeout(deadline.remaining())
-        if _call(deadline, "waiting for a new epoch", store.get, _key(epoch, "open")) is None:
-            return _coordinator_timeout(store, None, deadline, backend)
+        raw = _call(deadline, "waiting for the verdict", store.get, _key(epoch, "verdict"))
+        if raw is None:
+            return _coordinator_timeout(store, epoch, deadline, backend)
+        if raw != _SUPERSEDED.encode():
+            verdict = _Verdict.from_json(raw)
+            if verdict.negotiated is None:
+                store.set(_key(epoch, "ack", rank), "1")  # see _await_acks
+            return verdict
+        closed = True  # abandoned by a coordinator that died: move on
 
 
-def _parse_epoch(raw: bytes) -> int:
+def _parse_current(raw: bytes) -> tuple[int, bool]:
+    """``b"12"`` -> ``(12, False)``; ``b"12 closed"`` -> ``(12, True)``."""
     text = raw.decode("ascii", errors="replace")
-    if not (text.isascii() and text.isdigit()):
+    number = text.removesuffix(_CLOSED)
+    if not (number.isascii() and number.isdigit()):
         raise _InvalidPayload(f"a current epoch that is not an integer ({text[:40]!r})")
-    return int(text)
+    return int(number), number != text
 
 
 def _coordinator_timeout(
