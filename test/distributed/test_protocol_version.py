@@ -144,8 +144,12 @@ def init_off_on_own_store(rank: int, world_size: int, port: int) -> bool:
     the check's namespace exists afterwards (there must be none)."""
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    dist.destroy_process_group()
-    return store.check([pv._key("counter")]) or store.check([pv._key("current")])
+    try:
+        touched = store.check([pv._key("counter")]) or store.check([pv._key("current")])
+        dist.barrier()  # rank 0 hosts the store: keep it up until every rank has looked
+    finally:
+        dist.destroy_process_group()
+    return touched
 
 
 # --------------------------------------------------------------------------- #
