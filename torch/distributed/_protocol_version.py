@@ -22,11 +22,12 @@ How the check talks through the store (all keys live under ``_KEY_PREFIX``):
   (rank 0 often hosts the store server, which must outlive the others' reads).
 
 So a non-coordinating rank makes three store calls whatever the world size (O(1)
-per rank, O(N) globally); the coordinator makes five, one of which reads N
-payloads. Epochs make the check repeat-safe on one store: a second ``init``, a
-restarted job (even with more ranks) or a direct second call judges only the
-payloads of the new arrivals, never an earlier verdict. Payloads and verdicts are JSON, parsed and
-validated; nothing read from the store is unpickled or evaluated.
+per rank, O(N) globally); the coordinator makes four (five on a reused store), one
+of which reads N payloads. Epochs make the check repeat-safe on one store: a
+second ``init``, a restarted job (even with more ranks) or a direct second call
+judges only the payloads of the new arrivals, never an earlier verdict. Payloads
+and verdicts are JSON, parsed and validated; nothing read from the store is
+unpickled or evaluated.
 
 Environment variables (read on every check):
 
