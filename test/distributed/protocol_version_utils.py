@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -167,3 +169,32 @@ def all_reduce_and_version(torch: Any, get_version: Callable[[], int]) -> dict[s
 def versions_env(versions: Mapping[int, int]) -> dict[int, dict[str, str | None]]:
     """``{rank: version}`` -> ``rank_env`` that overrides those ranks' versions."""
     return {rank: {VERSION_ENV: str(version)} for rank, version in versions.items()}
+
+
+def run_in_own_session(
+    cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Run ``cmd`` (stdout and stderr merged) in a session of its own; return the
+    result and whether it timed out.
+
+    Launchers (torchrun, pytest spawning ranks) leave children behind when they
+    are killed or exit early, so the whole process group is killed on a timeout
+    and again once the command has returned.
+    """
+    proc = subprocess.Popen(
+        list(cmd), env=None if env is None else dict(env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    timed_out = False
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, None), timed_out

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol_version_utils import GUARDRAIL_ENVS, VERSION_ENV
+from protocol_version_utils import GUARDRAIL_ENVS, run_in_own_session, VERSION_ENV
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
     parametrize,
@@ -115,20 +113,10 @@ class TorchrunProtocolVersionTest(TestCase):
             f"--max-restarts={max_restarts}", str(self.script),
         ]
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            self.fail(f"torchrun still running after {timeout:g}s (hang):\n{output[-4000:]}")
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return Launch(proc.returncode, output, time.monotonic() - started)
+        result, timed_out = run_in_own_session(cmd, timeout, env)
+        if timed_out:
+            self.fail(f"torchrun still running after {timeout:g}s (hang):\n{result.stdout[-4000:]}")
+        return Launch(result.returncode, result.stdout, time.monotonic() - started)
 
     def test_matching_versions_succeed(self) -> None:
         launch = self.torchrun()

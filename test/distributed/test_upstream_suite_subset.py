@@ -12,13 +12,12 @@ tests. ``make upstream-suite`` runs the whole suite the same way.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from protocol_version_utils import run_in_own_session
 from torch.testing._internal.common_utils import run_tests, TestCase
 
 
@@ -30,17 +29,11 @@ TIMEOUT_S = 1000.0
 
 def run_driver(json_path: Path) -> subprocess.CompletedProcess[str]:
     """Run the driver's default subset in its own session; kill it all on timeout."""
-    proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), "--json", str(json_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n(killed after {TIMEOUT_S:g}s)"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, output, None)
+    cmd = [sys.executable, str(DRIVER), "--json", str(json_path)]
+    result, timed_out = run_in_own_session(cmd, TIMEOUT_S)
+    if timed_out:
+        result.stdout += f"\n(killed after {TIMEOUT_S:g}s)"
+    return result
 
 
 class UpstreamSuiteSubsetTest(TestCase):
