@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
-MODULE_SOURCE = REPO / "torch" / "distributed" / "_protocol_version.py"
+MODULE_SOURCE = REPO / "torch" / "distributed" / "_protocol_version"
 BEGIN = "# BEGIN protocol version guardrail (tools/protocol_version_hook.py)"
 END = "# END protocol version guardrail"
 HOOK_BODY = (
@@ -98,7 +98,14 @@ def c10d_path(torch_dir: Path) -> Path:
 
 
 def module_link(torch_dir: Path) -> Path:
-    return torch_dir / "distributed" / "_protocol_version.py"
+    return torch_dir / "distributed" / "_protocol_version"
+
+
+def _remove_stale_module_file(torch_dir: Path) -> None:
+    """An install made before the module became a package linked a single file."""
+    stale = torch_dir / "distributed" / "_protocol_version.py"
+    if stale.is_symlink():
+        stale.unlink()
 
 
 def install(torch_dir: Path) -> str:
@@ -106,9 +113,10 @@ def install(torch_dir: Path) -> str:
     source = target.read_text()
     patched = patch_source(source, str(target))
     link = module_link(torch_dir)
-    if link.is_symlink() or link.exists():
+    _remove_stale_module_file(torch_dir)
+    if link.is_symlink():
         link.unlink()
-    link.symlink_to(MODULE_SOURCE)
+    link.symlink_to(MODULE_SOURCE, target_is_directory=True)
     if patched == source:
         return f"already installed in {target}; module linked to {MODULE_SOURCE}"
     target.write_text(patched)
