@@ -69,13 +69,7 @@ __all__ = [
     "get_protocol_version",
 ]
 
-# The wire protocol version this build speaks. Bump it (see the maintainer's
-# checklist in docs/source/distributed.protocol_version.md) whenever a change makes
-# this build unable to talk to the previous one.
-PROTOCOL_VERSION: int = 1
-# The oldest protocol version this build can still work with. Equal to
-# PROTOCOL_VERSION means exact match: every rank must run the same version.
-MIN_PROTOCOL_VERSION: int = 1
+from torch.distributed._protocol_version._versions import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 VERSION_OVERRIDE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE"
 MIN_VERSION_OVERRIDE_ENV = "TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE"
