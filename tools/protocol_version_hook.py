@@ -3,11 +3,12 @@
 
 The fork ships no copy of PyTorch's source. Instead this tool edits the installed
 ``torch/distributed/distributed_c10d.py`` in place: it adds a few marked lines to
-``init_process_group`` that call our module, right before the default group's
-backend is built, and links ``torch/distributed/_protocol_version.py`` of this
-repo into the installed package, so edits to the repo take effect without a
-reinstall. Everything it inserts sits between two marker comments, which is how
-``revert`` and ``diff`` find it again.
+``init_process_group`` that call our package, right before the default group's
+backend is built, and links the files of ``LINKED`` (the package, and the helpers
+that the tests, the demo and the benchmarks share) from this repo into the
+installed torch, so edits to the repo take effect without a reinstall.
+Everything it inserts sits between two marker comments, which is how ``revert``
+and ``diff`` find it again.
 
     python tools/protocol_version_hook.py install   # idempotent
     python tools/protocol_version_hook.py status    # exit 0 when installed
@@ -15,10 +16,12 @@ reinstall. Everything it inserts sits between two marker comments, which is how
     python tools/protocol_version_hook.py revert    # back to stock
     python tools/protocol_version_hook.py export --checkout DIR  # into a PyTorch source tree
 
-``--torch-dir DIR`` points at a ``torch`` package directory without importing it
-(how the wheel and export tools reuse the same edit). The tool refuses, without
-changing anything, a ``distributed_c10d.py`` whose ``init_process_group`` does not
-have the shape it knows.
+``--torch-dir DIR`` points at a ``torch`` package directory instead of the one
+this interpreter imports. The wheel tool reuses the edit itself by importing
+``patch_source``. The tool refuses, without changing anything, a
+``distributed_c10d.py`` whose ``init_process_group`` does not have the shape it
+knows, and a marked block that was edited by hand. Errors are one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,13 +29,21 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
-import os
+import re
 import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
-MODULE_SOURCE = REPO / "torch" / "distributed" / "_protocol_version"
+# The package, relative to a torch directory (here: this repo's torch/).
+PACKAGE = Path("distributed/_protocol_version")
+MODULE_SOURCE = REPO / "torch" / PACKAGE
+# What install links into a torch directory, each at the same path relative to
+# it as in this repo's torch/: the package, and the helpers shared by the tests,
+# the demo and the benchmarks (upstream keeps its own distributed test helpers in
+# torch/testing/_internal/distributed, so every caller imports them the same way).
+LINKED = (PACKAGE, Path("testing/_internal/distributed/protocol_version_utils.py"))
+
 BEGIN = "# BEGIN protocol version guardrail (tools/protocol_version_hook.py)"
 END = "# END protocol version guardrail"
 HOOK_BODY = (
@@ -49,7 +60,7 @@ INDENT = " " * 8
 
 
 class PatchError(RuntimeError):
-    """The target is not a distributed_c10d.py this tool knows how to patch."""
+    """The target is not something this tool knows how to change; nothing was changed."""
 
 
 def hook_block() -> str:
@@ -79,11 +90,21 @@ def patch_source(source: str, origin: str = "distributed_c10d.py") -> str:
     return source[:at] + hook_block() + source[at:]
 
 
-def unpatch_source(source: str) -> str:
-    """Return ``source`` with the hook block removed (stock text)."""
+def unpatch_source(source: str, origin: str = "distributed_c10d.py") -> str:
+    """Return ``source`` with the hook block removed (stock text).
+
+    Only the exact block that ``patch_source`` inserts is removed: a block edited
+    by hand is refused rather than left half in place.
+    """
     if not is_patched(source):
         return source
-    return source.replace(hook_block(), "", 1)
+    stock = source.replace(hook_block(), "", 1)
+    if is_patched(stock):
+        raise PatchError(
+            f"refusing to revert {origin}: its marked block differs from the one this "
+            "tool inserts (edited by hand?); restore the block or reinstall torch"
+        )
+    return stock
 
 
 def find_torch_dir() -> Path:
@@ -98,7 +119,23 @@ def c10d_path(torch_dir: Path) -> Path:
 
 
 def module_link(torch_dir: Path) -> Path:
-    return torch_dir / "distributed" / "_protocol_version"
+    return torch_dir / PACKAGE
+
+
+def _read_c10d(torch_dir: Path) -> tuple[Path, str]:
+    """The target file and its text; a clear error when ``torch_dir`` is not torch."""
+    target = c10d_path(torch_dir)
+    if not target.is_file():
+        raise PatchError(f"{torch_dir} is not a torch package directory: it has no {target.relative_to(torch_dir)}")
+    return target, target.read_text()
+
+
+def _link_state(torch_dir: Path, rel: Path) -> str:
+    """``linked``, ``missing``, or what is in the way of the link."""
+    link = torch_dir / rel
+    if link.is_symlink():
+        return "linked" if link.resolve() == (REPO / "torch" / rel).resolve() else "linked elsewhere"
+    return "not a link" if link.exists() else "missing"
 
 
 def _remove_stale_module_file(torch_dir: Path) -> None:
@@ -109,45 +146,146 @@ def _remove_stale_module_file(torch_dir: Path) -> None:
 
 
 def install(torch_dir: Path) -> str:
-    target = c10d_path(torch_dir)
-    source = target.read_text()
+    target, source = _read_c10d(torch_dir)
     patched = patch_source(source, str(target))
-    link = module_link(torch_dir)
+    blocked = [str(rel) for rel in LINKED if _link_state(torch_dir, rel) == "not a link"]
+    if blocked:
+        raise PatchError(f"refusing to install: {', '.join(blocked)} in {torch_dir} exist and are not links")
     _remove_stale_module_file(torch_dir)
-    if link.is_symlink():
-        link.unlink()
-    link.symlink_to(MODULE_SOURCE, target_is_directory=True)
-    if patched == source:
-        return f"already installed in {target}; module linked to {MODULE_SOURCE}"
-    target.write_text(patched)
-    return f"installed the hook in {target}; module linked to {MODULE_SOURCE}"
+    for rel in LINKED:
+        link = torch_dir / rel
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
+    state = "already installed in" if patched == source else "installed the hook in"
+    if patched != source:
+        target.write_text(patched)
+    return f"{state} {target}; linked {', '.join(map(str, LINKED))} to {REPO / 'torch'}"
 
 
 def revert(torch_dir: Path) -> str:
-    target = c10d_path(torch_dir)
-    target.write_text(unpatch_source(target.read_text()))
-    link = module_link(torch_dir)
-    if link.is_symlink():
-        link.unlink()
-    return f"reverted {target} to stock"
+    """Remove the hook and the links, then check that neither is left."""
+    target, source = _read_c10d(torch_dir)
+    stock = unpatch_source(source, str(target))
+    if stock != source:
+        target.write_text(stock)
+    for rel in LINKED:
+        if (torch_dir / rel).is_symlink():
+            (torch_dir / rel).unlink()
+    left = [str(rel) for rel in LINKED if (torch_dir / rel).is_symlink()]
+    if is_patched(target.read_text()) or left:
+        raise PatchError(f"revert did not take in {torch_dir}: hook or links {left} remain")
+    return f"reverted {target} to stock; removed the links"
 
 
-# What `export` copies into a PyTorch checkout, each to the same path there as here.
-EXPORTED_FILES = (
-    "torch/distributed/_protocol_version.py",
-    "test/distributed/test_protocol_version.py",
-    "test/distributed/protocol_version_utils.py",  # the spawn helpers that test imports
-    "docs/source/distributed.protocol_version.md",
-)
+def status(torch_dir: Path) -> tuple[bool, str]:
+    """Whether the hook and every link are in place, and a one-line report."""
+    _, source = _read_c10d(torch_dir)
+    states = {rel: _link_state(torch_dir, rel) for rel in LINKED}
+    installed = is_patched(source) and all(state == "linked" for state in states.values())
+    links = ", ".join(f"{rel} {state}" for rel, state in states.items())
+    return installed, f"hook {'present' if is_patched(source) else 'absent'}; {links}"
+
+
+def diff(torch_dir: Path) -> str:
+    target, patched = _read_c10d(torch_dir)
+    if not is_patched(patched):
+        raise PatchError(f"the hook is not installed in {target}")
+    return "".join(
+        difflib.unified_diff(
+            unpatch_source(patched, str(target)).splitlines(keepends=True),
+            patched.splitlines(keepends=True),
+            "a/torch/distributed/distributed_c10d.py",
+            "b/torch/distributed/distributed_c10d.py",
+        )
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Export to a PyTorch source checkout
+# --------------------------------------------------------------------------- #
+
+# The page that gets a toctree listing the exported pages.
+TOCTREE_PAGE = "docs/source/distributed.md"
 # What a PyTorch source checkout has and an installed torch does not.
-CHECKOUT_MARKERS = ("setup.py", "torch/distributed/distributed_c10d.py", "test/distributed", "docs/source")
+CHECKOUT_MARKERS = ("setup.py", "torch/distributed/distributed_c10d.py", "test/distributed", TOCTREE_PAGE)
+# The feature's page; every page it links with {doc} goes along.
+DOC_PAGE = "docs/source/distributed.protocol_version.md"
+# Tests of this fork's own delivery (the wheel, the export, the hook tool): they
+# have no meaning in a PyTorch tree, where the change is in the source.
+FORK_ONLY_TESTS = ("test_protocol_version_packaging.py", "test_protocol_version_mutation.py")
+# In a page, what lies between these lines is about this fork (its make targets
+# and tools) and is left out of the export.
+FORK_ONLY_BEGIN = "<!-- fork-only -->"
+FORK_ONLY_END = "<!-- /fork-only -->"
+
+
+def exported_code() -> list[str]:
+    """The package, the shared test helpers, and the tests that make sense upstream."""
+    sources = [REPO / "torch" / rel for rel in LINKED]
+    files = [p for source in sources for p in (sorted(source.rglob("*.py")) if source.is_dir() else [source])]
+    names = [str(path.relative_to(REPO)) for path in files]
+    tests = sorted((REPO / "test" / "distributed").glob("test_protocol_version*.py"))
+    return names + [str(path.relative_to(REPO)) for path in tests if path.name not in FORK_ONLY_TESTS]
+
+
+def exported_pages() -> list[str]:
+    """``DOC_PAGE`` and every page it links with {doc}, transitively."""
+    pages, todo = [], [DOC_PAGE]
+    while todo:
+        page = todo.pop(0)
+        if page in pages:
+            continue
+        if not (REPO / page).is_file():
+            raise PatchError(f"cannot export {page}: it is missing from {REPO}")
+        pages.append(page)
+        for target in re.findall(r"\{doc\}`(?:[^`<]*<)?([^`>]+)>?`", (REPO / page).read_text()):
+            todo.append(f"docs/source/{target}.md")
+    return pages
+
+
+def _fork_only_words() -> re.Pattern[str]:
+    """What a PyTorch tree has no use for: this repo's make targets, its tools, its venvs."""
+    phony = re.search(r"^\.PHONY:(.*)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    targets = phony.group(1).split() if phony else []
+    words = [rf"\bmake {re.escape(target)}\b" for target in targets]
+    words += [rf"tools/{re.escape(tool.name)}" for tool in (REPO / "tools").glob("*.py")]
+    return re.compile("|".join([*words, r"\.venv"]))
+
+
+def exported_page_text(page: str) -> str:
+    """The page without its fork-only blocks; refused if fork-only words remain."""
+    kept, skipping = [], False
+    for line in (REPO / page).read_text().splitlines(keepends=True):
+        if line.strip() in (FORK_ONLY_BEGIN, FORK_ONLY_END):
+            skipping = line.strip() == FORK_ONLY_BEGIN
+            continue
+        if not skipping:
+            kept.append(line)
+    text = re.sub(r"\n{3,}", "\n\n", "".join(kept))
+    fork_only = _fork_only_words()
+    for number, line in enumerate(text.splitlines(), 1):
+        if fork_only.search(line):
+            raise PatchError(
+                f"refusing to export {page}: line {number} of the exported text names this "
+                f"fork's make targets or tools ({line.strip()[:60]!r}); put it between "
+                f"{FORK_ONLY_BEGIN} and {FORK_ONLY_END}"
+            )
+    return text
+
+
+def toctree_entry(pages: list[str]) -> str:
+    """A hidden toctree listing the exported pages, appended to ``TOCTREE_PAGE``."""
+    names = "\n".join(Path(page).stem for page in pages)
+    return f"\n```{{toctree}}\n:hidden:\n\n{names}\n```\n"
 
 
 def export(checkout: Path) -> list[str]:
     """Apply the change in-tree to a PyTorch source checkout, to propose it upstream.
 
-    Copies real files (no links into this repo) and inserts the hook with
-    ``patch_source``. Everything is read and checked before anything is written,
+    Copies real files (no links into this repo), inserts the hook with
+    ``patch_source``, exports the pages without their fork-only blocks and lists
+    them in a toctree. Everything is read and checked before anything is written,
     so a refusal changes nothing; a second run reports every file "unchanged".
     Returns one line per file.
     """
@@ -160,37 +298,30 @@ def export(checkout: Path) -> list[str]:
     target = c10d_path(checkout / "torch")
     # Bytes, not text mode: the checkout's line endings stay as they are.
     planned = {target: patch_source(target.read_bytes().decode(), str(target)).encode()}
-    for name in EXPORTED_FILES:
-        if not (REPO / name).is_file():
-            raise PatchError(f"cannot export {name}: it is missing from {REPO}")
+    for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
+    pages = exported_pages()
+    for page in pages:
+        planned[checkout / page] = exported_page_text(page).encode()
+    toctree = checkout / TOCTREE_PAGE
+    listing, entry = toctree.read_text(), toctree_entry(pages)
+    planned[toctree] = (listing if entry in listing else listing + entry).encode()
     return [_write_if_changed(path, data, checkout) for path, data in planned.items()]
 
 
 def _write_if_changed(path: Path, data: bytes, root: Path) -> str:
     name = path.relative_to(root)
-    if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+    # A link on the way (`install --torch-dir` ran on the checkout) becomes real
+    # files: writing through it would write into this repo.
+    links = [root / part for part in (name, *name.parents) if (root / part).is_symlink()]
+    if not links and path.is_file() and path.read_bytes() == data:
         return f"unchanged {name}"
-    state = "updated" if path.exists() or path.is_symlink() else "created"
-    if path.is_symlink():  # e.g. `install --torch-dir` ran on the checkout: write a real file
-        path.unlink()
+    state = "updated" if links or path.exists() else "created"
+    for link in links:
+        link.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return f"{state} {name}"
-
-
-def diff(torch_dir: Path) -> str:
-    target = c10d_path(torch_dir)
-    patched = target.read_text()
-    stock = unpatch_source(patched)
-    return "".join(
-        difflib.unified_diff(
-            stock.splitlines(keepends=True),
-            patched.splitlines(keepends=True),
-            "a/torch/distributed/distributed_c10d.py",
-            "b/torch/distributed/distributed_c10d.py",
-        )
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,16 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         torch_dir = args.torch_dir or find_torch_dir()
         if args.command == "status":
-            patched = is_patched(c10d_path(torch_dir).read_text())
-            linked = os.path.exists(module_link(torch_dir))
-            print(f"hook {'present' if patched else 'absent'}, module {'linked' if linked else 'missing'}")
-            return 0 if patched and linked else 1
+            installed, report = status(torch_dir)
+            print(report)
+            return 0 if installed else 1
         if args.command == "diff":
             sys.stdout.write(diff(torch_dir))
             return 0
         print(install(torch_dir) if args.command == "install" else revert(torch_dir))
         return 0
-    except PatchError as e:
+    except (PatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
