@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "test" / "distributed"))
-
-from protocol_version_utils import (  # noqa: E402
+from torch.distributed._protocol_version import CHECK_MODE_ENV
+from torch.testing._internal.common_utils import find_free_port
+from torch.testing._internal.distributed.protocol_version_utils import (
     env_init,
-    free_port,
-    MODE_ENV,
     RankResult,
     spawn_ranks,
     versions_env,
@@ -38,7 +35,7 @@ def run_job(rank_env: dict[int, Any], common_env: dict[str, str] | None = None) 
     return spawn_ranks(
         env_init,
         WORLD_SIZE,
-        args=(free_port(), "gloo", TIMEOUT_S),
+        args=(find_free_port(), "gloo", TIMEOUT_S),
         rank_env=rank_env,
         common_env=common_env,
         timeout=TIMEOUT_S + 30,
@@ -80,8 +77,8 @@ def act_b() -> bool:
 
 def act_c() -> bool:
     banner("(c) The same mixed job with the check off: stock torch's behaviour")
-    print(f"  ({MODE_ENV}=off: no store traffic, nothing is compared)")
-    ok = show_successes(run_job(versions_env({3: 2}), {MODE_ENV: "off"}))
+    print(f"  ({CHECK_MODE_ENV}=off: no store traffic, nothing is compared)")
+    ok = show_successes(run_job(versions_env({3: 2}), {CHECK_MODE_ENV: "off"}))
     print("\n  Nothing noticed that rank 3 runs another protocol: with a real wire change,")
     print("  this is where a collective would hang, fail opaquely, or corrupt data.")
     return ok

@@ -1,7 +1,7 @@
 """Benchmarks 2 and 3: ``init_process_group`` with real spawned gloo ranks.
 
 The rank functions here run in spawned children (``spawn_ranks`` of
-``test/distributed/protocol_version_utils.py``), so they are module level. Each
+``torch/testing/_internal/distributed/protocol_version_utils.py``), so they are module level. Each
 child connects once to a TCPStore that rank 0 hosts, and runs several timed cycles
 on fresh prefixes of it; a store barrier before every cycle keeps process start-up
 and import skew out of the timed region.
@@ -20,11 +20,19 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
+from unittest import mock
 
 import torch.distributed as dist
+from torch.distributed._protocol_version import CHECK_MODE_ENV
+from torch.testing._internal.common_utils import find_free_port
+from torch.testing._internal.distributed.protocol_version_utils import (
+    MISMATCH,
+    RankResult,
+    spawn_ranks,
+    versions_env,
+)
 
 from _bench_common import Target, format_table, median, store_barrier
-from protocol_version_utils import MODE_ENV, RankResult, free_port, spawn_ranks, versions_env
 
 
 # The check logs its outcome (with its own duration as the last argument) here.
@@ -82,13 +90,6 @@ def _leave(store: dist.TCPStore, rank: int, world_size: int) -> None:
         time.sleep(0.01)
 
 
-def _set_mode(mode: str | None) -> None:
-    if mode is None:
-        os.environ.pop(MODE_ENV, None)
-    else:
-        os.environ[MODE_ENV] = mode
-
-
 def init_cycles(
     rank: int, world_size: int, port: int, modes: Sequence[str | None]
 ) -> list[tuple[float, float | None]]:
@@ -103,18 +104,19 @@ def init_cycles(
     base = _connect(rank, world_size, port)
     out = []
     for cycle, mode in enumerate(modes):
-        _set_mode(mode)
-        store_barrier(dist.PrefixStore(f"sync/{cycle}", base), world_size)
-        started = time.perf_counter()
-        dist.init_process_group(
-            "gloo",
-            store=dist.PrefixStore(f"cycle/{cycle}", base),
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=120),
-        )
-        dist.destroy_process_group()
-        out.append((time.perf_counter() - started, checks.take()))
+        # spawn_ranks starts the ranks with the variable unset: None keeps it so.
+        with mock.patch.dict(os.environ, {} if mode is None else {CHECK_MODE_ENV: mode}):
+            store_barrier(dist.PrefixStore(f"sync/{cycle}", base), world_size)
+            started = time.perf_counter()
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore(f"cycle/{cycle}", base),
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=120),
+            )
+            dist.destroy_process_group()
+            out.append((time.perf_counter() - started, checks.take()))
     _leave(base, rank, world_size)
     return out
 
@@ -194,7 +196,7 @@ def measure_init(world_size: int, spawns: int, pairs: int) -> InitResult:
     modes = alternating_modes(pairs)
     for _ in range(spawns):
         values = _values(
-            spawn_ranks(init_cycles, world_size, args=(free_port(), modes), timeout=300.0)
+            spawn_ranks(init_cycles, world_size, args=(find_free_port(), modes), timeout=300.0)
         )
         cycles = []
         for cycle in range(1, len(modes)):  # cycle 0 warms up
@@ -258,9 +260,6 @@ def init_targets(results: Sequence[InitResult], target_ranks: int = 8) -> list[T
 # --------------------------------------------------------------------------- #
 
 
-MISMATCH = "protocol version mismatch"
-
-
 @dataclass
 class VerdictTrial:
     late_rank: int
@@ -284,7 +283,7 @@ def measure_verdict(
         spawn_ranks(
             mismatch_trials,
             world_size,
-            args=(free_port(), late_rank, trials, delay),
+            args=(find_free_port(), late_rank, trials, delay),
             rank_env=versions_env({late_rank: other_version}),
             timeout=120.0 + trials * (delay + 5.0),
         )

@@ -13,7 +13,6 @@ while real ranks run it in parallel on their own hosts; the process CPU per rank
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 from torch.distributed._protocol_version import check_protocol_version
+from torch.testing._internal.distributed.protocol_version_utils import RankThreads
 
 from _bench_common import Target, format_table, median, store_barrier
 
@@ -219,34 +219,14 @@ class Timing:
 
 def run_ranks(stores: Sequence[dist.Store], body: Callable[[dist.Store, int, int], None]) -> Timing:
     """Run ``body(store, rank, N)`` on N threads released together; time to the last return."""
-    world_size = len(stores)
-    released: dict[str, float] = {}
-    finished = [0.0] * world_size
-    errors: list[BaseException] = []
-
-    def on_release() -> None:
-        released["wall"] = time.perf_counter()
-        released["cpu"] = time.process_time()
-
-    barrier = threading.Barrier(world_size, action=on_release)
-
-    def rank_main(rank: int) -> None:
-        barrier.wait()
-        try:
-            body(stores[rank], rank, world_size)
-        except BaseException as e:  # noqa: B036 - re-raised in the main thread
-            errors.append(e)
-        finished[rank] = time.perf_counter()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threads = RankThreads(len(stores), TIMEOUT.total_seconds(), body)
+    outcomes = threads.start(dict(enumerate(stores)), together=True).join()
     cpu_end = time.process_time()
+    errors = [outcome.exception for outcome in outcomes.values() if outcome.exception is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} simulated ranks failed; first: {errors[0]!r}")
-    return Timing(max(finished) - released["wall"], cpu_end - released["cpu"])
+    finished = max(outcome.finished for outcome in outcomes.values())
+    return Timing(finished - threads.released_wall, cpu_end - threads.released_cpu)
 
 
 def _prefixed(cluster: Cluster, prefix: str) -> list[dist.Store]:

@@ -31,10 +31,6 @@ from pathlib import Path
 os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-sys.path.insert(0, str(_HERE.parents[1] / "test" / "distributed"))
-
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402

@@ -8,7 +8,7 @@ disk, which an in-memory mutation leaves as it is), the module files, the marker
 of a mutation, the distribution's version.
 
     python protocol_version_probe.py inspect          # JSON: evidence and a RECORD check
-    python protocol_version_probe.py job '{"1": 2}' 2  # JSON: one RankResult per rank
+    python protocol_version_probe.py job '{"1": 2}' 2 PORT  # JSON: one RankResult per rank
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ import torch
 import torch.distributed as dist
 
 from protocol_version_mutation import MARKER
-from protocol_version_utils import all_reduce_and_version, free_port, spawn_ranks, versions_env
+from torch.testing._internal.distributed.protocol_version_utils import (
+    all_reduce_and_version,
+    spawn_ranks,
+    versions_env,
+)
 
 
 def guardrail_evidence() -> dict[str, Any]:
@@ -101,10 +105,10 @@ def verify_record(distribution: str = "torch") -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["inspect"]:
         report: Any = {"evidence": guardrail_evidence(), "record": verify_record()}
-    elif argv[:1] == ["job"] and len(argv) == 3:
+    elif argv[:1] == ["job"] and len(argv) == 4:
         versions = {int(rank): version for rank, version in json.loads(argv[1]).items()}
         results = spawn_ranks(
-            init_rank, int(argv[2]), args=(free_port(),), rank_env=versions_env(versions)
+            init_rank, int(argv[2]), args=(int(argv[3]),), rank_env=versions_env(versions)
         )
         report = [dataclasses.asdict(result) for result in results]
     else:

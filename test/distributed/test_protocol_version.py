@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -20,36 +19,23 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import CHECK_MODE_ENV, VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
+    find_free_port,
     instantiate_parametrized_tests,
     parametrize,
     run_tests,
     TestCase,
 )
-
-from protocol_version_utils import (
+from torch.testing._internal.distributed.protocol_version_utils import (
     all_reduce_and_version,
     env_init,
-    free_port,
-    MODE_ENV,
+    MISMATCH,
+    rank_info,
+    RankThreads,
     spawn_ranks,
-    VERSION_ENV,
     versions_env,
 )
-
-
-MISMATCH = "protocol version mismatch"
-
-
-def _info(rank: int, version: int, host: str = "node-a", min_version: int | None = None) -> pv._RankInfo:
-    return pv._RankInfo(
-        rank=rank,
-        version=version,
-        min_version=version if min_version is None else min_version,
-        torch_version="2.13.0+cpu",
-        hostname=host,
-        pid=100 + rank,
-    )
 
 
 # --------------------------------------------------------------------------- #
@@ -100,9 +86,9 @@ def _matching_job(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def init_path_scenario(rank: int, world_size: int, path: str, ports: tuple[int, int], tmpdir: str) -> dict[str, str]:
     """On one init path: first a mixed job (rank 1 on version 2), then a matching one."""
-    os.environ[VERSION_ENV] = "2" if rank == 1 else "1"
+    os.environ[VERSION_OVERRIDE_ENV] = "2" if rank == 1 else "1"
     mixed = _outcome(dist.init_process_group, **_init_kwargs(path, rank, world_size, ports[0], tmpdir))
-    os.environ.pop(VERSION_ENV)
+    os.environ.pop(VERSION_OVERRIDE_ENV)
     matching = _outcome(_matching_job, _init_kwargs(path, rank, world_size, ports[1], tmpdir))
     return {"mixed": mixed, "matching": matching}
 
@@ -160,22 +146,22 @@ def init_off_on_own_store(rank: int, world_size: int, port: int) -> bool:
 class TestVersionOverride(TestCase):
     def test_default_is_the_build_constant(self) -> None:
         with mock.patch.dict(os.environ, clear=False) as env:
-            env.pop(VERSION_ENV, None)
+            env.pop(VERSION_OVERRIDE_ENV, None)
             self.assertEqual(pv.get_protocol_version(), pv.PROTOCOL_VERSION)
             self.assertEqual(pv.PROTOCOL_VERSION, 1)
 
     @parametrize("raw,expected", [("7", 7), ("  42\n", 42), ("0", 0), (str(2**63 - 1), 2**63 - 1)])
     def test_valid_override(self, raw: str, expected: int) -> None:
-        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
             self.assertEqual(pv.get_protocol_version(), expected)
             self.assertEqual(pv.get_min_protocol_version(), expected)
 
     @parametrize("raw", ["", " ", "abc", "1.5", "1e3", "-1", "+1", "1_0", "0x1", str(2**63), "\u0661", "１"])
     def test_invalid_override_names_variable_and_value(self, raw: str) -> None:
-        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
             with self.assertRaises(RuntimeError) as ctx:
                 pv.get_protocol_version()
-        self.assertIn(VERSION_ENV, str(ctx.exception))
+        self.assertIn(VERSION_OVERRIDE_ENV, str(ctx.exception))
         self.assertIn(repr(raw), str(ctx.exception))
 
     # Anything an environment variable can hold (no NUL, no lone surrogates), plus
@@ -190,25 +176,25 @@ class TestVersionOverride(TestCase):
     def test_override_accepts_exactly_ascii_decimal_integers(self, raw: str) -> None:
         stripped = raw.strip()
         valid = stripped.isascii() and stripped.isdigit() and int(stripped) < 2**63
-        with mock.patch.dict(os.environ, {VERSION_ENV: raw}):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
             if valid:
                 self.assertEqual(pv.get_protocol_version(), int(stripped))
             else:
-                self.assertRaisesRegex(RuntimeError, VERSION_ENV, pv.get_protocol_version)
+                self.assertRaisesRegex(RuntimeError, VERSION_OVERRIDE_ENV, pv.get_protocol_version)
 
     def test_bad_override_fails_before_any_store_traffic(self) -> None:
         store = dist.HashStore()
-        with mock.patch.dict(os.environ, {VERSION_ENV: "abc"}):
-            with self.assertRaisesRegex(RuntimeError, VERSION_ENV):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "abc"}):
+            with self.assertRaisesRegex(RuntimeError, VERSION_OVERRIDE_ENV):
                 pv.check_protocol_version(store, 0, 2, timedelta(seconds=1))
         self.assertEqual(store.num_keys(), 0)
 
     def test_check_mode_parsing(self) -> None:
         for raw, mode in [("error", "error"), (" WARN ", "warn"), ("off", "off")]:
-            with mock.patch.dict(os.environ, {MODE_ENV: raw}):
+            with mock.patch.dict(os.environ, {CHECK_MODE_ENV: raw}):
                 self.assertEqual(pv._check_mode(), mode)
-        with mock.patch.dict(os.environ, {MODE_ENV: "loud"}):
-            self.assertRaisesRegex(RuntimeError, f"{MODE_ENV}='loud'", pv._check_mode)
+        with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "loud"}):
+            self.assertRaisesRegex(RuntimeError, f"{CHECK_MODE_ENV}='loud'", pv._check_mode)
 
 
 class TestMessages(TestCase):
@@ -219,7 +205,10 @@ class TestMessages(TestCase):
         self.assertEqual(pv._compress_ranks([0, 2, 4, 5, 6, 9]), "0,2,4-6,9")
 
     def test_mismatch_message(self) -> None:
-        infos = [_info(0, 1), _info(1, 1), _info(2, 1, "node-b"), _info(3, 2, "node-c"), _info(4, 1), _info(5, 2, "node-c")]
+        infos = [
+            rank_info(0, 1), rank_info(1, 1), rank_info(2, 1, host="node-b"), rank_info(3, 2, host="node-c"),
+            rank_info(4, 1), rank_info(5, 2, host="node-c"),
+        ]
         verdict = pv._judge(infos, "gloo")
         self.assertEqual(verdict.status, "mismatch")
         self.assertExpectedInline(
@@ -240,7 +229,7 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
         )
 
     def test_long_host_lists_are_capped(self) -> None:
-        infos = [_info(r, 1, f"host-{r:02d}") for r in range(20)] + [_info(20, 2)]
+        infos = [rank_info(r, 1, host=f"host-{r:02d}") for r in range(20)] + [rank_info(20, 2)]
         line = pv._describe_groups(infos)[0]
         self.assertIn("host-07 and 12 more", line)
 
@@ -250,22 +239,10 @@ class TestCheckOnOneStore(TestCase):
 
     def _run(self, store: dist.Store, versions: dict[int, int], world_size: int, timeout: float = 10.0) -> dict[int, Any]:
         """Run the ranks in ``versions`` as threads; absent ranks never arrive."""
-        out: dict[int, Any] = {}
-
-        def rank_main(rank: int) -> None:
-            try:
-                out[rank] = pv.check_protocol_version(store, rank, world_size, timedelta(seconds=timeout))
-            except RuntimeError as e:
-                out[rank] = e
-
         # The override variable is process-wide, so threads get their versions here.
-        with mock.patch.object(pv, "_local_info", lambda r: _info(r, versions[r])):
-            threads = [threading.Thread(target=rank_main, args=(r,)) for r in versions]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout + 5)
-        return out
+        with mock.patch.object(pv, "_local_info", lambda r: rank_info(r, versions[r])):
+            outcomes = RankThreads(world_size, timeout).start(dict.fromkeys(versions, store)).join()
+        return {rank: outcome.result for rank, outcome in outcomes.items()}
 
     def test_repeated_checks_never_reuse_a_verdict(self) -> None:
         store = dist.HashStore()
@@ -322,13 +299,13 @@ class TestInitProcessGroupInProcess(TestCase):
     def test_fake_backend_is_skipped(self) -> None:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
-        with mock.patch.dict(os.environ, {VERSION_ENV: "9"}):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "9"}):
             dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
         self.assertRaisesRegex(RuntimeError, "fake backend", pv.get_group_protocol_version)
 
     def test_invalid_mode_is_an_error_before_the_backend(self) -> None:
-        with mock.patch.dict(os.environ, {MODE_ENV: "maybe"}):
-            with self.assertRaisesRegex(RuntimeError, f"{MODE_ENV}='maybe'"):
+        with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "maybe"}):
+            with self.assertRaisesRegex(RuntimeError, f"{CHECK_MODE_ENV}='maybe'"):
                 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         self.assertFalse(dist.is_initialized())
 
@@ -342,13 +319,13 @@ class TestMultiProcess(TestCase):
             self.assertIn(needle, result.error)
 
     def test_matching_versions(self) -> None:
-        for common in ({}, {VERSION_ENV: "5"}):
-            results = spawn_ranks(env_init, 2, args=(free_port(),), common_env=common)
-            expected_version = int(common.get(VERSION_ENV, pv.PROTOCOL_VERSION))
+        for common in ({}, {VERSION_OVERRIDE_ENV: "5"}):
+            results = spawn_ranks(env_init, 2, args=(find_free_port(),), common_env=common)
+            expected_version = int(common.get(VERSION_OVERRIDE_ENV, pv.PROTOCOL_VERSION))
             self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": expected_version}] * 2)
 
     def test_one_against_two_every_rank_raises(self) -> None:
-        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=versions_env({1: 2}))
+        results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env=versions_env({1: 2}))
         self.assert_every_rank_raised(results)
         self.assertIn("This rank (rank 0", results[0].error)
         self.assertIn("runs protocol version 1.", results[0].error)
@@ -356,7 +333,7 @@ class TestMultiProcess(TestCase):
 
     def test_four_ranks_one_odd_fails_fast_everywhere(self) -> None:
         # With a 120 s timeout, every rank must fail within seconds of the last arrival.
-        results = spawn_ranks(env_init, 4, args=(free_port(), "gloo", 120.0), rank_env=versions_env({2: 2}))
+        results = spawn_ranks(env_init, 4, args=(find_free_port(), "gloo", 120.0), rank_env=versions_env({2: 2}))
         self.assert_every_rank_raised(results)
         self.assertIn("ranks 0-1,3 on host", results[0].error)
         self.assertIn("protocol version 2: rank 2 on host", results[0].error)
@@ -367,7 +344,7 @@ class TestMultiProcess(TestCase):
     @parametrize("path", ["env://", "tcp://", "file://", "TCPStore", "TCPStore-no-libuv", "FileStore", "cpu:gloo", "no-backend"])
     def test_init_paths(self, path: str) -> None:
         with tempfile.TemporaryDirectory() as tmpdir:
-            results = spawn_ranks(init_path_scenario, 2, args=(path, (free_port(), free_port()), tmpdir))
+            results = spawn_ranks(init_path_scenario, 2, args=(path, (find_free_port(), find_free_port()), tmpdir))
         for result in results:
             self.assertTrue(result.ok, f"rank {result.rank}: {result}")
             self.assertIn(MISMATCH, result.value["mixed"])
@@ -378,7 +355,7 @@ class TestMultiProcess(TestCase):
         # while building the backend), but the check runs first: a mixed job gets
         # the guardrail's error, a matching one stock's own ValueError, unchanged.
         with tempfile.TemporaryDirectory() as tmpdir:
-            results = spawn_ranks(init_path_scenario, 2, args=("device_id", (free_port(), free_port()), tmpdir))
+            results = spawn_ranks(init_path_scenario, 2, args=("device_id", (find_free_port(), find_free_port()), tmpdir))
         for result in results:
             self.assertIn(MISMATCH, result.value["mixed"])
             self.assertEqual(
@@ -387,13 +364,13 @@ class TestMultiProcess(TestCase):
             )
 
     def test_reinit_three_times_through_env(self) -> None:
-        results = spawn_ranks(reinit_three_times, 2, args=(free_port(),))
+        results = spawn_ranks(reinit_three_times, 2, args=(find_free_port(),))
         for result in results:
             self.assertEqual(result.value, [{"sum": 2.0, "group_version": 1}] * 3, str(result))
 
     def test_rank_that_never_arrives_is_named(self) -> None:
         # A 3-rank job whose rank 2 never starts: rank 0 names it before the timeout.
-        results = spawn_ranks(init_on_tcpstore, 3, args=(free_port(), 6.0), ranks=[0, 1])
+        results = spawn_ranks(init_on_tcpstore, 3, args=(find_free_port(), 6.0), ranks=[0, 1])
         self.assert_every_rank_raised(results, "rank 2 never published a protocol version")
         for result in results:
             self.assertIn("timed out after 6s", result.error)
@@ -401,7 +378,7 @@ class TestMultiProcess(TestCase):
 
     def test_warn_mode_logs_and_goes_on(self) -> None:
         rank_env = versions_env({1: 2})
-        results = spawn_ranks(init_capturing_log, 2, args=(free_port(),), rank_env=rank_env, common_env={MODE_ENV: "warn"})
+        results = spawn_ranks(init_capturing_log, 2, args=(find_free_port(),), rank_env=rank_env, common_env={CHECK_MODE_ENV: "warn"})
         for result in results:
             self.assertTrue(result.ok, str(result))
             self.assertEqual(result.value["sum"], 2.0)
@@ -409,13 +386,13 @@ class TestMultiProcess(TestCase):
             self.assertIn("no protocol version was negotiated", result.value["group_version"])
 
     def test_error_mode_logs_outcome(self) -> None:
-        results = spawn_ranks(init_capturing_log, 2, args=(free_port(),))
+        results = spawn_ranks(init_capturing_log, 2, args=(find_free_port(),))
         for result in results:
             self.assertTrue(any("negotiated protocol version 1" in line for line in result.value["log"]), str(result))
 
     def test_off_mode_touches_nothing_and_lets_a_mismatch_through(self) -> None:
         results = spawn_ranks(
-            init_off_on_own_store, 2, args=(free_port(),), rank_env=versions_env({1: 2}), common_env={MODE_ENV: "off"}
+            init_off_on_own_store, 2, args=(find_free_port(),), rank_env=versions_env({1: 2}), common_env={CHECK_MODE_ENV: "off"}
         )
         self.assertEqual([(r.error, r.value) for r in results], [(None, False)] * 2)
 

@@ -27,12 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, Sequence
+from unittest import mock
 
 import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
     parametrize,
@@ -40,13 +41,15 @@ from torch.testing._internal.common_utils import (
     subtest,
     TestCase,
 )
-
-from protocol_version_utils import (
+from torch.testing._internal.distributed.protocol_version_utils import (
     env_init,
     GUARDRAIL_ENVS,
+    MISMATCH,
     RankResult,
+    RankThreads,
+    SLACK_S,
     spawn_ranks,
-    VERSION_ENV,
+    ThreadOutcome,
     versions_env,
 )
 
@@ -54,10 +57,6 @@ from protocol_version_utils import (
 HOST = "127.0.0.1"
 # Exit code of a rank that killed itself on purpose (see publish_then_die).
 DIED = 43
-# Slack for joining rank threads and for timed assertions: the box has 2 cores
-# and other engineers run tests on it at the same time.
-SLACK_S = 15.0
-MISMATCH = "protocol version mismatch"
 
 
 def tcp_client(port: int) -> dist.TCPStore:
@@ -95,73 +94,10 @@ def mask_host(message: str) -> str:
 # --------------------------------------------------------------------------- #
 
 
-@dataclass
-class Outcome:
-    value: int | None = None
-    error: str | None = None
-    finished: float = 0.0  # time.monotonic() when the check returned or raised
-
-
-class RankThreads:
-    """Runs the real ``check_protocol_version`` for some ranks of one job, one
-    thread per rank. Give every rank its own store client (TCPStore, FileStore,
-    PrefixStore over either) so the server sees one connection per rank, as in a
-    job; a HashStore can only be shared."""
-
-    def __init__(self, world_size: int, timeout_s: float) -> None:
-        self.world_size = world_size
-        self.timeout_s = timeout_s
-        self.outcomes: dict[int, Outcome] = {}
-        self._threads: list[threading.Thread] = []
-
-    def start(self, stores: Mapping[int, dist.Store]) -> RankThreads:
-        for rank, store in stores.items():
-            thread = threading.Thread(target=self._run, args=(rank, store), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def _run(self, rank: int, store: dist.Store) -> None:
-        outcome = Outcome()
-        try:
-            outcome.value = pv.check_protocol_version(
-                store, rank, self.world_size, timedelta(seconds=self.timeout_s)
-            )
-        except RuntimeError as e:
-            outcome.error = str(e)
-        outcome.finished = time.monotonic()
-        self.outcomes[rank] = outcome
-
-    def join(self) -> dict[int, Outcome]:
-        """Wait for every started rank; none may outlive its timeout by much."""
-        deadline = time.monotonic() + self.timeout_s + SLACK_S
-        for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
-        if any(thread.is_alive() for thread in self._threads):
-            raise AssertionError(f"a rank still runs {SLACK_S}s past its {self.timeout_s}s timeout")
-        return dict(sorted(self.outcomes.items()))
-
-
 def run_threads(
     port: int, ranks: Sequence[int], world_size: int, timeout_s: float
-) -> dict[int, Outcome]:
+) -> dict[int, ThreadOutcome]:
     return RankThreads(world_size, timeout_s).start({r: tcp_client(port) for r in ranks}).join()
-
-
-@contextlib.contextmanager
-def env_var(name: str, value: str | None) -> Iterator[None]:
-    saved = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 def start_staged(
@@ -179,7 +115,7 @@ def start_staged(
     a connection of its own: a TCPStore client runs one call at a time.
     """
     for rank, version in versions.items():
-        with env_var(VERSION_ENV, None if version is None else str(version)):
+        with mock.patch.dict(os.environ, {} if version is None else {VERSION_OVERRIDE_ENV: str(version)}):
             threads.start({rank: stores[rank]})
             wait_for_key(observer, pv._key(epoch, "rank", rank))
 
@@ -269,16 +205,17 @@ class GuardrailEnvTestCase(TestCase):
 
     def setUp(self) -> None:
         super().setUp()
+        self.enterContext(mock.patch.dict(os.environ))
         for name in GUARDRAIL_ENVS:
-            self.enterContext(env_var(name, None))
+            os.environ.pop(name, None)
 
-    def assertAllFail(self, outcomes: Mapping[int, Outcome], *fragments: str) -> None:
+    def assertAllFail(self, outcomes: Mapping[int, ThreadOutcome], *fragments: str) -> None:
         for rank, outcome in outcomes.items():
             self.assertIsNotNone(outcome.error, f"rank {rank} passed: {outcome.value}")
             for fragment in fragments:
                 self.assertIn(fragment, outcome.error)
 
-    def assertAllPass(self, outcomes: Mapping[int, Outcome], ranks: Sequence[int]) -> None:
+    def assertAllPass(self, outcomes: Mapping[int, ThreadOutcome], ranks: Sequence[int]) -> None:
         self.assertEqual(sorted(outcomes), sorted(ranks))
         for rank, outcome in outcomes.items():
             self.assertIsNone(outcome.error, f"rank {rank} failed")
@@ -428,7 +365,7 @@ class TestHostilePayloads(GuardrailEnvTestCase):
     # rank never does, so keep the timeout short.
     TIMEOUT_S = 5.0
 
-    def judge_with_hostile_ranks(self, payloads: Sequence[bytes]) -> dict[int, Outcome]:
+    def judge_with_hostile_ranks(self, payloads: Sequence[bytes]) -> dict[int, ThreadOutcome]:
         """Ranks 0 and 1 run the real check; ranks 2, 3, ... publish ``payloads``."""
         server = tcp_server()
         threads = RankThreads(2 + len(payloads), self.TIMEOUT_S)
@@ -624,9 +561,6 @@ class TestLateRank(GuardrailEnvTestCase):
         time.sleep(3.0)
         threads.start({late: tcp_client(server.port)})
         self.assertAllPass(threads.join(), [0, 1, 2])
-
-
-STORE_KINDS = ["TCPStore", "TCPStore-no-libuv", "FileStore", "PrefixStore", "HashStore"]
 
 
 class TestStoreKinds(GuardrailEnvTestCase):

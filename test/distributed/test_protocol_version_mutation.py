@@ -18,11 +18,11 @@ from pathlib import Path
 from unittest import mock
 
 from torch.distributed import distributed_c10d
-from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 
 from protocol_version_mutation import sitecustomize_pythonpath
 from protocol_version_probe import init_rank
-from protocol_version_utils import free_port, RankResult, spawn_ranks, versions_env
+from torch.testing._internal.distributed.protocol_version_utils import RankResult, spawn_ranks, versions_env
 
 
 MISMATCH = "protocol version mismatch"
@@ -40,7 +40,7 @@ def _run_mixed_job(mutation: str | None) -> list[RankResult]:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
         # Spawned ranks inherit the environment at start, before site runs.
         with mock.patch.dict(os.environ, env):
-            return spawn_ranks(init_rank, 2, args=(free_port(),), rank_env=MIXED, timeout=150)
+            return spawn_ranks(init_rank, 2, args=(find_free_port(),), rank_env=MIXED, timeout=150)
 
 
 class TestGuardrailMutation(TestCase):

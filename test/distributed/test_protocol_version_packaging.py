@@ -30,9 +30,8 @@ from hypothesis import given, settings, strategies as st
 from packaging.version import Version
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import PROTOCOL_VERSION
-from torch.testing._internal.common_utils import run_tests, TestCase
-
-from protocol_version_utils import GUARDRAIL_ENVS
+from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
+from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS, MISMATCH
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +41,6 @@ import protocol_version_hook as hook  # noqa: E402
 
 
 PROBE = Path(__file__).resolve().parent / "protocol_version_probe.py"
-MISMATCH = "protocol version mismatch"
 
 
 def _stock_c10d() -> str:
@@ -290,7 +288,7 @@ class TestPatchedWheelInstall(TestCase):
         self.assertEqual(record["unhashed"], [f"{built.dist_info}RECORD"])
 
     def test_matching_job_negotiates(self) -> None:
-        for result in self.probe("job", "{}", "2"):
+        for result in self.probe("job", "{}", "2", str(find_free_port())):
             self.assertIsNone(result["error_type"], result)
             self.assertEqual(result["exitcode"], 0)
             self.assertEqual(result["value"]["sum"], 2.0)
@@ -298,7 +296,7 @@ class TestPatchedWheelInstall(TestCase):
             self.assert_in_venv(result["value"]["c10d_file"])
 
     def test_mismatch_job_every_rank_raises(self) -> None:
-        results = self.probe("job", json.dumps({1: PROTOCOL_VERSION + 1}), "2")
+        results = self.probe("job", json.dumps({1: PROTOCOL_VERSION + 1}), "2", str(find_free_port()))
         self.assertEqual(len(results), 2)
         for result in results:
             self.assertEqual(result["error_type"], "RuntimeError", result)

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import time
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -17,26 +17,26 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
-from torch.testing._internal.common_utils import run_tests, TestCase
-
-from protocol_version_utils import (
-    env_init,
-    free_port,
-    MIN_VERSION_ENV,
-    MODE_ENV,
-    spawn_ranks,
-    VERSION_ENV,
+from torch.distributed._protocol_version import (
+    CHECK_MODE_ENV,
+    MIN_VERSION_OVERRIDE_ENV,
+    VERSION_OVERRIDE_ENV,
 )
-
-
-def _info(rank: int, min_version: int, version: int, host: str = "node-a") -> pv._RankInfo:
-    return pv._RankInfo(rank, version, min_version, "2.13.0+cpu", host, 1000 + rank)
+from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
+from torch.testing._internal.distributed.protocol_version_utils import (
+    env_init,
+    GUARDRAIL_ENVS,
+    MISMATCH,
+    rank_info,
+    RankThreads,
+    spawn_ranks,
+)
 
 
 def _ranges_env(ranges: dict[int, tuple[int, int]]) -> dict[int, dict[str, str | None]]:
     """``{rank: (min, version)}`` -> per-rank override variables."""
     return {
-        rank: {MIN_VERSION_ENV: str(low), VERSION_ENV: str(high)}
+        rank: {MIN_VERSION_OVERRIDE_ENV: str(low), VERSION_OVERRIDE_ENV: str(high)}
         for rank, (low, high) in ranges.items()
     }
 
@@ -49,7 +49,7 @@ class TestRangeRules(TestCase):
     @settings(max_examples=400, deadline=None)
     @given(st.lists(ranges, min_size=1, max_size=8))
     def test_group_rule_is_the_pairwise_rule(self, rank_ranges: list[tuple[int, int]]) -> None:
-        infos = [_info(r, low, high) for r, (low, high) in enumerate(rank_ranges)]
+        infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
         pairwise = all(
             a.version >= b.min_version and b.version >= a.min_version
             for a, b in itertools.combinations(infos, 2)
@@ -59,7 +59,7 @@ class TestRangeRules(TestCase):
     @settings(max_examples=400, deadline=None)
     @given(st.lists(ranges, min_size=1, max_size=8))
     def test_negotiated_version_is_the_highest_every_rank_speaks(self, rank_ranges: list[tuple[int, int]]) -> None:
-        infos = [_info(r, low, high) for r, (low, high) in enumerate(rank_ranges)]
+        infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
         negotiated = pv._negotiate(infos)
         spoken_by_all = [v for v in range(0, 7) if all(i.min_version <= v <= i.version for i in infos)]
         self.assertEqual(negotiated, max(spoken_by_all) if spoken_by_all else None)
@@ -68,13 +68,13 @@ class TestRangeRules(TestCase):
     @given(st.lists(st.integers(0, 4), min_size=1, max_size=8))
     def test_exact_match_defaults(self, versions: list[int]) -> None:
         # The first issue's rule: with min == version everywhere, all must be equal.
-        infos = [_info(r, v, v) for r, v in enumerate(versions)]
+        infos = [rank_info(r, v) for r, v in enumerate(versions)]
         verdict = pv._judge(infos, "gloo")
         if len(set(versions)) == 1:
             self.assertEqual((verdict.status, verdict.negotiated), ("ok", versions[0]))
         else:
             self.assertEqual(verdict.status, "mismatch")
-            self.assertIn("protocol version mismatch", verdict.detail)
+            self.assertIn(MISMATCH, verdict.detail)
 
     @settings(max_examples=25, deadline=None)
     @given(st.lists(ranges, min_size=2, max_size=4), st.randoms(use_true_random=False))
@@ -83,7 +83,7 @@ class TestRangeRules(TestCase):
         order = list(range(len(rank_ranges)))
         rnd.shuffle(order)
         outcomes = self._exchange_in_order(rank_ranges, order)
-        expected = pv._negotiate([_info(r, *rr) for r, rr in enumerate(rank_ranges)])
+        expected = pv._negotiate([rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)])
         if expected is None:
             self.assertTrue(all(isinstance(o, RuntimeError) for o in outcomes.values()), outcomes)
         else:
@@ -91,33 +91,24 @@ class TestRangeRules(TestCase):
 
     def _exchange_in_order(self, rank_ranges: list[tuple[int, int]], order: list[int]) -> dict[int, Any]:
         store = dist.HashStore()
-        world_size = len(rank_ranges)
-        outcomes: dict[int, Any] = {}
-
-        def rank_main(rank: int) -> None:
-            try:
-                outcomes[rank] = pv.check_protocol_version(store, rank, world_size, timedelta(seconds=10))
-            except RuntimeError as e:
-                outcomes[rank] = e
-
-        infos = {r: _info(r, *rr) for r, rr in enumerate(rank_ranges)}
+        threads = RankThreads(len(rank_ranges), timeout_s=10)
+        infos = {r: rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)}
         with mock.patch.object(pv, "_local_info", lambda r: infos[r]):
-            threads = []
             for rank in order:
-                thread = threading.Thread(target=rank_main, args=(rank,))
-                thread.start()
-                threads.append(thread)
+                threads.start({rank: store})
                 # Publish one at a time, in the chosen order (rank 0 opens the epoch
                 # whenever its turn comes; the others wait for it).
-                thread.join(0.02)
-            for thread in threads:
-                thread.join(15)
-        return outcomes
+                time.sleep(0.02)
+            outcomes = threads.join()
+        return {rank: outcome.result for rank, outcome in outcomes.items()}
 
 
 class TestRangeMessages(TestCase):
     def test_incompatible_ranges_message(self) -> None:
-        infos = [_info(0, 1, 2), _info(1, 1, 2), _info(2, 3, 4, "node-b"), _info(3, 1, 1, "node-c")]
+        infos = [
+            rank_info(0, 2, min_version=1), rank_info(1, 2, min_version=1),
+            rank_info(2, 4, min_version=3, host="node-b"), rank_info(3, 1, host="node-c"),
+        ]
         verdict = pv._judge(infos, "gloo")
         self.assertExpectedInline(
             pv._error_message(verdict, infos[0]),
@@ -132,15 +123,15 @@ This rank (rank 0, host node-a) runs protocol versions 1-2.""",
         )
 
     def test_min_override(self) -> None:
-        with mock.patch.dict(os.environ, {VERSION_ENV: "5", MIN_VERSION_ENV: "3"}):
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "5", MIN_VERSION_OVERRIDE_ENV: "3"}):
             self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (3, 5))
-        with mock.patch.dict(os.environ, {MIN_VERSION_ENV: "0"}):
-            os.environ.pop(VERSION_ENV, None)
+        with mock.patch.dict(os.environ, {MIN_VERSION_OVERRIDE_ENV: "0"}):
+            os.environ.pop(VERSION_OVERRIDE_ENV, None)
             self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (0, pv.PROTOCOL_VERSION))
-        with mock.patch.dict(os.environ, {VERSION_ENV: "2", MIN_VERSION_ENV: "3"}):
-            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_ENV}=3 is above", pv.get_min_protocol_version)
-        with mock.patch.dict(os.environ, {MIN_VERSION_ENV: "x"}):
-            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_ENV}='x'", pv.get_min_protocol_version)
+        with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "2", MIN_VERSION_OVERRIDE_ENV: "3"}):
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}=3 is above", pv.get_min_protocol_version)
+        with mock.patch.dict(os.environ, {MIN_VERSION_OVERRIDE_ENV: "x"}):
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}='x'", pv.get_min_protocol_version)
 
 
 # --------------------------------------------------------------------------- #
@@ -163,30 +154,30 @@ def gloo_on_own_store(rank: int, world_size: int, port: int) -> float:
 class TestRangesMultiProcess(TestCase):
     def test_overlapping_ranges_agree_on_the_highest_common_version(self) -> None:
         # Rank 0 is the new build (speaks 2-3), rank 1 the old one (1-2): they run 2.
-        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=_ranges_env({0: (2, 3), 1: (1, 2)}))
+        results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env=_ranges_env({0: (2, 3), 1: (1, 2)}))
         self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": 2}] * 2)
 
     def test_disjoint_ranges_fail_everywhere(self) -> None:
-        results = spawn_ranks(env_init, 2, args=(free_port(),), rank_env=_ranges_env({0: (1, 1), 1: (2, 3)}))
+        results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env=_ranges_env({0: (1, 1), 1: (2, 3)}))
         for result in results:
             self.assertEqual(result.error_type, "RuntimeError", str(result))
             self.assertIn("protocol versions 2-3: rank 1", result.error)
             self.assertIn("upgrade rank 0 to a build that speaks protocol version 2", result.error)
 
     def test_helper_before_process_group_gloo(self) -> None:
-        results = spawn_ranks(gloo_on_own_store, 2, args=(free_port(),))
+        results = spawn_ranks(gloo_on_own_store, 2, args=(find_free_port(),))
         self.assertEqual([r.value for r in results], [2.0 * pv.PROTOCOL_VERSION] * 2)
 
     def test_helper_refuses_a_mixed_job_and_ignores_the_mode(self) -> None:
         # Calling the helper is the decision to check: TORCH_DISTRIBUTED_PROTOCOL_CHECK=off
         # does not silence it.
         results = spawn_ranks(
-            gloo_on_own_store, 2, args=(free_port(),),
-            rank_env={1: {VERSION_ENV: "2"}}, common_env={MODE_ENV: "off"},
+            gloo_on_own_store, 2, args=(find_free_port(),),
+            rank_env={1: {VERSION_OVERRIDE_ENV: "2"}}, common_env={CHECK_MODE_ENV: "off"},
         )
         for result in results:
             self.assertEqual(result.error_type, "RuntimeError", str(result))
-            self.assertIn("protocol version mismatch", result.error)
+            self.assertIn(MISMATCH, result.error)
 
 
 # --------------------------------------------------------------------------- #
@@ -195,7 +186,7 @@ class TestRangesMultiProcess(TestCase):
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in (VERSION_ENV, MIN_VERSION_ENV, MODE_ENV)}
+    clean = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed._protocol_version", *args],
         env={**clean, **env}, capture_output=True, text=True, timeout=120,
@@ -218,7 +209,7 @@ overrides in effect:  none
         )
 
     def test_json_with_overrides(self) -> None:
-        out = _cli("--json", **{VERSION_ENV: " 4 ", MIN_VERSION_ENV: "2", MODE_ENV: "warn"})
+        out = _cli("--json", **{VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", CHECK_MODE_ENV: "warn"})
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(
             json.loads(out.stdout),
@@ -227,12 +218,12 @@ overrides in effect:  none
                 "min_protocol_version": 2,
                 "torch_version": torch.__version__,
                 "check_mode": "warn",
-                "overrides": {VERSION_ENV: " 4 ", MIN_VERSION_ENV: "2"},
+                "overrides": {VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2"},
             },
         )
 
     def test_invalid_settings_exit_non_zero(self) -> None:
-        for env in ({VERSION_ENV: "1.5"}, {MODE_ENV: "loud"}, {MIN_VERSION_ENV: "2", VERSION_ENV: "1"}):
+        for env in ({VERSION_OVERRIDE_ENV: "1.5"}, {CHECK_MODE_ENV: "loud"}, {MIN_VERSION_OVERRIDE_ENV: "2", VERSION_OVERRIDE_ENV: "1"}):
             out = _cli("--json", **env)
             self.assertEqual(out.returncode, 2, env)
             self.assertEqual(out.stdout, "")

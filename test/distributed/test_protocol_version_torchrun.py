@@ -18,12 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol_version_utils import GUARDRAIL_ENVS, run_in_own_session, VERSION_ENV
+from torch.distributed._protocol_version import VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
     parametrize,
     run_tests,
     TestCase,
+)
+from torch.testing._internal.distributed.protocol_version_utils import (
+    GUARDRAIL_ENVS,
+    MISMATCH,
+    run_in_own_session,
 )
 
 
@@ -45,7 +50,7 @@ import time
 from datetime import timedelta
 
 if os.environ["LOCAL_RANK"] == os.environ.get("{ODD_RANK_ENV}"):
-    os.environ["{VERSION_ENV}"] = os.environ["{ODD_VERSION_ENV}"]
+    os.environ["{VERSION_OVERRIDE_ENV}"] = os.environ["{ODD_VERSION_ENV}"]
 
 import torch
 import torch.distributed as dist
@@ -69,8 +74,6 @@ dist.all_reduce(tensor)
 report(f"sum={{tensor.item():g}} negotiated={{get_group_protocol_version()}}")
 dist.destroy_process_group()
 '''
-
-MISMATCH = "torch.distributed protocol version mismatch"
 
 
 @dataclass

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from protocol_version_utils import run_in_own_session
 from torch.testing._internal.common_utils import run_tests, TestCase
+from torch.testing._internal.distributed.protocol_version_utils import run_in_own_session
 
 
 REPO = Path(__file__).resolve().parents[2]

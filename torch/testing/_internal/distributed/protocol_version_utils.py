@@ -1,9 +1,15 @@
-"""Spawn helpers shared by the protocol version tests, demo and benchmarks.
+"""Helpers shared by the protocol version tests, the demo and the benchmarks.
 
-Every rank is a real process started with the ``spawn`` method (a fresh
-interpreter, like a real node), so environment overrides, the hook and gloo are
-exercised exactly as in a job. A rank's outcome comes back through a queue as
-plain data; the parent never waits past its own deadline and kills what is left.
+Upstream keeps distributed test helpers here, so that tests, tools and
+benchmarks all import them the same way. Two ways to run the ranks of a job:
+
+* :func:`spawn_ranks`: every rank a real process started with the ``spawn``
+  method (a fresh interpreter, like a real node), so environment overrides, the
+  hook and gloo are exercised exactly as in a job. A rank's outcome comes back
+  through a queue as plain data; the parent never waits past its own deadline
+  and kills what is left.
+* :class:`RankThreads`: ranks as threads of this process, each with the store it
+  is given; for the store exchange alone, and for many simulated ranks.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,12 +27,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import (
+    CHECK_MODE_ENV,
+    MIN_VERSION_OVERRIDE_ENV,
+    VERSION_OVERRIDE_ENV,
+)
 
 
-VERSION_ENV = "TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE"
-MIN_VERSION_ENV = "TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE"
-MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
-GUARDRAIL_ENVS = (VERSION_ENV, MIN_VERSION_ENV, MODE_ENV)
+# The guardrail's own variables: unset in every rank unless a test sets them.
+GUARDRAIL_ENVS = (VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV, CHECK_MODE_ENV)
+# What every mismatch message says (the first line names torch.distributed too).
+MISMATCH = "protocol version mismatch"
+# Slack for joining rank threads and for timed assertions: the reference box has
+# 2 cores, shared with other test runs.
+SLACK_S = 15.0
 
 
 @dataclass
@@ -44,12 +59,6 @@ class RankResult:
     @property
     def ok(self) -> bool:
         return self.error_type is None and self.exitcode == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(
@@ -168,7 +177,111 @@ def all_reduce_and_version(torch: Any, get_version: Callable[[], int]) -> dict[s
 
 def versions_env(versions: Mapping[int, int]) -> dict[int, dict[str, str | None]]:
     """``{rank: version}`` -> ``rank_env`` that overrides those ranks' versions."""
-    return {rank: {VERSION_ENV: str(version)} for rank, version in versions.items()}
+    return {rank: {VERSION_OVERRIDE_ENV: str(version)} for rank, version in versions.items()}
+
+
+def rank_info(
+    rank: int, version: int, *, min_version: int | None = None, host: str = "node-a"
+) -> pv._RankInfo:
+    """What ``rank`` announces: protocol versions ``min_version`` (default:
+    ``version``) to ``version``, on ``host``; for the pure judging functions."""
+    return pv._RankInfo(
+        rank=rank,
+        version=version,
+        min_version=version if min_version is None else min_version,
+        torch_version="2.13.0+cpu",
+        hostname=host,
+        pid=1000 + rank,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Ranks as threads
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ThreadOutcome:
+    """What one rank thread's body did: its return value, or the exception it raised."""
+
+    value: Any = None
+    exception: Exception | None = None
+    finished: float = 0.0  # time.monotonic() when the body returned or raised
+
+    @property
+    def error(self) -> str | None:
+        return None if self.exception is None else str(self.exception)
+
+    @property
+    def result(self) -> Any:
+        """The return value, or the exception in its place."""
+        return self.value if self.exception is None else self.exception
+
+
+RankBody = Callable[[dist.Store, int, int], Any]
+
+
+class RankThreads:
+    """Some ranks of one job as threads of this process, each running
+    ``body(store, rank, world_size)``: by default the real
+    ``check_protocol_version`` with ``timeout_s``.
+
+    Give every rank its own store client (TCPStore, FileStore, PrefixStore over
+    either) so the server sees one connection per rank, as in a job; a HashStore
+    can only be shared. Threads share this process's environment, so a rank's
+    version comes from an override set while it starts, or from a patched
+    ``_local_info``. ``start`` may be called again to add late ranks.
+    """
+
+    def __init__(self, world_size: int, timeout_s: float, body: RankBody | None = None) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.body = body or self._check
+        self.outcomes: dict[int, ThreadOutcome] = {}
+        # time.monotonic() and time.process_time() when the last started ranks
+        # were released: with together=True, the moment all of them were ready.
+        self.released_wall = 0.0
+        self.released_cpu = 0.0
+        self._threads: list[threading.Thread] = []
+
+    def _check(self, store: dist.Store, rank: int, world_size: int) -> int:
+        return pv.check_protocol_version(store, rank, world_size, timedelta(seconds=self.timeout_s))
+
+    def start(self, stores: Mapping[int, dist.Store], together: bool = False) -> RankThreads:
+        """Start one thread per rank in ``stores``. ``together`` holds them at a
+        barrier until all are running, so that a timing starts at one instant."""
+        barrier = threading.Barrier(len(stores), action=self._mark_release) if together else None
+        if barrier is None:
+            self._mark_release()
+        for rank, store in stores.items():
+            thread = threading.Thread(target=self._run, args=(rank, store, barrier), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _mark_release(self) -> None:
+        self.released_wall, self.released_cpu = time.monotonic(), time.process_time()
+
+    def _run(self, rank: int, store: dist.Store, barrier: threading.Barrier | None) -> None:
+        if barrier is not None:
+            barrier.wait()
+        outcome = ThreadOutcome()
+        try:
+            outcome.value = self.body(store, rank, self.world_size)
+        except Exception as e:  # noqa: BLE001 - reported to the caller as an outcome
+            outcome.exception = e
+        outcome.finished = time.monotonic()
+        self.outcomes[rank] = outcome
+
+    def join(self) -> dict[int, ThreadOutcome]:
+        """Wait for every started rank, ordered by rank; none may outlive its
+        timeout by more than ``SLACK_S``."""
+        deadline = time.monotonic() + self.timeout_s + SLACK_S
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in self._threads):
+            raise TimeoutError(f"a rank still runs {SLACK_S}s past its {self.timeout_s}s timeout")
+        return dict(sorted(self.outcomes.items()))
 
 
 def run_in_own_session(
