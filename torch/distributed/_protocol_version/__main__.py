@@ -2,7 +2,7 @@
 
 import sys
 
-from torch.distributed._protocol_version import main
+from torch.distributed._protocol_version._cli import main
 
 
 sys.exit(main())

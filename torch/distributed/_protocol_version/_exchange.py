@@ -1,0 +1,226 @@
+"""The store protocol of one check: epochs, payloads, the verdict, acknowledgements.
+
+Rank 0 coordinates. It opens a fresh *epoch* ``e`` (an atomic counter),
+publishes its own payload, reads every other rank's payload with one
+``multi_get``, and publishes the verdict and marks the epoch closed in one
+``multi_set``. Every other rank reads the current epoch with one ``get`` (it
+blocks until rank 0 has opened one), publishes its payload with one ``set`` and
+blocks on the verdict with one ``get``: three calls whatever the world size (O(1)
+per rank, O(N) globally). A rank never joins a closed epoch, so an earlier
+attempt's verdict on a reused store is never taken for this one's.
+
+Each rank counts its timeout from its own arrival, as stock torch counts its own
+waits. A wait that outlasts a short grace period continues in
+:mod:`._diagnose` (the slow path); only a failing verdict costs one more key per
+rank, the acknowledgement rank 0 waits for before it raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+from typing import Callable
+
+import torch.distributed as dist
+from torch.distributed._protocol_version import _diagnose, _messages
+from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._judge import judge, judge_payloads
+from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
+from torch.distributed._protocol_version._store import (
+    blocking,
+    borrowed_timeout,
+    Check,
+    Deadline,
+    find_present,
+    StoreFailure,
+)
+
+
+logger = logging.getLogger("torch.distributed.distributed_c10d")
+
+_SUPERSEDED = b"superseded"
+# Appended to the "current" epoch once its verdict is out.
+_CLOSED = " closed"
+# How long rank 0 waits for the others to read a failing verdict (see _await_acks);
+# on the timeout path its deadline has passed, so it grants them this floor.
+_ACK_GRACE_SECONDS = 30.0
+_ACK_FLOOR_SECONDS = 1.0
+
+
+def _grace(timeout: timedelta, world_size: int) -> float:
+    """How long a wait blocks before the slow path starts: long enough that ranks
+    arriving together never reach it (their spread grows with the world size),
+    short enough that a build without the check is seen within about a second."""
+    return min(1.0 + world_size / 1000, timeout.total_seconds() / 10)
+
+
+def _coordinate(check: Check) -> Verdict:
+    """Rank 0: open a fresh epoch, collect every payload, publish the verdict."""
+    store, key = check.store, check.key
+    epoch = store.add(key("counter"), 1)
+    slots = [key(epoch, "rank", r) for r in range(check.world_size)]
+    # Open this epoch (and the previous one, should its coordinator have died
+    # between the counter and this call) so waiting ranks can move on to it.
+    opened = [key(epoch - 1, "open"), key(epoch, "open"), key("current")]
+    store.multi_set([slots[0], *opened], [check.payload, "1", "1", str(epoch)])
+    if epoch > 1:
+        # Ranks still waiting in an earlier epoch that never got a verdict (its
+        # coordinator died) are told to move on rather than left to time out.
+        stale = key(epoch - 1, "verdict")
+        if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED:
+            store.set(stale, _SUPERSEDED)  # the legacy TCPStore server wakes no waiter on compare_set
+    verdict, readers = _collect(check, slots)
+    # One write: whoever reads "current" from now on knows this epoch is judged.
+    store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
+    if not verdict.ok:
+        _await_acks(check, epoch, readers)
+    return verdict
+
+
+def _collect(check: Check, slots: list[str]) -> tuple[Verdict, list[int]]:
+    """Read every payload and judge. Returns the verdict and the ranks that
+    published (and so wait to read it)."""
+    raws = blocking(check, "collecting payloads", check.grace, check.store.multi_get, slots[1:])
+    everyone = list(range(1, check.world_size))
+    if raws is not None:
+        payloads = dict(enumerate([check.payload.encode(), *raws]))
+        return judge_payloads(check.family, payloads, [], check.backend), everyone
+    published, went_ahead, missing = _diagnose.await_payloads(check, slots)
+    if missing:
+        return _diagnose.coordinator_timeout(check, missing, went_ahead), published
+    raws = check.store.multi_get([slots[r] for r in published])
+    payloads = {0: check.payload.encode(), **dict(zip(published, raws))}
+    return judge_payloads(check.family, payloads, went_ahead, check.backend), published
+
+
+def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
+    """Keep rank 0 here until every rank that published has read the failing verdict.
+
+    Rank 0 often hosts the store server (``env://``, ``tcp://``): if it raised at
+    once, its process could exit and take the server down before the others read
+    the verdict, and they would fail with a bare connection error instead. The
+    others are blocked on the verdict, so their reads take milliseconds.
+    """
+    acks = [check.key(epoch, "ack", r) for r in readers]
+    grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
+    try:
+        check.store.wait(acks, timedelta(seconds=grace))
+    except RuntimeError:
+        confirmed = set(find_present(check.store, acks))
+        silent = [r for i, r in enumerate(readers) if i not in confirmed]
+        if silent:
+            logger.warning(
+                "%s check: %s did not confirm reading the failing verdict within %.1fs.",
+                check.family.title, _messages.ranks_phrase(silent), grace,
+            )
+
+
+def _parse_current(raw: bytes) -> tuple[int, bool]:
+    """``b"12"`` -> ``(12, False)``; ``b"12 closed"`` -> ``(12, True)``."""
+    text = raw.decode("ascii", errors="replace")
+    number = text.removesuffix(_CLOSED)
+    if not (number.isascii() and number.isdigit() and len(number) < 20):
+        raise InvalidPayload(f"a current epoch that is not an integer ({text[:40]!r})")
+    return int(number), number != text
+
+
+def _await_open(check: Check, epoch: int, key: str) -> bytes | Verdict:
+    """Wait for rank 0 to open ``epoch`` (``key`` appears): one blocking call
+    within the grace period, then the slow path."""
+    raw = blocking(check, "waiting for rank 0 to open the check", check.grace, check.store.get, key)
+    return _diagnose.await_coordinator(check, epoch, key) if raw is None else raw
+
+
+def _late_verdict(check: Check, epoch: int) -> Verdict | None:
+    """The closed ``epoch``'s verdict, when it is a timeout and this rank never
+    published in it: rank 0 gave up on this rank before it arrived."""
+    if check.store.check([check.key(epoch, "rank", check.rank)]):
+        return None
+    raw = check.store.get(check.key(epoch, "verdict"))
+    if raw == _SUPERSEDED:
+        return None
+    verdict = Verdict.from_json(raw)
+    if verdict.status != "timeout":
+        return None
+    return Verdict(
+        "timeout",
+        f"{verdict.detail}\nRank {check.rank} arrived after rank 0 had given up waiting for it.",
+        None,
+    )
+
+
+def _await_verdict(check: Check) -> Verdict:
+    """Any rank but 0: join the open epoch, publish this rank's payload, await the verdict."""
+    store, key = check.store, check.key
+    current = _await_open(check, 1, key("current"))
+    if isinstance(current, Verdict):
+        return current
+    epoch, closed = _parse_current(current)
+    while True:
+        if closed:
+            opened = blocking(check, "waiting for a new epoch", check.grace, store.get, key(epoch + 1, "open"))
+            if opened is None:
+                late = _late_verdict(check, epoch)
+                if late is not None:
+                    return late
+                waited = _diagnose.await_coordinator(check, epoch + 1, key(epoch + 1, "open"))
+                if isinstance(waited, Verdict):
+                    return waited
+            epoch += 1
+        store.set(key(epoch, "rank", check.rank), check.payload)
+        raw = blocking(
+            check, "waiting for the verdict", check.deadline.remaining(), store.get, key(epoch, "verdict")
+        )
+        if raw is None:
+            return _diagnose.verdict_timeout(check, epoch)
+        if raw != _SUPERSEDED:
+            verdict = Verdict.from_json(raw)
+            if not verdict.ok:
+                store.set(key(epoch, "ack", check.rank), "1")  # see _await_acks
+            return verdict
+        closed = True  # abandoned by a coordinator that died: move on
+
+
+def _with_context(error: BaseException, text: str) -> RuntimeError:
+    """``error``'s own type (DistStoreError, DistNetworkError...) with ``text`` in
+    front, so elastic agents and retry code that catch those types still do."""
+    try:
+        wrapped = type(error)(f"{text}: {error}")
+    except Exception:  # a type that takes other arguments
+        wrapped = RuntimeError(f"{text}: {error}")
+    return wrapped if isinstance(wrapped, RuntimeError) else RuntimeError(f"{text}: {error}")
+
+
+def exchange(
+    store: dist.Store,
+    family: Family,
+    rank: int,
+    world_size: int,
+    timeout: timedelta,
+    backend: str,
+    mode: str,
+    backend_key: Callable[[int], str] | None = None,
+) -> tuple[Verdict, RankInfo]:
+    """Run one check on ``store``; the store's own timeout is given back afterwards.
+
+    Raises only for a broken store, with the store error's own type.
+    """
+    info = local_info(rank, family, mode)  # raises on a bad override before any store traffic
+    if world_size == 1:
+        return judge(family, [info], backend), info
+    check = Check(
+        store, family, rank, world_size, Deadline(timeout), backend, info,
+        info.to_payload(family, secrets.token_hex(8)), backend_key, _grace(timeout, world_size),
+    )
+    prefix = f"{family.title} check on rank {rank}"
+    with borrowed_timeout(store):
+        try:
+            return (_coordinate(check) if rank == 0 else _await_verdict(check)), info
+        except InvalidPayload as e:
+            return Verdict("invalid", f"{family.title} check: rank 0 published {e}.", None), info
+        except StoreFailure as e:
+            cause = e.__cause__ or e
+            raise _with_context(cause, f"{prefix}: the rendezvous store failed while {e}") from cause
+        except RuntimeError as e:  # a store call outside blocking(): the store is broken
+            raise _with_context(e, f"{prefix}: the rendezvous store failed") from e

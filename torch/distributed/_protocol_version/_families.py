@@ -1,0 +1,40 @@
+"""Protocol families: each wire that is versioned on its own, described as data.
+
+A family is everything the shared exchange needs to know about one wire: the
+versions this build speaks, the variables that override them in tests, the store
+namespace its keys live in, and the words its messages use. The c10d collectives
+are the first family; a second one is another row here, not another code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed._protocol_version import _versions
+
+
+__all__ = ["C10D", "Family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One versioned wire."""
+
+    name: str  # payload field, and how logs refer to the family
+    title: str  # how messages name the protocol
+    version: int  # what this build speaks
+    min_version: int  # the oldest version this build accepts
+    version_env: str  # test-only override of ``version``
+    min_version_env: str  # test-only override of ``min_version``
+    key_prefix: str  # store namespace of the exchange's keys
+
+
+C10D = Family(
+    name="c10d",
+    title="torch.distributed protocol version",
+    version=_versions.PROTOCOL_VERSION,
+    min_version=_versions.MIN_PROTOCOL_VERSION,
+    version_env="TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE",
+    min_version_env="TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE",
+    key_prefix="protocol_version",
+)

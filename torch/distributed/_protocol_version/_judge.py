@@ -1,0 +1,92 @@
+"""The compatibility rule, the negotiated version and the advice: pure functions
+over payloads, so their properties are tested without processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch.distributed._protocol_version import _messages
+from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._payload import (
+    InvalidPayload,
+    no_check_info,
+    parse_payload,
+    RankInfo,
+    Verdict,
+)
+
+
+def negotiate(infos: Sequence[RankInfo]) -> int | None:
+    """The highest version every rank speaks, or ``None`` when there is none.
+
+    Ranks ``a`` and ``b`` are compatible when each one's version is at least the
+    other's minimum; that holds for every pair exactly when the lowest version is
+    at least the highest minimum, and then the lowest version is the answer.
+    """
+    lowest_version = min(info.version for info in infos)
+    highest_minimum = max(info.min_version for info in infos)
+    return lowest_version if lowest_version >= highest_minimum else None
+
+
+@dataclass(frozen=True)
+class Advice:
+    """Two changes, each of which alone makes an incompatible group compatible.
+
+    Upgrading every rank whose version is below the highest minimum to a build
+    that speaks that minimum lifts the lowest version to it; rolling back every
+    rank whose minimum is above the lowest version to a build that accepts that
+    version lowers the highest minimum to it. Either way the lowest version ends
+    at least at the highest minimum, which is the rule of :func:`negotiate`.
+    """
+
+    upgrade: tuple[int, ...]
+    required: int  # the version the upgraded ranks must speak
+    roll_back: tuple[int, ...]
+    lowest: int  # the version the rolled-back ranks must accept
+
+
+def advise(infos: Sequence[RankInfo]) -> Advice:
+    required = max(info.min_version for info in infos)
+    lowest = min(info.version for info in infos)
+    return Advice(
+        upgrade=tuple(i.rank for i in infos if i.version < required),
+        required=required,
+        roll_back=tuple(i.rank for i in infos if i.min_version > lowest),
+        lowest=lowest,
+    )
+
+
+def judge(family: Family, infos: Sequence[RankInfo], backend: str) -> Verdict:
+    """The verdict on a complete set of ranks (index = rank).
+
+    Ranks without the check are judged as version 1 like any other. On a
+    mismatch the strictest mode among the checking ranks decides for everyone.
+    """
+    no_check = [i.rank for i in infos if not i.checked]
+    negotiated = negotiate(infos)
+    if negotiated is not None:
+        detail = _messages.no_check_warning(family, no_check, backend) if no_check else ""
+        return Verdict("ok", detail, negotiated)
+    advice = advise(infos)
+    detail = _messages.mismatch_detail(
+        family, infos, backend, advice.upgrade, advice.required, advice.roll_back, advice.lowest
+    )
+    enforce = any(i.mode == "error" for i in infos if i.checked)
+    return Verdict("mismatch", detail, None, enforce)
+
+
+def judge_payloads(
+    family: Family, raws: dict[int, bytes], no_check: Sequence[int], backend: str
+) -> Verdict:
+    """Parse every published payload, add the ranks seen without the check, judge."""
+    infos = [no_check_info(rank) for rank in no_check]
+    problems: list[tuple[int, str]] = []
+    for rank, raw in raws.items():
+        try:
+            infos.append(parse_payload(rank, raw))
+        except InvalidPayload as e:
+            problems.append((rank, str(e)))
+    if problems:
+        return Verdict("invalid", _messages.invalid_detail(family, sorted(problems), backend), None)
+    return judge(family, sorted(infos, key=lambda i: i.rank), backend)

@@ -1,0 +1,184 @@
+"""Every sentence a user reads, built from plain data: pure, no store.
+
+Lists of ranks and hosts are compressed and capped, so a message stays a few KB
+at any world size.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Sequence
+
+from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._payload import NO_CHECK_VERSION, RankInfo
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
+
+
+# How many items one list in a message shows before "and N more".
+MAX_LISTED = 8
+# How many spans ("0-5", "9") one rank list shows before "and N more".
+MAX_SPANS = 16
+NO_CHECK_BUILD = (
+    f"a build without the protocol version check (or with {CHECK_MODE_ENV}=off), "
+    f"taken as version {NO_CHECK_VERSION}"
+)
+
+
+def _spans(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    ordered = sorted(set(ranks))
+    spans: list[tuple[int, int]] = []
+    for rank in ordered:
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1] = (spans[-1][0], rank)
+        else:
+            spans.append((rank, rank))
+    return spans
+
+
+def compress_ranks(ranks: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``; past :data:`MAX_SPANS` spans, ``"... and N more"``."""
+    spans = _spans(ranks)
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:MAX_SPANS])
+    hidden = sum(b - a + 1 for a, b in spans[MAX_SPANS:])
+    return f"{text} and {hidden} more" if hidden else text
+
+
+def plural(count: int, word: str) -> str:
+    return word if count == 1 else f"{word}s"
+
+
+def ranks_phrase(ranks: Sequence[int], singular_verb: str = "", plural_verb: str = "") -> str:
+    """``[3]`` -> ``"rank 3"``, ``[0, 1, 2]`` -> ``"ranks 0-2"``, with a verb that agrees."""
+    count = len(set(ranks))
+    verb = singular_verb if count == 1 else plural_verb
+    return f"{plural(count, 'rank')} {compress_ranks(ranks)}{' ' + verb if verb else ''}"
+
+
+def sentence(text: str) -> str:
+    """Capitalise the first letter only (``str.capitalize`` lowercases the rest)."""
+    return text[:1].upper() + text[1:]
+
+
+def list_some(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    extra = len(items) - MAX_LISTED
+    return f"{shown} and {extra} more" if extra > 0 else shown
+
+
+def backend_text(backend: str) -> str:
+    """How a message names the backend; ``init_process_group(backend=None)``
+    passes ``"undefined"``, meaning each device's default backend."""
+    return "default backends" if backend == "undefined" else f"backend {backend}"
+
+
+def range_text(version: int, min_version: int) -> str:
+    if version == min_version:
+        return f"protocol version {version}"
+    return f"protocol versions {min_version}-{version}"
+
+
+def describe_groups(infos: Sequence[RankInfo]) -> list[str]:
+    """One line per distinct build: its range, ranks, hosts and torch version."""
+    groups: dict[tuple[bool, int, int, str], list[RankInfo]] = {}
+    for info in infos:
+        key = (info.checked, info.version, info.min_version, info.torch_version)
+        groups.setdefault(key, []).append(info)
+    lines = []
+    for (checked, version, min_version, torch_version), members in sorted(groups.items()):
+        ranks = [m.rank for m in members]
+        if not checked:
+            lines.append(f"  {NO_CHECK_BUILD}: {ranks_phrase(ranks)}")
+            continue
+        hosts = sorted({m.hostname for m in members})
+        lines.append(
+            f"  {range_text(version, min_version)}: {ranks_phrase(ranks)} on "
+            f"{plural(len(hosts), 'host')} {list_some(hosts)} (torch {torch_version})"
+        )
+    if len(lines) > MAX_LISTED:
+        lines[MAX_LISTED:] = [f"  and {len(lines) - MAX_LISTED} more builds"]
+    return lines
+
+
+def overrides_note(infos: Sequence[RankInfo]) -> list[str]:
+    """Name the test-only overrides only where a rank really set one."""
+    by_name: dict[str, list[int]] = {}
+    for info in infos:
+        for name in info.overrides:
+            by_name.setdefault(name, []).append(info.rank)
+    return [
+        f"Note: {ranks_phrase(ranks, 'sets', 'set')} {name}, which only simulates another "
+        "build in tests; unset it in production."
+        for name, ranks in sorted(by_name.items())
+    ]
+
+
+def mismatch_detail(
+    family: Family,
+    infos: Sequence[RankInfo],
+    backend: str,
+    upgrade: Sequence[int],
+    required: int,
+    roll_back: Sequence[int],
+    lowest: int,
+) -> str:
+    """Who runs what, why they cannot meet, and which change would make them meet."""
+    demanding = [i.rank for i in infos if i.min_version == required]
+    return "\n".join(
+        [
+            f"{family.title} mismatch: the {len(infos)} ranks of this job "
+            f"({backend_text(backend)}) run builds that cannot talk to each other.",
+            *describe_groups(infos),
+            f"Why: {ranks_phrase(demanding, 'accepts', 'accept')} nothing older than "
+            f"protocol version {required}, but {ranks_phrase(upgrade, 'speaks', 'speak')} "
+            f"at most version {max(i.version for i in infos if i.version < required)}.",
+            f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks protocol "
+            f"version {required}, or roll {ranks_phrase(roll_back)} back to a build that "
+            f"accepts protocol version {lowest}; then restart the job.",
+            *overrides_note(infos),
+        ]
+    )
+
+
+def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> str:
+    return (
+        f"{family.title} check ({backend_text(backend)}): {ranks_phrase(no_check, 'runs', 'run')} "
+        f"{NO_CHECK_BUILD}; every other rank accepts version {NO_CHECK_VERSION}, so the job "
+        "goes on. Roll the guardrail out to those nodes before raising the minimum version."
+    )
+
+
+def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
+    lines = [
+        f"{family.title} check failed ({backend_text(backend)}): {len(problems)} "
+        f"{plural(len(problems), 'rank')} published an invalid payload, so this job cannot "
+        "be judged safe:"
+    ]
+    lines += [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  and {len(problems) - MAX_LISTED} more")
+    lines.append(
+        "Something other than this check wrote to its keys in the rendezvous store, "
+        "or a build that speaks another payload format joined the job."
+    )
+    return "\n".join(lines)
+
+
+def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
+    return f"{family.title} check timed out after {timeout.total_seconds():g}s ({backend_text(backend)})"
+
+
+def never_arrived(ranks: Sequence[int]) -> str:
+    """Ranks with no payload and no backend key: nothing shows they ever started."""
+    has = "has" if len(set(ranks)) == 1 else "have"
+    return (
+        f"{ranks_phrase(ranks)} never published a protocol version and {has} not started "
+        "building the backend either (not started, still starting, or exited)"
+    )
+
+
+def error_message(verdict_detail: str, info: RankInfo) -> str:
+    """The verdict's text, the same on every rank, and one last line about this rank."""
+    return (
+        f"{verdict_detail}\nThis rank (rank {info.rank}, host {info.hostname}) runs "
+        f"{range_text(info.version, info.min_version)}."
+    )

@@ -1,0 +1,197 @@
+"""What ranks write to the store, and how it is read back: pure, no store.
+
+Everything read from the store is JSON, parsed and validated field by field;
+nothing is unpickled or evaluated. Unknown fields are ignored and missing new
+fields take the value an older build meant, so builds of different ages read
+each other's payloads and verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._settings import MAX_VERSION, overrides_set, version_range
+
+
+__all__ = ["InvalidPayload", "RankInfo", "Verdict", "local_info", "no_check_info", "parse_payload"]
+
+# Bumped when a field changes meaning; new optional fields do not bump it.
+PAYLOAD_SCHEMA = 1
+# A payload is a few hundred bytes; anything far larger is not from this check.
+MAX_PAYLOAD_BYTES = 64 * 1024
+_MAX_TEXT_FIELD = 128
+_MAX_OVERRIDES = 4
+# Where a rank that runs no check is judged: version 1 is, by definition, the wire
+# of the pinned torch this check was introduced on.
+NO_CHECK_VERSION = 1
+_VERDICT_STATUSES = ("ok", "mismatch", "invalid", "timeout")
+
+
+class InvalidPayload(ValueError):
+    """A rank, or the coordinator, wrote something that is not a valid record."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What one rank announced, or, for a rank that runs no check, what is assumed."""
+
+    rank: int
+    version: int
+    min_version: int
+    torch_version: str = "unknown"
+    hostname: str = "unknown"
+    pid: int | None = None
+    mode: str = "error"  # the rank's own check mode: "error" or "warn"
+    overrides: tuple[str, ...] = ()  # test-only override variables it had set
+    checked: bool = True  # False: it went ahead without the check (see no_check_info)
+
+    def to_payload(self, family: Family, token: str) -> str:
+        """Serialise for the store; ``token`` makes this attempt's payload unique."""
+        return json.dumps(
+            {
+                "schema": PAYLOAD_SCHEMA,
+                "family": family.name,
+                "protocol_version": self.version,
+                "min_protocol_version": self.min_version,
+                "torch_version": self.torch_version,
+                "hostname": self.hostname,
+                "pid": self.pid,
+                "mode": self.mode,
+                "overrides": list(self.overrides),
+                "token": token,
+            },
+            sort_keys=True,
+        )
+
+
+def local_info(rank: int, family: Family, mode: str) -> RankInfo:
+    """This rank's payload; raises ``SettingError`` on a bad override."""
+    minimum, version = version_range(family)
+    return RankInfo(
+        rank=rank,
+        version=version,
+        min_version=minimum,
+        torch_version=torch.__version__,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        mode=mode,
+        overrides=overrides_set(family),
+    )
+
+
+def no_check_info(rank: int) -> RankInfo:
+    """A rank seen building its backend without having published: a build without
+    the check (or with the check off), taken to speak exactly version 1."""
+    return RankInfo(rank, NO_CHECK_VERSION, NO_CHECK_VERSION, mode="", checked=False)
+
+
+def _as_version(obj: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = obj.get(name, default)
+    # bool is an int subclass; True is not a protocol version.
+    if type(value) is not int or not 0 <= value <= MAX_VERSION:
+        raise InvalidPayload(f"{name!r} must be an integer from 0 to 2**63 - 1, got {value!r:.40}")
+    return value
+
+
+def _as_text(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name, "unknown")
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{name!r} must be a string, got {type(value).__name__}")
+    printable = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return printable[:_MAX_TEXT_FIELD] or "unknown"
+
+
+def _as_overrides(obj: dict[str, Any]) -> tuple[str, ...]:
+    value = obj.get("overrides", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidPayload("'overrides' must be a list of variable names")
+    return tuple(v[:_MAX_TEXT_FIELD] for v in value[:_MAX_OVERRIDES])
+
+
+def _load_object(raw: bytes, limit: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise InvalidPayload(f"{len(raw)} bytes, over the {limit}-byte limit")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidPayload(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidPayload(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_payload(rank: int, raw: bytes) -> RankInfo:
+    """Validate one rank's payload; raises :class:`InvalidPayload` with the reason.
+
+    A payload of today's first build (no schema, mode or overrides) reads as a
+    rank in ``error`` mode without overrides: what that build did.
+    """
+    obj = _load_object(raw)
+    version = _as_version(obj, "protocol_version")
+    min_version = _as_version(obj, "min_protocol_version", default=version)
+    if min_version > version:
+        raise InvalidPayload(f"minimum version {min_version} is above its version {version}")
+    mode = obj.get("mode", "error")
+    if mode not in ("error", "warn"):
+        raise InvalidPayload(f"'mode' must be 'error' or 'warn', got {mode!r:.40}")
+    pid = obj.get("pid")
+    return RankInfo(
+        rank=rank,
+        version=version,
+        min_version=min_version,
+        torch_version=_as_text(obj, "torch_version"),
+        hostname=_as_text(obj, "hostname"),
+        pid=pid if type(pid) is int else None,
+        mode=mode,
+        overrides=_as_overrides(obj),
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One epoch's outcome, computed by the coordinator and read by everyone.
+
+    ``enforce`` is False only for a mismatch on which every checking rank runs in
+    ``warn`` mode: the strictest mode present decides for all ranks, so no rank
+    goes on into a backend that another has refused to build.
+    """
+
+    status: str  # one of _VERDICT_STATUSES
+    detail: str
+    negotiated: int | None
+    enforce: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.negotiated is not None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "status": self.status,
+                "detail": self.detail,
+                "negotiated": self.negotiated,
+                "enforce": self.enforce,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Verdict:
+        try:
+            obj = _load_object(raw, limit=4 * MAX_PAYLOAD_BYTES)
+        except InvalidPayload as e:
+            raise InvalidPayload(f"an unreadable verdict ({e})") from None
+        status, detail, negotiated = obj.get("status"), obj.get("detail"), obj.get("negotiated")
+        if status not in _VERDICT_STATUSES or not isinstance(detail, str):
+            raise InvalidPayload(f"a verdict with an unknown status {status!r:.40}")
+        if status == "ok" and type(negotiated) is not int:
+            raise InvalidPayload("an 'ok' verdict without a negotiated version")
+        # A verdict of the first build has no "enforce": it always enforced.
+        enforce = obj.get("enforce", True) is not False
+        return cls(status, detail, negotiated if status == "ok" else None, enforce)
