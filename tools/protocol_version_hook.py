@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import importlib.util
 import re
 import sys
@@ -38,11 +39,12 @@ REPO = Path(__file__).resolve().parent.parent
 # The package, relative to a torch directory (here: this repo's torch/).
 PACKAGE = Path("distributed/_protocol_version")
 MODULE_SOURCE = REPO / "torch" / PACKAGE
-# What install links into a torch directory, each at the same path relative to
-# it as in this repo's torch/: the package, and the helpers shared by the tests,
-# the demo and the benchmarks (upstream keeps its own distributed test helpers in
-# torch/testing/_internal/distributed, so every caller imports them the same way).
-LINKED = (PACKAGE, Path("testing/_internal/distributed/protocol_version_utils.py"))
+# What install links into a torch directory (glob patterns), each at the same
+# path relative to it as in this repo's torch/: the package, and the helpers that
+# the tests, the demo, the benchmarks and the tools share (upstream keeps its own
+# distributed test helpers in torch/testing/_internal/distributed, so every
+# caller imports them the same way).
+LINKED = (str(PACKAGE), "testing/_internal/distributed/protocol_version*.py")
 
 BEGIN = "# BEGIN protocol version guardrail (tools/protocol_version_hook.py)"
 END = "# END protocol version guardrail"
@@ -101,7 +103,7 @@ def unpatch_source(source: str, origin: str = "distributed_c10d.py") -> str:
     stock = source.replace(hook_block(), "", 1)
     if is_patched(stock):
         raise PatchError(
-            f"refusing to revert {origin}: its marked block differs from the one this "
+            f"refusing to change {origin}: its marked block differs from the one this "
             "tool inserts (edited by hand?); restore the block or reinstall torch"
         )
     return stock
@@ -130,6 +132,22 @@ def _read_c10d(torch_dir: Path) -> tuple[Path, str]:
     return target, target.read_text()
 
 
+def linked_paths() -> list[Path]:
+    """What ``LINKED`` names in this repo now, relative to its torch/."""
+    root = REPO / "torch"
+    return sorted(path.relative_to(root) for pattern in LINKED for path in root.glob(pattern))
+
+
+def _installed_links(torch_dir: Path) -> list[Path]:
+    """The links that ``LINKED`` names in ``torch_dir``, dangling ones included."""
+    links = []
+    for pattern in map(Path, LINKED):
+        parent = torch_dir / pattern.parent
+        if parent.is_dir():
+            links += [p for p in parent.iterdir() if p.is_symlink() and fnmatch.fnmatch(p.name, pattern.name)]
+    return links
+
+
 def _link_state(torch_dir: Path, rel: Path) -> str:
     """``linked``, ``missing``, or what is in the way of the link."""
     link = torch_dir / rel
@@ -147,20 +165,21 @@ def _remove_stale_module_file(torch_dir: Path) -> None:
 
 def install(torch_dir: Path) -> str:
     target, source = _read_c10d(torch_dir)
+    unpatch_source(source, str(target))  # refuses a block edited by hand
     patched = patch_source(source, str(target))
-    blocked = [str(rel) for rel in LINKED if _link_state(torch_dir, rel) == "not a link"]
+    linked = linked_paths()
+    blocked = [str(rel) for rel in linked if _link_state(torch_dir, rel) == "not a link"]
     if blocked:
         raise PatchError(f"refusing to install: {', '.join(blocked)} in {torch_dir} exist and are not links")
     _remove_stale_module_file(torch_dir)
-    for rel in LINKED:
-        link = torch_dir / rel
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
+    for link in _installed_links(torch_dir):  # links to files since removed go too
+        link.unlink()
+    for rel in linked:
+        (torch_dir / rel).symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
     state = "already installed in" if patched == source else "installed the hook in"
     if patched != source:
         target.write_text(patched)
-    return f"{state} {target}; linked {', '.join(map(str, LINKED))} to {REPO / 'torch'}"
+    return f"{state} {target}; linked {len(linked)} paths to {REPO / 'torch'}"
 
 
 def revert(torch_dir: Path) -> str:
@@ -169,22 +188,24 @@ def revert(torch_dir: Path) -> str:
     stock = unpatch_source(source, str(target))
     if stock != source:
         target.write_text(stock)
-    for rel in LINKED:
-        if (torch_dir / rel).is_symlink():
-            (torch_dir / rel).unlink()
-    left = [str(rel) for rel in LINKED if (torch_dir / rel).is_symlink()]
+    for link in _installed_links(torch_dir):
+        link.unlink()
+    left = [str(link) for link in _installed_links(torch_dir)]
     if is_patched(target.read_text()) or left:
         raise PatchError(f"revert did not take in {torch_dir}: hook or links {left} remain")
     return f"reverted {target} to stock; removed the links"
 
 
 def status(torch_dir: Path) -> tuple[bool, str]:
-    """Whether the hook and every link are in place, and a one-line report."""
+    """Whether the hook (exactly as this tool inserts it) and every link are in
+    place, and a one-line report."""
     _, source = _read_c10d(torch_dir)
-    states = {rel: _link_state(torch_dir, rel) for rel in LINKED}
-    installed = is_patched(source) and all(state == "linked" for state in states.values())
-    links = ", ".join(f"{rel} {state}" for rel, state in states.items())
-    return installed, f"hook {'present' if is_patched(source) else 'absent'}; {links}"
+    hook = "present" if hook_block() in source else "edited" if is_patched(source) else "absent"
+    states = {rel: _link_state(torch_dir, rel) for rel in linked_paths()}
+    wrong = [f"{rel} {state}" for rel, state in states.items() if state != "linked"]
+    installed = hook == "present" and not wrong
+    links = ", ".join(wrong) if wrong else f"all {len(states)} links in place"
+    return installed, f"hook {hook}; {links}"
 
 
 def diff(torch_dir: Path) -> str:
@@ -211,9 +232,15 @@ TOCTREE_PAGE = "docs/source/distributed.md"
 CHECKOUT_MARKERS = ("setup.py", "torch/distributed/distributed_c10d.py", "test/distributed", TOCTREE_PAGE)
 # The feature's page; every page it links with {doc} goes along.
 DOC_PAGE = "docs/source/distributed.protocol_version.md"
-# Tests of this fork's own delivery (the wheel, the export, the hook tool): they
-# have no meaning in a PyTorch tree, where the change is in the source.
-FORK_ONLY_TESTS = ("test_protocol_version_packaging.py", "test_protocol_version_mutation.py")
+# Files about this fork's own delivery (the wheel, the export, the hook tool, real
+# other builds of the fork): no meaning in a PyTorch tree, where the change is in
+# the source. Glob patterns on file names.
+FORK_ONLY_FILES = (
+    "test_protocol_version_packaging.py",
+    "test_protocol_version_mutation.py",
+    "protocol_version_builds.py",
+    "*cluster*",
+)
 # In a page, what lies between these lines is about this fork (its make targets
 # and tools) and is left out of the export.
 FORK_ONLY_BEGIN = "<!-- fork-only -->"
@@ -222,24 +249,29 @@ FORK_ONLY_END = "<!-- /fork-only -->"
 
 def exported_code() -> list[str]:
     """The package, the shared test helpers, and the tests that make sense upstream."""
-    sources = [REPO / "torch" / rel for rel in LINKED]
+    sources = [REPO / "torch" / rel for rel in linked_paths()]
     files = [p for source in sources for p in (sorted(source.rglob("*.py")) if source.is_dir() else [source])]
-    names = [str(path.relative_to(REPO)) for path in files]
-    tests = sorted((REPO / "test" / "distributed").glob("test_protocol_version*.py"))
-    return names + [str(path.relative_to(REPO)) for path in tests if path.name not in FORK_ONLY_TESTS]
+    files += sorted((REPO / "test" / "distributed").glob("test_protocol_version*.py"))
+    return [
+        str(path.relative_to(REPO))
+        for path in files
+        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in FORK_ONLY_FILES)
+    ]
 
 
-def exported_pages() -> list[str]:
-    """``DOC_PAGE`` and every page it links with {doc}, transitively."""
-    pages, todo = [], [DOC_PAGE]
+def exported_pages() -> dict[str, str]:
+    """``DOC_PAGE`` and every page its exported text links with {doc}, transitively:
+    each page's exported text."""
+    pages: dict[str, str] = {}
+    todo = [DOC_PAGE]
     while todo:
         page = todo.pop(0)
         if page in pages:
             continue
         if not (REPO / page).is_file():
             raise PatchError(f"cannot export {page}: it is missing from {REPO}")
-        pages.append(page)
-        for target in re.findall(r"\{doc\}`(?:[^`<]*<)?([^`>]+)>?`", (REPO / page).read_text()):
+        pages[page] = exported_page_text(page)
+        for target in re.findall(r"\{doc\}`(?:[^`<]*<)?([^`>]+)>?`", pages[page]):
             todo.append(f"docs/source/{target}.md")
     return pages
 
@@ -301,10 +333,10 @@ def export(checkout: Path) -> list[str]:
     for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
     pages = exported_pages()
-    for page in pages:
-        planned[checkout / page] = exported_page_text(page).encode()
+    for page, text in pages.items():
+        planned[checkout / page] = text.encode()
     toctree = checkout / TOCTREE_PAGE
-    listing, entry = toctree.read_text(), toctree_entry(pages)
+    listing, entry = toctree.read_text(), toctree_entry(list(pages))
     planned[toctree] = (listing if entry in listing else listing + entry).encode()
     return [_write_if_changed(path, data, checkout) for path, data in planned.items()]
 
