@@ -1,44 +1,55 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Both create .venv/ (pinned torch + test deps + the hook) when it is missing.
+# Both create .venv/ (pinned torch + test deps + the hook) when it is missing, and
+# put the hook back whenever it is not in place (after a revert, a reinstalled torch).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
+HOOK    := tools/protocol_version_hook.py
 TESTS   := test/distributed
 # Defined before the rules that use them: make expands prerequisites as it reads.
 STOCK_PY    := .venv-stock/bin/python
 STOCK_STAMP := .venv-stock/.installed
+# The pin of requirements.txt, held to its CPU build: without the CPU index
+# (README: PIP_EXTRA_INDEX_URL) pip then stops with "no matching distribution"
+# instead of downloading the CUDA build and its nvidia-* dependencies.
+CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
+PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff
+.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked
 
-$(STAMP): requirements.txt tools/protocol_version_hook.py
+$(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) tools/protocol_version_hook.py install
+	$(PY) $(PIP_INSTALL)
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The stamp only says the packages are installed; the hook tool says whether the
+# hook and its links are in place, and install puts back what is missing.
+hooked: $(STAMP)
+	@$(PY) $(HOOK) status >/dev/null || $(PY) $(HOOK) install
+
+demo: hooked
 	$(PY) tools/demo.py
 
-test: $(STAMP) $(STOCK_STAMP)
+test: hooked $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider
 
-hook-diff: $(STAMP)
-	$(PY) tools/protocol_version_hook.py diff
+hook-diff: hooked
+	$(PY) $(HOOK) diff
 
 clean-venv:
-	rm -rf .venv
+	rm -rf .venv .venv-stock
 
 # Longer suites, each its own target (times measured on the 2-core machine: see README).
-bench: $(STAMP)
+bench: hooked
 	$(PY) benchmarks/distributed/bench_protocol_version.py
 
 # A second environment with the same pinned wheel and no hook: the baseline.
 $(STOCK_STAMP): requirements.txt
 	test -x $(STOCK_PY) || python3 -m venv .venv-stock
-	$(STOCK_PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(STOCK_PY) $(PIP_INSTALL)
 	touch $(STOCK_STAMP)
 
-upstream-suite: $(STAMP) $(STOCK_STAMP)
+upstream-suite: hooked $(STOCK_STAMP)
 	$(PY) tools/run_upstream_suite.py --full
 
-wheel: $(STAMP)
+wheel: hooked
 	$(PY) tools/build_patched_wheel.py
