@@ -287,7 +287,7 @@ class TestPatchedWheelInstall(TestCase):
         self.assert_in_venv(evidence["module_file"])
         self.assertFalse(evidence["module_is_symlink"])
         self.assertEqual(
-            _sha(Path(evidence["module_file"]).read_bytes()), _sha(hook.MODULE_SOURCE.read_bytes())
+            _sha(Path(evidence["module_file"]).read_bytes()), _sha((hook.MODULE_SOURCE / "__init__.py").read_bytes())
         )
         self.assertTrue(evidence["hook_compiled"])
         self.assertEqual(evidence["mutations"], [])
