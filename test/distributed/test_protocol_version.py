@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import _diagnose, _exchange, _judge, _messages, _store
+from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._settings import check_mode
 from torch.distributed._protocol_version import CHECK_MODE_ENV, VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     find_free_port,
@@ -131,7 +134,7 @@ def init_off_on_own_store(rank: int, world_size: int, port: int) -> bool:
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
-        touched = store.check([pv._key("counter")]) or store.check([pv._key("current")])
+        touched = store.check([C10D.key("counter")]) or store.check([C10D.key("current")])
         dist.barrier()  # rank 0 hosts the store: keep it up until every rank has looked
     finally:
         dist.destroy_process_group()
@@ -192,45 +195,51 @@ class TestVersionOverride(TestCase):
     def test_check_mode_parsing(self) -> None:
         for raw, mode in [("error", "error"), (" WARN ", "warn"), ("off", "off")]:
             with mock.patch.dict(os.environ, {CHECK_MODE_ENV: raw}):
-                self.assertEqual(pv._check_mode(), mode)
+                self.assertEqual(check_mode(), mode)
         with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "loud"}):
-            self.assertRaisesRegex(RuntimeError, f"{CHECK_MODE_ENV}='loud'", pv._check_mode)
+            self.assertRaisesRegex(RuntimeError, f"{CHECK_MODE_ENV}='loud'", check_mode)
 
 
 class TestMessages(TestCase):
     def test_compress_ranks(self) -> None:
-        self.assertEqual(pv._compress_ranks([5, 0, 1, 2]), "0-2,5")
-        self.assertEqual(pv._compress_ranks([3]), "3")
-        self.assertEqual(pv._compress_ranks(list(range(1024))), "0-1023")
-        self.assertEqual(pv._compress_ranks([0, 2, 4, 5, 6, 9]), "0,2,4-6,9")
+        self.assertEqual(_messages.compress_ranks([5, 0, 1, 2]), "0-2,5")
+        self.assertEqual(_messages.compress_ranks([3]), "3")
+        self.assertEqual(_messages.compress_ranks(list(range(1024))), "0-1023")
+        self.assertEqual(_messages.compress_ranks([0, 2, 4, 5, 6, 9]), "0,2,4-6,9")
 
     def test_mismatch_message(self) -> None:
         infos = [
             rank_info(0, 1), rank_info(1, 1), rank_info(2, 1, host="node-b"), rank_info(3, 2, host="node-c"),
             rank_info(4, 1), rank_info(5, 2, host="node-c"),
         ]
-        verdict = pv._judge(infos, "gloo")
+        verdict = _judge.judge(C10D, infos, "gloo")
         self.assertEqual(verdict.status, "mismatch")
         self.assertExpectedInline(
-            pv._error_message(verdict, infos[3]),
+            _messages.error_message(verdict.detail, infos[3]),
             """\
 torch.distributed protocol version mismatch: the 6 ranks of this job (backend gloo) run builds that cannot talk to each other.
   protocol version 1: ranks 0-2,4 on hosts node-a, node-b (torch 2.13.0+cpu)
   protocol version 2: ranks 3,5 on host node-c (torch 2.13.0+cpu)
 Why: ranks 3,5 accept nothing older than protocol version 2, but ranks 0-2,4 speak at most version 1.
-What to do: upgrade ranks 0-2,4 to a build that speaks protocol version 2 (or roll ranks 3,5 back), then restart the job. TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE and TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE only simulate other builds in tests; unset them in production.
+What to do: upgrade ranks 0-2,4 to a build that speaks protocol version 2, or roll ranks 3,5 back to a build that accepts protocol version 1; then restart the job.
 This rank (rank 3, host node-c) runs protocol version 2.""",
         )
 
     def test_timeout_message(self) -> None:
+        check = _store.Check(
+            dist.HashStore(), C10D, 0, 8, _store.Deadline(timedelta(seconds=120)), "gloo",
+            rank_info(0, 1), "{}", None, 1.0,
+        )
         self.assertExpectedInline(
-            pv._missing_detail([2, 3, 7], timedelta(seconds=120), "gloo"),
-            """torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version. They may run a build without this check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), may not have started, or may have died.""",
+            _diagnose.coordinator_timeout(check, [2, 3, 7], [5]).detail,
+            """\
+torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version and have not started building the backend either (not started, still starting, or exited).
+Meanwhile rank 5 runs a build without the protocol version check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), taken as version 1.""",
         )
 
     def test_long_host_lists_are_capped(self) -> None:
         infos = [rank_info(r, 1, host=f"host-{r:02d}") for r in range(20)] + [rank_info(20, 2)]
-        line = pv._describe_groups(infos)[0]
+        line = _messages.describe_groups(infos)[0]
         self.assertIn("host-07 and 12 more", line)
 
 
@@ -240,7 +249,7 @@ class TestCheckOnOneStore(TestCase):
     def _run(self, store: dist.Store, versions: dict[int, int], world_size: int, timeout: float = 10.0) -> dict[int, Any]:
         """Run the ranks in ``versions`` as threads; absent ranks never arrive."""
         # The override variable is process-wide, so threads get their versions here.
-        with mock.patch.object(pv, "_local_info", lambda r: rank_info(r, versions[r])):
+        with mock.patch.object(_exchange, "local_info", lambda r, family, mode: rank_info(r, versions[r])):
             outcomes = RankThreads(world_size, timeout).start(dict.fromkeys(versions, store)).join()
         return {rank: outcome.result for rank, outcome in outcomes.items()}
 
@@ -257,7 +266,8 @@ class TestCheckOnOneStore(TestCase):
     def test_missing_coordinator_is_named(self) -> None:
         results = self._run(dist.HashStore(), {1: 1, 2: 1}, 3, timeout=2.0)
         for result in results.values():
-            self.assertIn("rank 0, which collects every rank's version, never opened the check", str(result))
+            self.assertIsInstance(result, dist.DistStoreError)
+            self.assertIn("rank 0, which collects every rank's version, has not opened the check; ranks 1-2 are waiting for it", str(result))
 
     def test_world_size_one_needs_no_peer(self) -> None:
         store = dist.HashStore()
@@ -275,7 +285,7 @@ class TestCheckOnOneStore(TestCase):
     def test_timeout_restores_the_store_timeout(self) -> None:
         store = dist.HashStore()
         store.set_timeout(timedelta(seconds=77))
-        with self.assertRaisesRegex(RuntimeError, "rank 1 never published"):
+        with self.assertRaisesRegex(dist.DistStoreError, "rank 1 never published"):
             pv.check_protocol_version(store, 0, 2, timedelta(seconds=1))
         self.assertEqual(store.timeout, timedelta(seconds=77))
 
@@ -313,9 +323,11 @@ class TestInitProcessGroupInProcess(TestCase):
 class TestMultiProcess(TestCase):
     """Real ranks, real gloo."""
 
-    def assert_every_rank_raised(self, results: list[Any], needle: str = MISMATCH) -> None:
+    def assert_every_rank_raised(
+        self, results: list[Any], needle: str = MISMATCH, error_type: str = "RuntimeError"
+    ) -> None:
         for result in results:
-            self.assertEqual(result.error_type, "RuntimeError", f"rank {result.rank}: {result}")
+            self.assertEqual(result.error_type, error_type, f"rank {result.rank}: {result}")
             self.assertIn(needle, result.error)
 
     def test_matching_versions(self) -> None:
@@ -371,7 +383,8 @@ class TestMultiProcess(TestCase):
     def test_rank_that_never_arrives_is_named(self) -> None:
         # A 3-rank job whose rank 2 never starts: rank 0 names it before the timeout.
         results = spawn_ranks(init_on_tcpstore, 3, args=(find_free_port(), 6.0), ranks=[0, 1])
-        self.assert_every_rank_raised(results, "rank 2 never published a protocol version")
+        # A timeout keeps stock's exception type, which elastic agents catch.
+        self.assert_every_rank_raised(results, "rank 2 never published a protocol version", "DistStoreError")
         for result in results:
             self.assertIn("timed out after 6s", result.error)
             self.assertLess(result.finished - result.started, 6.0 + 5.0)

@@ -15,8 +15,11 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import _exchange, _judge, _messages
+from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._settings import check_mode
 from torch.distributed._protocol_version import (
     CHECK_MODE_ENV,
     MIN_VERSION_OVERRIDE_ENV,
@@ -54,13 +57,13 @@ class TestRangeRules(TestCase):
             a.version >= b.min_version and b.version >= a.min_version
             for a, b in itertools.combinations(infos, 2)
         )
-        self.assertEqual(pv._negotiate(infos) is not None, pairwise)
+        self.assertEqual(_judge.negotiate(infos) is not None, pairwise)
 
     @settings(max_examples=400, deadline=None)
     @given(st.lists(ranges, min_size=1, max_size=8))
     def test_negotiated_version_is_the_highest_every_rank_speaks(self, rank_ranges: list[tuple[int, int]]) -> None:
         infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
-        negotiated = pv._negotiate(infos)
+        negotiated = _judge.negotiate(infos)
         spoken_by_all = [v for v in range(0, 7) if all(i.min_version <= v <= i.version for i in infos)]
         self.assertEqual(negotiated, max(spoken_by_all) if spoken_by_all else None)
 
@@ -69,7 +72,7 @@ class TestRangeRules(TestCase):
     def test_exact_match_defaults(self, versions: list[int]) -> None:
         # The first issue's rule: with min == version everywhere, all must be equal.
         infos = [rank_info(r, v) for r, v in enumerate(versions)]
-        verdict = pv._judge(infos, "gloo")
+        verdict = _judge.judge(C10D, infos, "gloo")
         if len(set(versions)) == 1:
             self.assertEqual((verdict.status, verdict.negotiated), ("ok", versions[0]))
         else:
@@ -83,7 +86,7 @@ class TestRangeRules(TestCase):
         order = list(range(len(rank_ranges)))
         rnd.shuffle(order)
         outcomes = self._exchange_in_order(rank_ranges, order)
-        expected = pv._negotiate([rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)])
+        expected = _judge.negotiate([rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)])
         if expected is None:
             self.assertTrue(all(isinstance(o, RuntimeError) for o in outcomes.values()), outcomes)
         else:
@@ -93,7 +96,7 @@ class TestRangeRules(TestCase):
         store = dist.HashStore()
         threads = RankThreads(len(rank_ranges), timeout_s=10)
         infos = {r: rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)}
-        with mock.patch.object(pv, "_local_info", lambda r: infos[r]):
+        with mock.patch.object(_exchange, "local_info", lambda r, family, mode: infos[r]):
             for rank in order:
                 threads.start({rank: store})
                 # Publish one at a time, in the chosen order (rank 0 opens the epoch
@@ -103,22 +106,54 @@ class TestRangeRules(TestCase):
         return {rank: outcome.result for rank, outcome in outcomes.items()}
 
 
+class TestAdvice(TestCase):
+    """"What to do" names changes that really make the group compatible."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.lists(ranges, min_size=2, max_size=8),
+        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=8, max_size=8),
+    )
+    def test_following_the_advice_gives_a_compatible_group(
+        self, rank_ranges: list[tuple[int, int]], spans: list[tuple[int, int]]
+    ) -> None:
+        infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
+        assume(_judge.negotiate(infos) is None)
+        advice = _judge.advise(infos)
+
+        def replaced(ranks: tuple[int, ...], target: int) -> list[Any]:
+            # Any build whose range holds the target will do: [target - below, target + above].
+            return [
+                rank_info(i.rank, target + spans[i.rank][1], min_version=max(target - spans[i.rank][0], 0))
+                if i.rank in ranks else i
+                for i in infos
+            ]
+
+        self.assertIsNotNone(_judge.negotiate(replaced(advice.upgrade, advice.required)))
+        self.assertIsNotNone(_judge.negotiate(replaced(advice.roll_back, advice.lowest)))
+
+    def test_rolling_back_the_strictest_rank_alone_is_not_enough(self) -> None:
+        # 1..1, 2..3, 3..3: rolling back rank 2 alone leaves ranks 0 and 1 apart.
+        infos = [rank_info(0, 1), rank_info(1, 3, min_version=2), rank_info(2, 3)]
+        self.assertEqual(_judge.advise(infos), _judge.Advice((0,), 3, (1, 2), 1))
+
+
 class TestRangeMessages(TestCase):
     def test_incompatible_ranges_message(self) -> None:
         infos = [
             rank_info(0, 2, min_version=1), rank_info(1, 2, min_version=1),
             rank_info(2, 4, min_version=3, host="node-b"), rank_info(3, 1, host="node-c"),
         ]
-        verdict = pv._judge(infos, "gloo")
+        verdict = _judge.judge(C10D, infos, "gloo")
         self.assertExpectedInline(
-            pv._error_message(verdict, infos[0]),
+            _messages.error_message(verdict.detail, infos[0]),
             """\
 torch.distributed protocol version mismatch: the 4 ranks of this job (backend gloo) run builds that cannot talk to each other.
   protocol version 1: rank 3 on host node-c (torch 2.13.0+cpu)
   protocol versions 1-2: ranks 0-1 on host node-a (torch 2.13.0+cpu)
   protocol versions 3-4: rank 2 on host node-b (torch 2.13.0+cpu)
 Why: rank 2 accepts nothing older than protocol version 3, but ranks 0-1,3 speak at most version 2.
-What to do: upgrade ranks 0-1,3 to a build that speaks protocol version 3 (or roll rank 2 back), then restart the job. TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE and TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE only simulate other builds in tests; unset them in production.
+What to do: upgrade ranks 0-1,3 to a build that speaks protocol version 3, or roll rank 2 back to a build that accepts protocol version 1; then restart the job.
 This rank (rank 0, host node-a) runs protocol versions 1-2.""",
         )
 
@@ -226,7 +261,8 @@ overrides in effect:  none
         for env in ({VERSION_OVERRIDE_ENV: "1.5"}, {CHECK_MODE_ENV: "loud"}, {MIN_VERSION_OVERRIDE_ENV: "2", VERSION_OVERRIDE_ENV: "1"}):
             out = _cli("--json", **env)
             self.assertEqual(out.returncode, 2, env)
-            self.assertEqual(out.stdout, "")
+            # Tooling that asked for JSON gets JSON, even for a bad setting.
+            self.assertIn(next(iter(env)), json.loads(out.stdout)["error"])
             self.assertIn(next(iter(env)), out.stderr)
 
 

@@ -180,7 +180,10 @@ def verdict_timeout(check: Check, epoch: int) -> Verdict:
     head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
     if never:
         them = "it" if len(never) == 1 else "them"
-        text = f"{_messages.never_arrived(never)}; rank 0 opened the check and is waiting for {them}."
+        text = (
+            f"{_messages.never_arrived(never)}; rank 0 opened the check but has not "
+            f"delivered the verdict, which waits for {them}."
+        )
     else:
         text = (
             "every rank has published its version, but rank 0, which collects them, "

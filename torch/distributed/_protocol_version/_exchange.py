@@ -33,7 +33,6 @@ from torch.distributed._protocol_version._store import (
     Check,
     Deadline,
     find_present,
-    StoreFailure,
 )
 
 
@@ -46,6 +45,9 @@ _CLOSED = " closed"
 # on the timeout path its deadline has passed, so it grants them this floor.
 _ACK_GRACE_SECONDS = 30.0
 _ACK_FLOOR_SECONDS = 1.0
+# How long a rank that finds the last epoch judged waits for a new one before it
+# takes that epoch's timeout verdict as the one that gave up on it (see _late_verdict).
+_LATE_GRACE_SECONDS = 2.0
 
 
 def _grace(timeout: timedelta, world_size: int) -> float:
@@ -58,6 +60,7 @@ def _grace(timeout: timedelta, world_size: int) -> float:
 def _coordinate(check: Check) -> Verdict:
     """Rank 0: open a fresh epoch, collect every payload, publish the verdict."""
     store, key = check.store, check.key
+    check.doing = "opening the check"
     epoch = store.add(key("counter"), 1)
     slots = [key(epoch, "rank", r) for r in range(check.world_size)]
     # Open this epoch (and the previous one, should its coordinator have died
@@ -70,10 +73,13 @@ def _coordinate(check: Check) -> Verdict:
         stale = key(epoch - 1, "verdict")
         if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED:
             store.set(stale, _SUPERSEDED)  # the legacy TCPStore server wakes no waiter on compare_set
+    check.doing = "collecting payloads"
     verdict, readers = _collect(check, slots)
+    check.doing = "publishing the verdict"
     # One write: whoever reads "current" from now on knows this epoch is judged.
     store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
     if not verdict.ok:
+        check.doing = "waiting for the others to read the verdict"
         _await_acks(check, epoch, readers)
     return verdict
 
@@ -81,7 +87,7 @@ def _coordinate(check: Check) -> Verdict:
 def _collect(check: Check, slots: list[str]) -> tuple[Verdict, list[int]]:
     """Read every payload and judge. Returns the verdict and the ranks that
     published (and so wait to read it)."""
-    raws = blocking(check, "collecting payloads", check.grace, check.store.multi_get, slots[1:])
+    raws = blocking(check, check.grace, check.store.multi_get, slots[1:])
     everyone = list(range(1, check.world_size))
     if raws is not None:
         payloads = dict(enumerate([check.payload.encode(), *raws]))
@@ -95,7 +101,8 @@ def _collect(check: Check, slots: list[str]) -> tuple[Verdict, list[int]]:
 
 
 def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
-    """Keep rank 0 here until every rank that published has read the failing verdict.
+    """Keep rank 0 here until every rank that published is done with the store:
+    it has read the failing verdict, or reached its own timeout.
 
     Rank 0 often hosts the store server (``env://``, ``tcp://``): if it raised at
     once, its process could exit and take the server down before the others read
@@ -111,8 +118,8 @@ def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
         silent = [r for i, r in enumerate(readers) if i not in confirmed]
         if silent:
             logger.warning(
-                "%s check: %s did not confirm reading the failing verdict within %.1fs.",
-                check.family.title, _messages.ranks_phrase(silent), grace,
+                "%s check: within %.1fs, no word from %s that the failing verdict reached them.",
+                check.family.title, grace, _messages.ranks_phrase(silent),
             )
 
 
@@ -128,7 +135,8 @@ def _parse_current(raw: bytes) -> tuple[int, bool]:
 def _await_open(check: Check, epoch: int, key: str) -> bytes | Verdict:
     """Wait for rank 0 to open ``epoch`` (``key`` appears): one blocking call
     within the grace period, then the slow path."""
-    raw = blocking(check, "waiting for rank 0 to open the check", check.grace, check.store.get, key)
+    check.doing = "waiting for rank 0 to open the check"
+    raw = blocking(check, check.grace, check.store.get, key)
     return _diagnose.await_coordinator(check, epoch, key) if raw is None else raw
 
 
@@ -159,8 +167,9 @@ def _await_verdict(check: Check) -> Verdict:
     epoch, closed = _parse_current(current)
     while True:
         if closed:
-            opened = blocking(check, "waiting for a new epoch", check.grace, store.get, key(epoch + 1, "open"))
-            if opened is None:
+            check.doing = "waiting for rank 0 to open a new check"
+            late_grace = min(_LATE_GRACE_SECONDS, check.deadline.timeout.total_seconds() / 5)
+            if blocking(check, late_grace, store.get, key(epoch + 1, "open")) is None:
                 late = _late_verdict(check, epoch)
                 if late is not None:
                     return late
@@ -168,14 +177,13 @@ def _await_verdict(check: Check) -> Verdict:
                 if isinstance(waited, Verdict):
                     return waited
             epoch += 1
+        check.doing = "publishing this rank's version"
         store.set(key(epoch, "rank", check.rank), check.payload)
-        raw = blocking(
-            check, "waiting for the verdict", check.deadline.remaining(), store.get, key(epoch, "verdict")
-        )
-        if raw is None:
-            return _diagnose.verdict_timeout(check, epoch)
+        check.doing = "waiting for the verdict"
+        raw = blocking(check, check.deadline.remaining(), store.get, key(epoch, "verdict"))
         if raw != _SUPERSEDED:
-            verdict = Verdict.from_json(raw)
+            # A rank that gave up on its own still tells rank 0 it is done with the store.
+            verdict = _diagnose.verdict_timeout(check, epoch) if raw is None else Verdict.from_json(raw)
             if not verdict.ok:
                 store.set(key(epoch, "ack", check.rank), "1")  # see _await_acks
             return verdict
@@ -204,7 +212,8 @@ def exchange(
 ) -> tuple[Verdict, RankInfo]:
     """Run one check on ``store``; the store's own timeout is given back afterwards.
 
-    Raises only for a broken store, with the store error's own type.
+    Raises only for a broken store, with the store error's own type and what the
+    check was doing.
     """
     info = local_info(rank, family, mode)  # raises on a bad override before any store traffic
     if world_size == 1:
@@ -219,8 +228,5 @@ def exchange(
             return (_coordinate(check) if rank == 0 else _await_verdict(check)), info
         except InvalidPayload as e:
             return Verdict("invalid", f"{family.title} check: rank 0 published {e}.", None), info
-        except StoreFailure as e:
-            cause = e.__cause__ or e
-            raise _with_context(cause, f"{prefix}: the rendezvous store failed while {e}") from cause
-        except RuntimeError as e:  # a store call outside blocking(): the store is broken
-            raise _with_context(e, f"{prefix}: the rendezvous store failed") from e
+        except RuntimeError as e:  # the store failed, or timed out outside blocking()
+            raise _with_context(e, f"{prefix}: the rendezvous store failed while {check.doing}") from e

@@ -28,6 +28,11 @@ class Family:
     min_version_env: str  # test-only override of ``min_version``
     key_prefix: str  # store namespace of the exchange's keys
 
+    def key(self, *parts: object) -> str:
+        """A store key of this family's exchange: ``key(3, "rank", 1)`` ->
+        ``"protocol_version/3/rank/1"``."""
+        return "/".join([self.key_prefix, *map(str, parts)])
+
 
 C10D = Family(
     name="c10d",

@@ -150,7 +150,7 @@ def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> s
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
     lines = [
         f"{family.title} check failed ({backend_text(backend)}): {len(problems)} "
-        f"{plural(len(problems), 'rank')} published an invalid payload, so this job cannot "
+        f"{plural(len(problems), 'rank')} published an invalid protocol version payload, so this job cannot "
         "be judged safe:"
     ]
     lines += [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]

@@ -37,14 +37,15 @@ def _parse_version(name: str) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
-    valid = text.isascii() and text.isdigit() and len(text) <= _MAX_VERSION_DIGITS
-    if not valid or int(text) > MAX_VERSION:
+    significant = text.lstrip("0") or "0"  # leading zeros are harmless: "007" is 7
+    valid = text.isascii() and text.isdigit() and len(significant) <= _MAX_VERSION_DIGITS
+    if not valid or int(significant) > MAX_VERSION:
         raise SettingError(
             f"{name}={raw[:40]!r}{'...' if len(raw) > 40 else ''} is not a valid protocol "
             f"version: expected a decimal integer from 0 to {MAX_VERSION} (2**63 - 1), "
             "surrounding whitespace allowed."
         )
-    return int(text)
+    return int(significant)
 
 
 def version_range(family: Family) -> tuple[int, int]:

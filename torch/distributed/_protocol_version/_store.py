@@ -40,12 +40,6 @@ class Deadline:
         return timedelta(seconds=max(min(cap, self.remaining()), MIN_CALL_SECONDS))
 
 
-class StoreFailure(RuntimeError):
-    """A store call failed for a reason other than a timeout. The message says
-    what the check was doing; ``__cause__`` is the store's own error, whose type
-    the caller keeps."""
-
-
 @dataclass
 class Check:
     """Everything one rank's check needs; built once, passed down."""
@@ -62,9 +56,11 @@ class Check:
     # when the backend writes none we know of (see _diagnose.backend_key_for).
     backend_key: Callable[[int], str] | None
     grace: float  # how long a wait blocks before the slow path starts
+    # What the check is doing, for the message should the store fail meanwhile.
+    doing: str = "starting"
 
     def key(self, *parts: object) -> str:
-        return "/".join([self.family.key_prefix, *map(str, parts)])
+        return self.family.key(*parts)
 
 
 def _is_timeout(error: RuntimeError) -> bool:
@@ -74,16 +70,16 @@ def _is_timeout(error: RuntimeError) -> bool:
     return isinstance(error, dist.DistStoreError) or "timeout" in str(error).lower()
 
 
-def blocking(check: Check, what: str, cap: float, fn: Callable[..., Any], *args: Any) -> Any:
+def blocking(check: Check, cap: float, fn: Callable[..., Any], *args: Any) -> Any:
     """Run one blocking store call for at most ``cap`` seconds (never past the
-    deadline); ``None`` when it timed out, :class:`StoreFailure` on anything else."""
+    deadline); ``None`` when it timed out. Any other store error propagates."""
     check.store.set_timeout(check.deadline.bounded(cap))
     try:
         return fn(*args)
     except RuntimeError as e:
         if _is_timeout(e):
             return None
-        raise StoreFailure(what) from e
+        raise
 
 
 def find_present(store: dist.Store, keys: Sequence[str]) -> list[int]:

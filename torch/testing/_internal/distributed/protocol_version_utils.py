@@ -33,6 +33,7 @@ from torch.distributed._protocol_version import (
     MIN_VERSION_OVERRIDE_ENV,
     VERSION_OVERRIDE_ENV,
 )
+from torch.distributed._protocol_version._payload import RankInfo
 
 
 # The guardrail's own variables: unset in every rank unless a test sets them.
@@ -182,10 +183,10 @@ def versions_env(versions: Mapping[int, int]) -> dict[int, dict[str, str | None]
 
 def rank_info(
     rank: int, version: int, *, min_version: int | None = None, host: str = "node-a"
-) -> pv._RankInfo:
+) -> RankInfo:
     """What ``rank`` announces: protocol versions ``min_version`` (default:
     ``version``) to ``version``, on ``host``; for the pure judging functions."""
-    return pv._RankInfo(
+    return RankInfo(
         rank=rank,
         version=version,
         min_version=version if min_version is None else min_version,
@@ -230,7 +231,7 @@ class RankThreads:
     either) so the server sees one connection per rank, as in a job; a HashStore
     can only be shared. Threads share this process's environment, so a rank's
     version comes from an override set while it starts, or from a patched
-    ``_local_info``. ``start`` may be called again to add late ranks.
+    ``_exchange.local_info``. ``start`` may be called again to add late ranks.
     """
 
     def __init__(self, world_size: int, timeout_s: float, body: RankBody | None = None) -> None:

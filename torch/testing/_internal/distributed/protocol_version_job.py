@@ -1,0 +1,92 @@
+"""One small gloo job, run the same way on the fork and on stock torch.
+
+Stock torch is the baseline for every path: ``test/distributed/test_protocol_version_parity.py``
+runs this file as a script with the Python of each environment and compares what every
+rank did. It imports nothing but torch and the standard library, so stock torch
+can run it. The job is read as JSON from argv[1]; one JSON list of rank outcomes
+is printed on the last line of stdout.
+
+    {"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
+     "init": "tcpstore" | "env" | "hashstore", "env": {"1": {"VAR": "value"}},
+     "rank_arg": {"0": 3}}  # optional: a wrong rank passed to init_process_group
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+
+def _init(job: dict[str, Any], rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=job["timeout"])
+    world_size = job["world_size"]
+    rank_arg = int(job.get("rank_arg", {}).get(str(rank), rank))
+    if job["init"] == "tcpstore":
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, rank == 0, timeout=timeout, wait_for_workers=False
+        )
+        dist.init_process_group("gloo", store=store, rank=rank_arg, world_size=world_size, timeout=timeout)
+    elif job["init"] == "hashstore":
+        dist.init_process_group(
+            "gloo", store=dist.HashStore(), rank=rank_arg, world_size=world_size, timeout=timeout
+        )
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", init_method="env://", rank=rank_arg, world_size=world_size, timeout=timeout)
+
+
+def _rank(job: dict[str, Any], rank: int, port: int, results: Any) -> None:
+    os.environ.update(job.get("env", {}).get(str(rank), {}))
+    import torch
+    import torch.distributed as dist
+
+    # Delays count from the end of the import, which takes seconds on a busy machine.
+    started = time.monotonic()
+    time.sleep(float(job.get("delays", {}).get(str(rank), 0)))
+    outcome: dict[str, Any] = {"rank": rank}
+    try:
+        _init(job, rank, port)
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+        dist.destroy_process_group()
+        outcome.update(ok=True, sum=tensor.item())
+    except Exception as e:  # noqa: BLE001 - the outcome is the point
+        outcome.update(ok=False, error_type=type(e).__name__, error=str(e))
+    outcome["seconds"] = round(time.monotonic() - started, 2)
+    results.put(outcome)
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    port = int(sys.argv[2])
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank, args=(job, rank, port, results))
+        for rank in job.get("started", range(job["world_size"]))
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes = []
+    deadline = time.monotonic() + float(job.get("wall", 120))
+    while len(outcomes) < len(procs) and time.monotonic() < deadline:
+        try:
+            outcomes.append(results.get(timeout=0.5))
+        except queue.Empty:
+            continue
+    for proc in procs:
+        proc.kill()
+        proc.join()
+    print(json.dumps(sorted(outcomes, key=lambda o: o["rank"])))
+
+
+if __name__ == "__main__":
+    main()
