@@ -77,14 +77,33 @@ def range_text(version: int, min_version: int) -> str:
     return f"protocol versions {min_version}-{version}"
 
 
+def short_commit(git_version: str) -> str:
+    """A commit as ``git log --abbrev=12`` shows it; ``"unknown"`` for a build that
+    did not say (one older than build identity in the payload)."""
+    return git_version[:12]
+
+
+def build_text(torch_version: str, git_version: str, with_commit: bool) -> str:
+    return f"torch {torch_version}, commit {short_commit(git_version)}" if with_commit else f"torch {torch_version}"
+
+
 def describe_groups(infos: Sequence[RankInfo]) -> list[str]:
-    """One line per distinct build: its range, ranks, hosts and torch version."""
-    groups: dict[tuple[bool, int, int, str], list[RankInfo]] = {}
+    """One line per distinct build: its range, ranks, hosts and torch version.
+
+    A build is its protocol range, torch version and commit. Where builds share
+    a version string but not a commit (a fork's builds are all ``2.13.0+cpu``),
+    the commit is what tells them apart, so their lines show it.
+    """
+    groups: dict[tuple[bool, int, int, str, str], list[RankInfo]] = {}
     for info in infos:
-        key = (info.checked, info.version, info.min_version, info.torch_version)
+        key = (info.checked, info.version, info.min_version, info.torch_version, info.git_version)
         groups.setdefault(key, []).append(info)
+    commits: dict[str, set[str]] = {}
+    for checked, _, _, torch_version, git_version in groups:
+        if checked:
+            commits.setdefault(torch_version, set()).add(git_version)
     lines = []
-    for (checked, version, min_version, torch_version), members in sorted(groups.items()):
+    for (checked, version, min_version, torch_version, git_version), members in sorted(groups.items()):
         ranks = [m.rank for m in members]
         if not checked:
             lines.append(f"  {NO_CHECK_BUILD}: {ranks_phrase(ranks)}")
@@ -92,7 +111,8 @@ def describe_groups(infos: Sequence[RankInfo]) -> list[str]:
         hosts = sorted({m.hostname for m in members})
         lines.append(
             f"  {range_text(version, min_version)}: {ranks_phrase(ranks)} on "
-            f"{plural(len(hosts), 'host')} {list_some(hosts)} (torch {torch_version})"
+            f"{plural(len(hosts), 'host')} {list_some(hosts)} "
+            f"({build_text(torch_version, git_version, len(commits[torch_version]) > 1)})"
         )
     if len(lines) > MAX_LISTED:
         lines[MAX_LISTED:] = [f"  and {len(lines) - MAX_LISTED} more builds"]

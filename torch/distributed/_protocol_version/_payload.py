@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ PAYLOAD_SCHEMA = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 _MAX_TEXT_FIELD = 128
 _MAX_OVERRIDES = 4
+_MAX_BACKEND_VERSIONS = 4
 # Where a rank that runs no check is judged: version 1 is, by definition, the wire
 # of the pinned torch this check was introduced on.
 NO_CHECK_VERSION = 1
@@ -50,6 +52,10 @@ class RankInfo:
     mode: str = "error"  # the rank's own check mode: "error" or "warn"
     overrides: tuple[str, ...] = ()  # test-only override variables it had set
     checked: bool = True  # False: it went ahead without the check (see no_check_info)
+    # Build identity: what tells apart two builds that share a version string.
+    git_version: str = "unknown"  # torch.version.git_version: the commit torch was built from
+    python_version: str = "unknown"
+    backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version): see backend_versions()
 
     def to_payload(self, family: Family, token: str) -> str:
         """Serialise for the store; ``token`` makes this attempt's payload unique."""
@@ -65,9 +71,23 @@ class RankInfo:
                 "mode": self.mode,
                 "overrides": list(self.overrides),
                 "token": token,
+                "git_version": self.git_version,
+                "python_version": self.python_version,
+                "backend_versions": dict(self.backend_versions),
             },
             sort_keys=True,
         )
+
+
+def backend_versions() -> tuple[tuple[str, str], ...]:
+    """The versions of the backend libraries this build links, where they have one.
+
+    NCCL reports its own version where the build has it (CUDA builds). gloo has no
+    version API: it is compiled into torch, so the torch commit identifies it.
+    """
+    if not torch.distributed.is_nccl_available():
+        return ()
+    return (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)
 
 
 def local_info(rank: int, family: Family, mode: str) -> RankInfo:
@@ -82,6 +102,9 @@ def local_info(rank: int, family: Family, mode: str) -> RankInfo:
         pid=os.getpid(),
         mode=mode,
         overrides=overrides_set(family),
+        git_version=torch.version.git_version,
+        python_version=platform.python_version(),
+        backend_versions=backend_versions(),
     )
 
 
@@ -103,7 +126,12 @@ def _as_text(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name, "unknown")
     if not isinstance(value, str):
         raise InvalidPayload(f"{name!r} must be a string, got {type(value).__name__}")
-    printable = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return _clean(value)
+
+
+def _clean(text: str) -> str:
+    """Printable and capped: a field is shown to operators, never trusted."""
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
     return printable[:_MAX_TEXT_FIELD] or "unknown"
 
 
@@ -112,6 +140,14 @@ def _as_overrides(obj: dict[str, Any]) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidPayload("'overrides' must be a list of variable names")
     return tuple(v[:_MAX_TEXT_FIELD] for v in value[:_MAX_OVERRIDES])
+
+
+def _as_backend_versions(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    value = obj.get("backend_versions", {})
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidPayload("'backend_versions' must map library names to version strings")
+    items = sorted(value.items())[:_MAX_BACKEND_VERSIONS]
+    return tuple((_clean(name), _clean(version)) for name, version in items)
 
 
 def _load_object(raw: bytes, limit: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
@@ -130,7 +166,9 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
     """Validate one rank's payload; raises :class:`InvalidPayload` with the reason.
 
     A payload of today's first build (no schema, mode or overrides) reads as a
-    rank in ``error`` mode without overrides: what that build did.
+    rank in ``error`` mode without overrides: what that build did. One written
+    before builds carried their identity (commit, Python, backend libraries)
+    reads with those as ``"unknown"``.
     """
     obj = _load_object(raw)
     version = _as_version(obj, "protocol_version")
@@ -150,6 +188,9 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
         pid=pid if type(pid) is int else None,
         mode=mode,
         overrides=_as_overrides(obj),
+        git_version=_as_text(obj, "git_version"),
+        python_version=_as_text(obj, "python_version"),
+        backend_versions=_as_backend_versions(obj),
     )
 
 
