@@ -2,9 +2,9 @@
 """Insert the protocol version guardrail into an installed torch, or take it out.
 
 The fork ships no copy of PyTorch's source. Instead this tool edits the installed
-``torch/distributed/distributed_c10d.py`` in place: it adds a few marked lines to
-``init_process_group`` that call our package, right before the default group's
-backend is built, and links the files of ``LINKED`` (the package, and the helpers
+torch in place: each entry of ``HOOKS`` adds a few marked lines to one function
+that call our package (``init_process_group`` right before the default group's
+backend is built, ``init_rpc`` right before the RPC backend is), and it links the files of ``LINKED`` (the package, and the helpers
 that the tests, the demo and the benchmarks share) from this repo into the
 installed torch, so edits to the repo take effect without a reinstall.
 Everything it inserts sits between two marker comments, which is how ``revert``
@@ -17,10 +17,10 @@ and ``diff`` find it again.
     python tools/protocol_version_hook.py export --checkout DIR  # into a PyTorch source tree
 
 ``--torch-dir DIR`` points at a ``torch`` package directory instead of the one
-this interpreter imports. The wheel tool reuses the edit itself by importing
-``patch_source``. The tool refuses, without changing anything, a
-``distributed_c10d.py`` whose ``init_process_group`` does not have the shape it
-knows, and a marked block that was edited by hand. Errors are one line on stderr
+this interpreter imports. The wheel tool reuses the edit by importing
+``apply_hooks``. The tool refuses, without changing anything, a torch whose
+hooked functions do not have the shape it knows, and a marked block that was
+edited by hand. Errors are one line on stderr
 and exit code 2.
 """
 
@@ -32,6 +32,7 @@ import fnmatch
 import importlib.util
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -48,26 +49,97 @@ LINKED = (str(PACKAGE), "testing/_internal/distributed/protocol_version*.py")
 
 BEGIN = "# BEGIN protocol version guardrail (tools/protocol_version_hook.py)"
 END = "# END protocol version guardrail"
-HOOK_BODY = (
-    "from torch.distributed._protocol_version import _check_protocol_version",
-    "",
-    "_check_protocol_version(store, rank, world_size, timeout, backend)",
-)
-# init_process_group, non-MPI branch (torch 2.13): the store is final (the caller's,
-# or the rendezvous store wrapped in PrefixStore("default_pg")) and the backend is
-# built by the very next statement. The hook goes between the two.
-ANCHOR_BEFORE = '            store = PrefixStore("default_pg", store)\n\n'
-ANCHOR_AT = "        default_pg, _ = _new_process_group_helper(\n            world_size,\n"
-INDENT = " " * 8
 
 
 class PatchError(RuntimeError):
     """The target is not something this tool knows how to change; nothing was changed."""
 
 
-def hook_block() -> str:
-    lines = [BEGIN, *HOOK_BODY, END]
-    return "".join(f"{INDENT}{line}\n" if line else "\n" for line in lines) + "\n"
+@dataclass(frozen=True)
+class Hook:
+    """One call into the package, inserted at one known place of the installed torch.
+
+    The block goes between ``anchor_before`` and ``anchor_at``, which must occur
+    together exactly once in ``target``; anything else is a torch this tool does
+    not know, and it is refused.
+    """
+
+    target: str  # relative to a torch package directory
+    function: str  # the function the hook goes into, for messages
+    place: str  # where in it, for the refusal message
+    anchor_before: str
+    anchor_at: str
+    body: tuple[str, ...]
+    indent: str = " " * 8
+
+    def block(self) -> str:
+        lines = [BEGIN, *self.body, END]
+        return "".join(f"{self.indent}{line}\n" if line else "\n" for line in lines) + "\n"
+
+    def patch(self, source: str, origin: str) -> str:
+        """Return ``source`` with the hook inserted; unchanged if already there."""
+        if is_patched(source):
+            return source
+        anchor = self.anchor_before + self.anchor_at
+        count = source.count(anchor)
+        if count != 1:
+            raise PatchError(
+                f"refusing to patch {origin}: expected exactly one place in {self.function} "
+                f"{self.place}, found {count}. This tool knows torch 2.13's {self.function}; "
+                "port the anchor in tools/protocol_version_hook.py to this torch first."
+            )
+        at = source.index(anchor) + len(self.anchor_before)
+        return source[:at] + self.block() + source[at:]
+
+    def unpatch(self, source: str, origin: str) -> str:
+        """Return ``source`` with the hook block removed (stock text).
+
+        Only the exact block that ``patch`` inserts is removed: a block edited by
+        hand is refused rather than left half in place.
+        """
+        if not is_patched(source):
+            return source
+        stock = source.replace(self.block(), "", 1)
+        if is_patched(stock):
+            raise PatchError(
+                f"refusing to change {origin}: its marked block differs from the one this "
+                "tool inserts (edited by hand?); restore the block or reinstall torch"
+            )
+        return stock
+
+
+HOOKS = (
+    # init_process_group, non-MPI branch: the store is final (the caller's, or the
+    # rendezvous store wrapped in PrefixStore("default_pg")) and the backend is
+    # built by the very next statement.
+    Hook(
+        target="distributed/distributed_c10d.py",
+        function="init_process_group",
+        place='where the default store is wrapped in PrefixStore("default_pg", ...) right before the backend is built',
+        anchor_before='            store = PrefixStore("default_pg", store)\n\n',
+        anchor_at="        default_pg, _ = _new_process_group_helper(\n            world_size,\n",
+        body=(
+            "from torch.distributed._protocol_version import _check_protocol_version",
+            "",
+            "_check_protocol_version(store, rank, world_size, timeout, backend)",
+        ),
+    ),
+    # init_rpc: the store is wrapped in PrefixStore("rpc_prefix_N"); distributed
+    # autograd and then the RPC backend (which builds a ProcessGroupGloo on that
+    # store) come next.
+    Hook(
+        target="distributed/rpc/__init__.py",
+        function="init_rpc",
+        place='where the store is wrapped in PrefixStore("rpc_prefix_N") right before autograd and the backend are initialised',
+        anchor_before="            _init_counter += 1\n\n",
+        anchor_at="        # Initialize autograd before RPC since _init_rpc_backend guarantees all\n",
+        body=(
+            "from torch.distributed._protocol_version import _check_rpc_protocol_version",
+            "",
+            "_check_rpc_protocol_version(store, name, rank, world_size, rpc_backend_options)",
+        ),
+    ),
+)
 
 
 def is_patched(source: str) -> bool:
@@ -75,38 +147,8 @@ def is_patched(source: str) -> bool:
 
 
 def patch_source(source: str, origin: str = "distributed_c10d.py") -> str:
-    """Return ``source`` with the hook inserted; unchanged if already there."""
-    if is_patched(source):
-        return source
-    anchor = ANCHOR_BEFORE + ANCHOR_AT
-    count = source.count(anchor)
-    if count != 1:
-        raise PatchError(
-            f"refusing to patch {origin}: expected exactly one place in "
-            "init_process_group where the default store is wrapped in "
-            'PrefixStore("default_pg", ...) right before the backend is built, found '
-            f"{count}. This tool knows torch 2.13's init_process_group; port the "
-            "anchor in tools/protocol_version_hook.py to this torch first."
-        )
-    at = source.index(anchor) + len(ANCHOR_BEFORE)
-    return source[:at] + hook_block() + source[at:]
-
-
-def unpatch_source(source: str, origin: str = "distributed_c10d.py") -> str:
-    """Return ``source`` with the hook block removed (stock text).
-
-    Only the exact block that ``patch_source`` inserts is removed: a block edited
-    by hand is refused rather than left half in place.
-    """
-    if not is_patched(source):
-        return source
-    stock = source.replace(hook_block(), "", 1)
-    if is_patched(stock):
-        raise PatchError(
-            f"refusing to change {origin}: its marked block differs from the one this "
-            "tool inserts (edited by hand?); restore the block or reinstall torch"
-        )
-    return stock
+    """The collectives' hook alone, for the wheel tool (to be replaced by ``apply_hooks``)."""
+    return HOOKS[0].patch(source, origin)
 
 
 def find_torch_dir() -> Path:
@@ -116,20 +158,35 @@ def find_torch_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def c10d_path(torch_dir: Path) -> Path:
-    return torch_dir / "distributed" / "distributed_c10d.py"
-
-
 def module_link(torch_dir: Path) -> Path:
     return torch_dir / PACKAGE
 
 
-def _read_c10d(torch_dir: Path) -> tuple[Path, str]:
-    """The target file and its text; a clear error when ``torch_dir`` is not torch."""
-    target = c10d_path(torch_dir)
-    if not target.is_file():
-        raise PatchError(f"{torch_dir} is not a torch package directory: it has no {target.relative_to(torch_dir)}")
-    return target, target.read_text()
+def _read_targets(torch_dir: Path) -> list[tuple[Hook, Path, str]]:
+    """Each hook with its target file and text; a clear error when ``torch_dir``
+    is not torch. Everything is read before anything is written."""
+    targets = []
+    for hook in HOOKS:
+        target = torch_dir / hook.target
+        if not target.is_file():
+            raise PatchError(f"{torch_dir} is not a torch package directory: it has no {hook.target}")
+        targets.append((hook, target, target.read_text()))
+    return targets
+
+
+def apply_hooks(torch_dir: Path) -> list[Path]:
+    """Insert every hook into the torch sources under ``torch_dir`` (an installed
+    torch, an unpacked wheel, a checkout's ``torch/``); refuse, changing nothing,
+    a source this tool does not know. Returns the files it changed."""
+    planned = []
+    for hook, target, source in _read_targets(torch_dir):
+        hook.unpatch(source, str(target))  # refuses a block edited by hand
+        patched = hook.patch(source, str(target))
+        if patched != source:
+            planned.append((target, patched))
+    for target, patched in planned:
+        target.write_text(patched)
+    return [target for target, _ in planned]
 
 
 def linked_paths() -> list[Path]:
@@ -164,62 +221,62 @@ def _remove_stale_module_file(torch_dir: Path) -> None:
 
 
 def install(torch_dir: Path) -> str:
-    target, source = _read_c10d(torch_dir)
-    unpatch_source(source, str(target))  # refuses a block edited by hand
-    patched = patch_source(source, str(target))
+    _read_targets(torch_dir)  # not torch: refuse before linking anything
     linked = linked_paths()
     blocked = [str(rel) for rel in linked if _link_state(torch_dir, rel) == "not a link"]
     if blocked:
         raise PatchError(f"refusing to install: {', '.join(blocked)} in {torch_dir} exist and are not links")
+    changed = apply_hooks(torch_dir)
     _remove_stale_module_file(torch_dir)
     for link in _installed_links(torch_dir):  # links to files since removed go too
         link.unlink()
     for rel in linked:
         (torch_dir / rel).symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
-    state = "already installed in" if patched == source else "installed the hook in"
-    if patched != source:
-        target.write_text(patched)
-    return f"{state} {target}; linked {len(linked)} paths to {REPO / 'torch'}"
+    hooks = f"installed the hooks in {', '.join(map(str, changed))}" if changed else "hooks already installed"
+    return f"{hooks} ({len(HOOKS)} in {torch_dir}); linked {len(linked)} paths to {REPO / 'torch'}"
 
 
 def revert(torch_dir: Path) -> str:
-    """Remove the hook and the links, then check that neither is left."""
-    target, source = _read_c10d(torch_dir)
-    stock = unpatch_source(source, str(target))
-    if stock != source:
-        target.write_text(stock)
+    """Remove the hooks and the links, then check that none is left."""
+    stock = [(target, hook.unpatch(source, str(target))) for hook, target, source in _read_targets(torch_dir)]
+    for target, text in stock:
+        target.write_text(text)
     for link in _installed_links(torch_dir):
         link.unlink()
     left = [str(link) for link in _installed_links(torch_dir)]
-    if is_patched(target.read_text()) or left:
-        raise PatchError(f"revert did not take in {torch_dir}: hook or links {left} remain")
-    return f"reverted {target} to stock; removed the links"
+    patched = [hook.target for hook, _, source in _read_targets(torch_dir) if is_patched(source)]
+    if patched or left:
+        raise PatchError(f"revert did not take in {torch_dir}: hooks in {patched} or links {left} remain")
+    return f"reverted {len(HOOKS)} files in {torch_dir} to stock; removed the links"
 
 
 def status(torch_dir: Path) -> tuple[bool, str]:
-    """Whether the hook (exactly as this tool inserts it) and every link are in
+    """Whether every hook (exactly as this tool inserts it) and every link are in
     place, and a one-line report."""
-    _, source = _read_c10d(torch_dir)
-    hook = "present" if hook_block() in source else "edited" if is_patched(source) else "absent"
+    hooks = {
+        hook.function: "present" if hook.block() in source else "edited" if is_patched(source) else "absent"
+        for hook, _, source in _read_targets(torch_dir)
+    }
     states = {rel: _link_state(torch_dir, rel) for rel in linked_paths()}
     wrong = [f"{rel} {state}" for rel, state in states.items() if state != "linked"]
-    installed = hook == "present" and not wrong
+    installed = set(hooks.values()) == {"present"} and not wrong
     links = ", ".join(wrong) if wrong else f"all {len(states)} links in place"
-    return installed, f"hook {hook}; {links}"
+    return installed, f"{', '.join(f'hook in {f} {state}' for f, state in hooks.items())}; {links}"
 
 
 def diff(torch_dir: Path) -> str:
-    target, patched = _read_c10d(torch_dir)
-    if not is_patched(patched):
-        raise PatchError(f"the hook is not installed in {target}")
-    return "".join(
-        difflib.unified_diff(
-            unpatch_source(patched, str(target)).splitlines(keepends=True),
+    """The change every hook makes, as one unified diff."""
+    parts = []
+    for hook, target, patched in _read_targets(torch_dir):
+        if not is_patched(patched):
+            raise PatchError(f"the hook is not installed in {target}")
+        parts += difflib.unified_diff(
+            hook.unpatch(patched, str(target)).splitlines(keepends=True),
             patched.splitlines(keepends=True),
-            "a/torch/distributed/distributed_c10d.py",
-            "b/torch/distributed/distributed_c10d.py",
+            f"a/torch/{hook.target}",
+            f"b/torch/{hook.target}",
         )
-    )
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------- #
@@ -315,8 +372,7 @@ def toctree_entry(pages: list[str]) -> str:
 def export(checkout: Path) -> list[str]:
     """Apply the change in-tree to a PyTorch source checkout, to propose it upstream.
 
-    Copies real files (no links into this repo), inserts the hook with
-    ``patch_source``, exports the pages without their fork-only blocks and lists
+    Copies real files (no links into this repo), inserts every hook, exports the pages without their fork-only blocks and lists
     them in a toctree. Everything is read and checked before anything is written,
     so a refusal changes nothing; a second run reports every file "unchanged".
     Returns one line per file.
@@ -327,9 +383,11 @@ def export(checkout: Path) -> list[str]:
             f"refusing to export: {checkout} does not look like a PyTorch source "
             f"checkout (it has no {', '.join(missing)})"
         )
-    target = c10d_path(checkout / "torch")
     # Bytes, not text mode: the checkout's line endings stay as they are.
-    planned = {target: patch_source(target.read_bytes().decode(), str(target)).encode()}
+    planned = {
+        target: hook.patch(target.read_bytes().decode(), str(target)).encode()
+        for hook, target, _ in _read_targets(checkout / "torch")
+    }
     for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
     pages = exported_pages()

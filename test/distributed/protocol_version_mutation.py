@@ -9,8 +9,10 @@ spawned ranks included) installs the finder before anything imports torch.
 
 Mutations, by name:
 
-* ``unhook``: ``torch.distributed.distributed_c10d`` as stock, i.e.
-  ``unpatch_source()`` of the installed, patched file: a node without the fork.
+* ``unhook``: ``torch.distributed.distributed_c10d`` as stock, i.e. its hook's
+  ``unpatch()`` of the installed, patched file: a node without the fork.
+* ``unhook_rpc``: ``torch.distributed.rpc`` (its ``__init__``) as stock: RPC
+  without the fork.
 * ``noop``: ``torch.distributed._protocol_version`` with ``_check_protocol_version``
   redefined to do nothing: the hook still calls it, and nothing is checked.
 
@@ -31,7 +33,7 @@ from types import ModuleType
 from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from protocol_version_hook import is_patched, unpatch_source  # noqa: E402
+from protocol_version_hook import Hook, HOOKS, is_patched  # noqa: E402
 
 
 MARKER = "__protocol_version_mutation__"
@@ -43,10 +45,13 @@ def _check_protocol_version(*args: object) -> None:
 '''
 
 
-def _unhook(source: str) -> str:
-    if not is_patched(source):
-        raise RuntimeError("distributed_c10d.py has no hook to take out: run `make` first")
-    return unpatch_source(source)
+def _unhook(hook: Hook) -> Callable[[str], str]:
+    def unhook(source: str) -> str:
+        if not is_patched(source):
+            raise RuntimeError(f"{hook.target} has no hook to take out: run `make` first")
+        return hook.unpatch(source, hook.target)
+
+    return unhook
 
 
 def _noop(source: str) -> str:
@@ -54,7 +59,8 @@ def _noop(source: str) -> str:
 
 
 MUTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "unhook": ("torch.distributed.distributed_c10d", _unhook),
+    "unhook": ("torch.distributed.distributed_c10d", _unhook(HOOKS[0])),
+    "unhook_rpc": ("torch.distributed.rpc", _unhook(HOOKS[1])),
     "noop": ("torch.distributed._protocol_version", _noop),
 }
 
@@ -97,7 +103,10 @@ class _MutationFinder(importlib.abc.MetaPathFinder):
         if spec is None or spec.origin is None:
             return None
         loader = _MutatedSourceLoader(spec.origin, self._mutation)
-        return importlib.util.spec_from_file_location(fullname, spec.origin, loader=loader)
+        return importlib.util.spec_from_file_location(
+            fullname, spec.origin, loader=loader,
+            submodule_search_locations=spec.submodule_search_locations,  # a package stays one
+        )
 
 
 def install(mutation: str) -> None:

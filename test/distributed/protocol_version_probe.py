@@ -80,6 +80,30 @@ def init_rank(rank: int, world_size: int, port: int) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+def rpc_rank(rank: int, world_size: int, port: int) -> dict[str, Any]:
+    """``init_rpc`` (static group, TensorPipe), one ``rpc_sync`` to worker 0,
+    shutdown; report the sum, whether the hook was compiled into ``init_rpc`` and
+    which mutations ran. Raises what ``init_rpc`` raises."""
+    from torch.distributed import rpc
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=60)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    try:
+        total = rpc.rpc_sync(f"worker{1 - rank}", _add, args=(torch.ones(1), torch.ones(1))).item()
+    finally:
+        rpc.shutdown()
+    init = inspect.unwrap(rpc.init_rpc)
+    return {
+        "sum": total,
+        "hook_compiled": "_check_rpc_protocol_version" in init.__code__.co_names,
+        "mutations": [m for m in [getattr(rpc, MARKER, None)] if m],
+    }
+
+
 def verify_record(distribution: str = "torch") -> dict[str, Any]:
     """Check every installed file against the digest and size in RECORD.
 

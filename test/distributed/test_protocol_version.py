@@ -215,7 +215,7 @@ class TestMessages(TestCase):
         verdict = _judge.judge(C10D, infos, "gloo")
         self.assertEqual(verdict.status, "mismatch")
         self.assertExpectedInline(
-            _messages.error_message(verdict.detail, infos[3]),
+            _messages.error_message(verdict.detail, infos[3], C10D),
             """\
 torch.distributed protocol version mismatch: the 6 ranks of this job (backend gloo) run builds that cannot talk to each other.
   protocol version 1: ranks 0-2,4 on hosts node-a, node-b (torch 2.13.0+cpu)

@@ -18,16 +18,18 @@ from pathlib import Path
 from unittest import mock
 
 from torch.distributed import distributed_c10d
+from torch.distributed._protocol_version import RPC_VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 
 from protocol_version_mutation import sitecustomize_pythonpath
-from protocol_version_probe import init_rank
+from protocol_version_probe import init_rank, rpc_rank
 from torch.testing._internal.distributed.protocol_version_utils import RankResult, spawn_ranks, versions_env
 
 
 MISMATCH = "protocol version mismatch"
 # Rank 1 runs a build that speaks only version 2; rank 0 speaks only version 1.
 MIXED = versions_env({1: 2})
+MIXED_RPC = {1: {RPC_VERSION_OVERRIDE_ENV: "2"}}
 INSTALLED_C10D = distributed_c10d.__file__
 
 
@@ -72,6 +74,31 @@ class TestGuardrailMutation(TestCase):
 
     def test_noop_check_lets_mismatch_through(self) -> None:
         self.assert_mismatch_went_through(_run_mixed_job("noop"), "noop", hook=True)
+
+
+def _run_mixed_rpc_job(mutation: str | None) -> list[RankResult]:
+    """Two RPC workers, worker 1 on RPC protocol version 2, ``mutation`` served to both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {}
+        if mutation is not None:
+            paths = [sitecustomize_pythonpath(Path(tmp), mutation), os.environ.get("PYTHONPATH")]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+        with mock.patch.dict(os.environ, env):
+            return spawn_ranks(rpc_rank, 2, args=(find_free_port(),), rank_env=MIXED_RPC, timeout=150)
+
+
+class TestRpcGuardrailMutation(TestCase):
+    """The RPC mismatch tests pass because of the hook in init_rpc."""
+
+    def test_guardrail_installed_every_worker_refuses(self) -> None:
+        for result in _run_mixed_rpc_job(None):
+            self.assertEqual(result.error_type, "RuntimeError", result)
+            self.assertIn("rpc protocol version mismatch", result.error)
+
+    def test_without_hook_rpc_mismatch_goes_through(self) -> None:
+        for result in _run_mixed_rpc_job("unhook_rpc"):
+            self.assertTrue(result.ok, result)
+            self.assertEqual(result.value, {"sum": 2.0, "hook_compiled": False, "mutations": ["unhook_rpc"]})
 
 
 if __name__ == "__main__":

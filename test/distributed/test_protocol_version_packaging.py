@@ -1,8 +1,8 @@
 # Owner(s): ["oncall: distributed"]
 """The two ways the guardrail leaves this repo: a wheel, and an export to PyTorch.
 
-* The wheel recipe (versions, METADATA, RECORD, the zip) on a small wheel made
-  at test time: fast, exact.
+* The wheel recipe (versions, the edits, what ``wheel pack`` makes of them) on a
+  small wheel made at test time: fast, exact.
 * The real thing: the pinned upstream wheel is repacked, pip installs it into a
   fresh venv, and real 2-rank gloo jobs run with that venv's interpreter.
 * ``protocol_version_hook.py export`` on a scratch PyTorch tree made at test time
@@ -30,6 +30,7 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from packaging.version import Version
+from wheel.wheelfile import WheelFile
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import PROTOCOL_VERSION
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
@@ -47,9 +48,21 @@ PROBE = Path(__file__).resolve().parent / "protocol_version_probe.py"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
+def _stock_sources() -> dict[str, str]:
+    """Every hooked file as stock torch has it, from the installed (patched) ones:
+    nothing of PyTorch's is committed."""
+    torch_dir = Path(distributed_c10d.__file__).parents[1]
+    return {h.target: h.unpatch((torch_dir / h.target).read_text(), h.target) for h in hook.HOOKS}
+
+
 def _stock_c10d() -> str:
-    """Stock distributed_c10d.py, from the installed (patched) one: nothing committed."""
-    return hook.unpatch_source(Path(distributed_c10d.__file__).read_text())
+    return _stock_sources()[hook.HOOKS[0].target]
+
+
+def _write_stock(torch_dir: Path) -> None:
+    for rel, text in _stock_sources().items():
+        (torch_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (torch_dir / rel).write_text(text)
 
 
 def _sha(data: bytes | str) -> str:
@@ -87,18 +100,27 @@ _SEGMENT = r"(?:[a-z][a-z0-9]{0,11}|0|[1-9][0-9]{0,8})"
 
 
 def _small_upstream(directory: Path, c10d: str) -> Path:
-    """A wheel shaped like torch's: a stored file, a deflated executable, dist-info."""
+    """A wheel shaped like torch's: a stored file, an executable, dist-info, a RECORD
+    (which ``wheel unpack`` checks)."""
     path = directory / SMALL
-    with zipfile.ZipFile(path, "w") as wheel:
+    with WheelFile(path, "w") as wheel:
         wheel.writestr("torch/__init__.py", "", zipfile.ZIP_STORED)
-        wheel.writestr(bw.C10D, c10d, zipfile.ZIP_DEFLATED)
+        wheel.writestr(bw.C10D, c10d)
         library = zipfile.ZipInfo("torch/lib/libfake.so", (2026, 7, 3, 22, 22, 46))
         library.external_attr = (stat.S_IFREG | 0o755) << 16
-        wheel.writestr(library, LIBRARY, zipfile.ZIP_DEFLATED)
+        wheel.writestr(library, LIBRARY)
         wheel.writestr(OLD_INFO + "METADATA", METADATA)
-        wheel.writestr(OLD_INFO + "WHEEL", "Wheel-Version: 1.0\n")
-        wheel.writestr(OLD_INFO + "RECORD", "stale,sha256=x,1\n")
+        wheel.writestr(OLD_INFO + "WHEEL", "Wheel-Version: 1.0\nTag: cp311-cp311-linux_x86_64\n")
     return path
+
+
+def _package_files() -> dict[str, str]:
+    """This repo's package as the wheel holds it: path in the wheel -> digest."""
+    return {
+        f"{bw.MODULE}/{path.relative_to(hook.MODULE_SOURCE)}": _sha(path.read_bytes())
+        for path in hook.MODULE_SOURCE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
 
 
 class TestWheelRecipe(TestCase):
@@ -131,31 +153,26 @@ class TestWheelRecipe(TestCase):
         self.assertEqual(version.local, f"{base.local}.{suffix}" if base.local else suffix)
         self.assertGreater(version, base)
 
-    def test_record_hash_is_the_wheel_format(self) -> None:
-        # The digest upstream's RECORD lists for its empty files.
+    def test_versions_lines_are_read_and_rewritten(self) -> None:
+        source = (hook.MODULE_SOURCE / bw.VERSIONS_FILE).read_text()
+        repo = bw.read_versions(source)
+        self.assertEqual(repo.version, PROTOCOL_VERSION)
+        newer = bw.ProtocolVersions(version=repo.version + 1, minimum=repo.minimum)
+        rewritten = bw.set_versions(source, newer)
+        self.assertEqual(bw.read_versions(rewritten), newer)
+        changed = [(a, b) for a, b in zip(source.splitlines(), rewritten.splitlines()) if a != b]
         self.assertEqual(
-            bw.record_hash(hashlib.sha256(b"").digest()),
-            "sha256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU",
+            changed,
+            [(f"PROTOCOL_VERSION: int = {repo.version}", f"PROTOCOL_VERSION: int = {newer.version}")],
         )
+        self.assertEqual(bw.ProtocolVersions(version=2, minimum=1).label, "protocolv1to2")
+        self.assertEqual(bw.ProtocolVersions(version=2, minimum=2).label, "protocolv2")
 
-    def test_record_text_quotes_and_ends_with_itself(self) -> None:
-        rows = [("torch/a,b.py", "sha256=abc", 3), ("torch/c.py", "sha256=def", 0)]
-        self.assertExpectedInline(
-            bw.record_text(rows, NEW_INFO + "RECORD"),
-            """\
-"torch/a,b.py",sha256=abc,3
-torch/c.py,sha256=def,0
-torch-2.13.0+cpu.protocolv1.dist-info/RECORD,,
-""",
-        )
-
-    def test_set_metadata_version_touches_only_the_header(self) -> None:
-        self.assertEqual(
-            bw.set_metadata_version(METADATA, "2.13.0+cpu.protocolv1"),
-            METADATA.replace("Version: 2.13.0+cpu", "Version: 2.13.0+cpu.protocolv1"),
-        )
-        with self.assertRaises(bw.BuildError):
-            bw.set_metadata_version("Name: torch\n\nVersion: 1\n", "1.0")
+    def test_versions_refused_clearly(self) -> None:
+        with self.assertRaisesRegex(bw.BuildError, "PROTOCOL_VERSION: int = .*found 0"):
+            bw.set_versions("PROTOCOL_VERSION = 2\nMIN_PROTOCOL_VERSION: int = 1\n", bw.ProtocolVersions(2, 1))
+        with self.assertRaisesRegex(bw.BuildError, "need 1 <= minimum <= version"):
+            bw.ProtocolVersions(version=1, minimum=2)
 
     def test_pins_and_suffix_come_from_the_repo(self) -> None:
         self.assertEqual(bw.pinned_torch_version(REPO / "requirements.txt"), "2.13.0")
@@ -168,30 +185,49 @@ torch-2.13.0+cpu.protocolv1.dist-info/RECORD,,
             built = bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
             self.assertEqual(built.name, "torch-2.13.0+cpu.protocolv1-cp311-cp311-linux_x86_64.whl")
             self.assertEqual(os.listdir(built.parent), [built.name])
+            again = bw.build_wheel(upstream, Path(tmp) / "again", "protocolv1")
+            self.assertEqual(_sha(again.read_bytes()), _sha(built.read_bytes()), "not reproducible")
+            package = _package_files()
             with zipfile.ZipFile(built) as wheel, zipfile.ZipFile(upstream) as source:
                 self.assertIsNone(wheel.testzip())
                 self.assertEqual(
-                    wheel.namelist(),
-                    ["torch/__init__.py", bw.C10D, "torch/lib/libfake.so", bw.MODULE,
-                     NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"],
+                    sorted(wheel.namelist()),
+                    sorted(["torch/__init__.py", bw.C10D, "torch/lib/libfake.so", *package,
+                            NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"]),
                 )
                 self.assertEqual(_sha(wheel.read(bw.C10D)), _sha(hook.patch_source(stock)))
-                self.assertEqual(_sha(wheel.read(bw.MODULE)), _sha(hook.MODULE_SOURCE.read_bytes()))
+                for name, digest in package.items():
+                    self.assertEqual(_sha(wheel.read(name)), digest, name)
                 metadata = wheel.read(NEW_INFO + "METADATA").decode()
                 self.assertIn("\nVersion: 2.13.0+cpu.protocolv1\n", metadata)
-                # Unchanged entries keep content, compression, mode and timestamp.
+                self.assertIn("\nVersion: 9 (a line of the description)\n", metadata)
+                # Unchanged entries keep content and mode.
                 for name in ("torch/__init__.py", "torch/lib/libfake.so"):
                     new, old = wheel.getinfo(name), source.getinfo(name)
                     self.assertEqual(_sha(wheel.read(name)), _sha(source.read(name)))
-                    self.assertEqual(
-                        (new.compress_type, new.external_attr, new.date_time, new.compress_size),
-                        (old.compress_type, old.external_attr, old.date_time, old.compress_size),
-                    )
+                    self.assertEqual(new.external_attr >> 16, old.external_attr >> 16, name)
                 rows = _record_rows(wheel, NEW_INFO + "RECORD")
-                self.assertEqual([row[0] for row in rows], wheel.namelist())
+                self.assertEqual(sorted(row[0] for row in rows), sorted(wheel.namelist()))
                 self.assertEqual(rows[-1], [NEW_INFO + "RECORD", "", ""])
                 for name, digest, size in rows[:-1]:
                     self.assertTrue(_matches_record(wheel.read(name), digest, size), name)
+
+    def test_build_other_versions(self) -> None:
+        """``--protocol-version 2 --min-protocol-version 1``: a real bridging build."""
+        with tempfile.TemporaryDirectory() as tmp:
+            upstream = _small_upstream(Path(tmp), _stock_c10d())
+            out = Path(tmp) / "out"
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = bw.main(
+                    ["--upstream-wheel", str(upstream), "--out-dir", str(out),
+                     "--protocol-version", "2", "--min-protocol-version", "1"]
+                )
+            self.assertEqual(code, 0)
+            (built,) = out.iterdir()
+            self.assertEqual(built.name, "torch-2.13.0+cpu.protocolv1to2-cp311-cp311-linux_x86_64.whl")
+            with zipfile.ZipFile(built) as wheel:
+                versions = wheel.read(f"{bw.MODULE}/{bw.VERSIONS_FILE}").decode()
+            self.assertEqual(bw.read_versions(versions), bw.ProtocolVersions(version=2, minimum=1))
 
     def test_failed_build_leaves_no_wheel(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -325,7 +361,7 @@ def _scratch_checkout(root: Path) -> Path:
     (root / "docs" / "source").mkdir(parents=True)
     (root / "setup.py").write_text("")
     (root / hook.TOCTREE_PAGE).write_text("# Distributed communication package\n")
-    hook.c10d_path(root / "torch").write_text(_stock_c10d())
+    _write_stock(root / "torch")
     return root
 
 
@@ -367,15 +403,16 @@ class TestExportToCheckout(TestCase):
             self.assertEqual(
                 first.splitlines(),
                 [
-                    f"updated {bw.C10D}",
+                    *(f"updated torch/{h.target}" for h in hook.HOOKS),
                     *(f"created {name}" for name in (*hook.exported_code(), *pages)),
                     f"updated {hook.TOCTREE_PAGE}",
                 ],
             )
-            self.assertEqual(
-                _sha(hook.c10d_path(checkout / "torch").read_bytes()),
-                _sha(hook.patch_source(_stock_c10d())),
-            )
+            for h in hook.HOOKS:
+                self.assertEqual(
+                    _sha((checkout / "torch" / h.target).read_bytes()),
+                    _sha(h.patch(_stock_sources()[h.target], h.target)),
+                )
             for name in hook.exported_code():
                 self.assertFalse((checkout / name).is_symlink(), name)
                 self.assertEqual(_sha((checkout / name).read_bytes()), _sha((REPO / name).read_bytes()))
@@ -446,8 +483,7 @@ class TestExportToCheckout(TestCase):
 
     def test_export_refuses_an_installed_torch(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "torch" / "distributed").mkdir(parents=True)
-            hook.c10d_path(Path(tmp) / "torch").write_text(_stock_c10d())
+            _write_stock(Path(tmp) / "torch")
             before = _snapshot(Path(tmp))
             code, out, err = _export(Path(tmp))
             self.assertEqual((code, out), (2, ""))
@@ -460,7 +496,7 @@ class TestExportToCheckout(TestCase):
     def test_export_refuses_an_unknown_c10d_and_writes_nothing(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkout = _scratch_checkout(Path(tmp))
-            hook.c10d_path(checkout / "torch").write_text("def init_process_group(): pass\n")
+            (checkout / "torch" / hook.HOOKS[0].target).write_text("def init_process_group(): pass\n")
             before = _snapshot(checkout)
             code, _, err = _export(checkout)
             self.assertEqual(code, 2)
@@ -485,7 +521,7 @@ class TestHookTool(TestCase):
         self.torch_dir = Path(self.enterContext(tempfile.TemporaryDirectory())) / "torch"
         for rel in hook.LINKED:
             (self.torch_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        hook.c10d_path(self.torch_dir).write_text(_stock_c10d())
+        _write_stock(self.torch_dir)
 
     def test_install_status_revert(self) -> None:
         target = ["--torch-dir", str(self.torch_dir)]
@@ -496,7 +532,8 @@ class TestHookTool(TestCase):
         for rel in hook.linked_paths():
             self.assertEqual((self.torch_dir / rel).resolve(), REPO / "torch" / rel)
         self.assertEqual(_tool("revert", *target).returncode, 0)
-        self.assertEqual(_sha(hook.c10d_path(self.torch_dir).read_text()), _sha(_stock_c10d()))
+        for rel, text in _stock_sources().items():
+            self.assertEqual(_sha((self.torch_dir / rel).read_text()), _sha(text), rel)
         self.assertEqual([p for p in hook.linked_paths() if (self.torch_dir / p).is_symlink()], [])
         self.assertEqual(_tool("status", *target).returncode, 1)
         self.assertEqual(_tool("diff", *target).returncode, 2)
@@ -504,7 +541,7 @@ class TestHookTool(TestCase):
     def test_edited_block_is_refused_and_nothing_changes(self) -> None:
         target = ["--torch-dir", str(self.torch_dir)]
         self.assertEqual(_tool("install", *target).returncode, 0)
-        c10d = hook.c10d_path(self.torch_dir)
+        c10d = self.torch_dir / hook.HOOKS[0].target
         c10d.write_text(c10d.read_text().replace(hook.END, hook.END + " (edited)"))
         before = _snapshot(self.torch_dir)
         for command in ("revert", "install"):
@@ -514,7 +551,15 @@ class TestHookTool(TestCase):
             self.assertEqual(_snapshot(self.torch_dir), before)
         status = _tool("status", *target)
         self.assertEqual(status.returncode, 1)
-        self.assertIn("hook edited", status.stdout)
+        self.assertIn("hook in init_process_group edited", status.stdout)
+
+    def test_unknown_init_rpc_is_refused_and_nothing_changes(self) -> None:
+        (self.torch_dir / hook.HOOKS[1].target).write_text("def init_rpc(name): pass\n")
+        before = _snapshot(self.torch_dir)
+        result = _tool("install", "--torch-dir", str(self.torch_dir))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("expected exactly one place in init_rpc", result.stderr)
+        self.assertEqual(_snapshot(self.torch_dir), before)
 
     def test_errors_are_one_line(self) -> None:
         for command in ("status", "diff", "revert", "install"):

@@ -146,7 +146,7 @@ class TestRangeMessages(TestCase):
         ]
         verdict = _judge.judge(C10D, infos, "gloo")
         self.assertExpectedInline(
-            _messages.error_message(verdict.detail, infos[0]),
+            _messages.error_message(verdict.detail, infos[0], C10D),
             """\
 torch.distributed protocol version mismatch: the 4 ranks of this job (backend gloo) run builds that cannot talk to each other.
   protocol version 1: rank 3 on host node-c (torch 2.13.0+cpu)

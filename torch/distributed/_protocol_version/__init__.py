@@ -32,10 +32,12 @@ from typing import Sequence
 import torch.distributed as dist
 from torch.distributed._protocol_version._cli import main as _cli_main
 from torch.distributed._protocol_version._diagnose import backend_key_for
-from torch.distributed._protocol_version._exchange import exchange
-from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._messages import error_message
-from torch.distributed._protocol_version._payload import RankInfo, Verdict
+from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
+from torch.distributed._protocol_version._families import C10D, RPC
+from torch.distributed._protocol_version._rpc import (
+    check_rpc_protocol_version as _check_rpc_protocol_version,
+    get_rpc_protocol_version,
+)
 from torch.distributed._protocol_version._settings import (
     CHECK_MODE_ENV,
     CHECK_MODES,
@@ -43,25 +45,37 @@ from torch.distributed._protocol_version._settings import (
     SettingError,
     version_range,
 )
-from torch.distributed._protocol_version._versions import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from torch.distributed._protocol_version._versions import (
+    MIN_PROTOCOL_VERSION,
+    MIN_RPC_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    RPC_PROTOCOL_VERSION,
+)
 
 
 __all__ = [
     "CHECK_MODE_ENV",
     "CHECK_MODES",
     "MIN_PROTOCOL_VERSION",
+    "MIN_RPC_PROTOCOL_VERSION",
     "MIN_VERSION_OVERRIDE_ENV",
     "PROTOCOL_VERSION",
+    "RPC_MIN_VERSION_OVERRIDE_ENV",
+    "RPC_PROTOCOL_VERSION",
+    "RPC_VERSION_OVERRIDE_ENV",
     "SettingError",
     "VERSION_OVERRIDE_ENV",
     "check_protocol_version",
     "get_group_protocol_version",
     "get_min_protocol_version",
     "get_protocol_version",
+    "get_rpc_protocol_version",
 ]
 
 VERSION_OVERRIDE_ENV = C10D.version_env
 MIN_VERSION_OVERRIDE_ENV = C10D.min_version_env
+RPC_VERSION_OVERRIDE_ENV = RPC.version_env
+RPC_MIN_VERSION_OVERRIDE_ENV = RPC.min_version_env
 
 # The c10d logger: the outcome lands beside init_process_group's own log lines.
 logger = logging.getLogger("torch.distributed.distributed_c10d")
@@ -87,26 +101,6 @@ def get_min_protocol_version() -> int:
     :data:`MIN_PROTOCOL_VERSION`.
     """
     return version_range(C10D)[0]
-
-
-def _raise_on_failure(verdict: Verdict, info: RankInfo) -> None:
-    """Act on a verdict: raise what a failure means, log what a pass must say.
-
-    A timeout raises ``DistStoreError``, as stock torch's own init timeouts do, so
-    elastic agents and retry code that catch it still do; a mismatch or an
-    invalid payload raises ``RuntimeError``.
-    """
-    if verdict.ok:
-        if verdict.detail:
-            logger.warning(verdict.detail)
-        return
-    message = error_message(verdict.detail, info)
-    if verdict.status == "timeout":
-        raise dist.DistStoreError(message)
-    if verdict.status == "mismatch" and not verdict.enforce:
-        logger.warning("%s\nEvery checking rank runs %s=warn: continuing anyway.", message, CHECK_MODE_ENV)
-        return
-    raise RuntimeError(message)
 
 
 def _validate_args(rank: int, world_size: int, timeout: timedelta) -> None:
@@ -142,7 +136,7 @@ def check_protocol_version(
     """
     _validate_args(rank, world_size, timeout)
     verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, "error")
-    _raise_on_failure(verdict, info)
+    raise_on_failure(verdict, info, C10D)
     assert verdict.negotiated is not None  # a mismatch in "error" mode raised
     return verdict.negotiated
 
@@ -183,7 +177,7 @@ def _check_protocol_version(
         _default_group_note = f"the ranks share no protocol version (every rank runs {CHECK_MODE_ENV}=warn)"
     elif not verdict.ok:
         logger.error("Rank %s: protocol version check failed after %.3fs.", rank, elapsed)
-    _raise_on_failure(verdict, info)
+    raise_on_failure(verdict, info, C10D)
     if verdict.ok:
         _default_group_version = verdict.negotiated
         logger.info(

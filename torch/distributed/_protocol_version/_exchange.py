@@ -27,6 +27,7 @@ from torch.distributed._protocol_version import _diagnose, _messages
 from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._judge import judge, judge_payloads
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import (
     blocking,
     borrowed_timeout,
@@ -209,13 +210,14 @@ def exchange(
     backend: str,
     mode: str,
     backend_key: Callable[[int], str] | None = None,
+    name: str = "",
 ) -> tuple[Verdict, RankInfo]:
     """Run one check on ``store``; the store's own timeout is given back afterwards.
 
     Raises only for a broken store, with the store error's own type and what the
     check was doing.
     """
-    info = local_info(rank, family, mode)  # raises on a bad override before any store traffic
+    info = local_info(rank, family, mode, name)  # raises on a bad override before any store traffic
     if world_size == 1:
         return judge(family, [info], backend), info
     check = Check(
@@ -230,3 +232,24 @@ def exchange(
             return Verdict("invalid", f"{family.title} check: rank 0 published {e}.", None), info
         except RuntimeError as e:  # the store failed, or timed out outside blocking()
             raise _with_context(e, f"{prefix}: the rendezvous store failed while {check.doing}") from e
+
+
+def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
+    """Act on a verdict: raise what a failure means, log what a pass must say.
+
+    A timeout raises ``DistStoreError``, as stock torch's own init timeouts do, so
+    elastic agents and retry code that catch it still do; a mismatch or an
+    invalid payload raises ``RuntimeError``, unless every checking rank runs
+    ``warn``, which logs it instead.
+    """
+    if verdict.ok:
+        if verdict.detail:
+            logger.warning(verdict.detail)
+        return
+    message = _messages.error_message(verdict.detail, info, family)
+    if verdict.status == "timeout":
+        raise dist.DistStoreError(message)
+    if verdict.status == "mismatch" and not verdict.enforce:
+        logger.warning("%s\nEvery checking rank runs %s=warn: continuing anyway.", message, CHECK_MODE_ENV)
+        return
+    raise RuntimeError(message)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch.distributed._protocol_version import _versions
 
 
-__all__ = ["C10D", "Family"]
+__all__ = ["C10D", "Family", "RPC"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Family:
     version_env: str  # test-only override of ``version``
     min_version_env: str  # test-only override of ``min_version``
     key_prefix: str  # store namespace of the exchange's keys
+    version_word: str  # how messages name one version: "protocol version 2"
+    note: str  # a sentence added to every mismatch message, or ""
 
     def key(self, *parts: object) -> str:
         """A store key of this family's exchange: ``key(3, "rank", 1)`` ->
@@ -42,4 +44,21 @@ C10D = Family(
     version_env="TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE",
     min_version_env="TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE",
     key_prefix="protocol_version",
+    version_word="protocol version",
+    note="",
+)
+
+RPC = Family(
+    name="rpc",
+    title="torch.distributed.rpc protocol version",
+    version=_versions.RPC_PROTOCOL_VERSION,
+    min_version=_versions.MIN_RPC_PROTOCOL_VERSION,
+    version_env="TORCH_DISTRIBUTED_RPC_PROTOCOL_VERSION_OVERRIDE",
+    min_version_env="TORCH_DISTRIBUTED_RPC_MIN_PROTOCOL_VERSION_OVERRIDE",
+    key_prefix="rpc_protocol_version",
+    version_word="RPC protocol version",
+    note=(
+        "This is the RPC wire protocol (torch.distributed.rpc), versioned apart from the "
+        "collectives' protocol of init_process_group."
+    ),
 )

@@ -71,10 +71,17 @@ def backend_text(backend: str) -> str:
     return "default backends" if backend == "undefined" else f"backend {backend}"
 
 
-def range_text(version: int, min_version: int) -> str:
+def range_text(version: int, min_version: int, word: str = "protocol version") -> str:
     if version == min_version:
-        return f"protocol version {version}"
-    return f"protocol versions {min_version}-{version}"
+        return f"{word} {version}"
+    return f"{word}s {min_version}-{version}"
+
+
+def _members(members: Sequence[RankInfo]) -> str:
+    """``ranks 0-1`` and, where members have names (RPC workers), which."""
+    names = [m.name for m in members if m.name]
+    ranks = ranks_phrase([m.rank for m in members])
+    return f"{ranks} ({plural(len(names), 'worker')} {list_some(names)})" if names else ranks
 
 
 def short_commit(git_version: str) -> str:
@@ -87,7 +94,7 @@ def build_text(torch_version: str, git_version: str, with_commit: bool) -> str:
     return f"torch {torch_version}, commit {short_commit(git_version)}" if with_commit else f"torch {torch_version}"
 
 
-def describe_groups(infos: Sequence[RankInfo]) -> list[str]:
+def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -> list[str]:
     """One line per distinct build: its range, ranks, hosts and torch version.
 
     A build is its protocol range, torch version and commit. Where builds share
@@ -110,7 +117,7 @@ def describe_groups(infos: Sequence[RankInfo]) -> list[str]:
             continue
         hosts = sorted({m.hostname for m in members})
         lines.append(
-            f"  {range_text(version, min_version)}: {ranks_phrase(ranks)} on "
+            f"  {range_text(version, min_version, word)}: {_members(members)} on "
             f"{plural(len(hosts), 'host')} {list_some(hosts)} "
             f"({build_text(torch_version, git_version, len(commits[torch_version]) > 1)})"
         )
@@ -143,17 +150,19 @@ def mismatch_detail(
 ) -> str:
     """Who runs what, why they cannot meet, and which change would make them meet."""
     demanding = [i.rank for i in infos if i.min_version == required]
+    word = family.version_word
     return "\n".join(
         [
             f"{family.title} mismatch: the {len(infos)} ranks of this job "
             f"({backend_text(backend)}) run builds that cannot talk to each other.",
-            *describe_groups(infos),
+            *describe_groups(infos, word),
             f"Why: {ranks_phrase(demanding, 'accepts', 'accept')} nothing older than "
-            f"protocol version {required}, but {ranks_phrase(upgrade, 'speaks', 'speak')} "
+            f"{word} {required}, but {ranks_phrase(upgrade, 'speaks', 'speak')} "
             f"at most version {max(i.version for i in infos if i.version < required)}.",
-            f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks protocol "
-            f"version {required}, or roll {ranks_phrase(roll_back)} back to a build that "
-            f"accepts protocol version {lowest}; then restart the job.",
+            f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks {word} "
+            f"{required}, or roll {ranks_phrase(roll_back)} back to a build that "
+            f"accepts {word} {lowest}; then restart the job.",
+            *([family.note] if family.note else []),
             *overrides_note(infos),
         ]
     )
@@ -196,9 +205,10 @@ def never_arrived(ranks: Sequence[int]) -> str:
     )
 
 
-def error_message(verdict_detail: str, info: RankInfo) -> str:
+def error_message(verdict_detail: str, info: RankInfo, family: Family) -> str:
     """The verdict's text, the same on every rank, and one last line about this rank."""
+    who = f"rank {info.rank}, worker {info.name}" if info.name else f"rank {info.rank}"
     return (
-        f"{verdict_detail}\nThis rank (rank {info.rank}, host {info.hostname}) runs "
-        f"{range_text(info.version, info.min_version)}."
+        f"{verdict_detail}\nThis rank ({who}, host {info.hostname}) runs "
+        f"{range_text(info.version, info.min_version, family.version_word)}."
     )

@@ -56,6 +56,7 @@ class RankInfo:
     git_version: str = "unknown"  # torch.version.git_version: the commit torch was built from
     python_version: str = "unknown"
     backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version): see backend_versions()
+    name: str = ""  # the member's own name where it has one (an RPC worker's name)
 
     def to_payload(self, family: Family, token: str) -> str:
         """Serialise for the store; ``token`` makes this attempt's payload unique."""
@@ -70,6 +71,7 @@ class RankInfo:
                 "pid": self.pid,
                 "mode": self.mode,
                 "overrides": list(self.overrides),
+                "name": self.name,
                 "token": token,
                 "git_version": self.git_version,
                 "python_version": self.python_version,
@@ -90,7 +92,7 @@ def backend_versions() -> tuple[tuple[str, str], ...]:
     return (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)
 
 
-def local_info(rank: int, family: Family, mode: str) -> RankInfo:
+def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo:
     """This rank's payload; raises ``SettingError`` on a bad override."""
     minimum, version = version_range(family)
     return RankInfo(
@@ -105,6 +107,7 @@ def local_info(rank: int, family: Family, mode: str) -> RankInfo:
         git_version=torch.version.git_version,
         python_version=platform.python_version(),
         backend_versions=backend_versions(),
+        name=name,
     )
 
 
@@ -191,6 +194,7 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
         git_version=_as_text(obj, "git_version"),
         python_version=_as_text(obj, "python_version"),
         backend_versions=_as_backend_versions(obj),
+        name=_as_text(obj, "name") if "name" in obj else "",
     )
 
 

@@ -11,3 +11,9 @@ PROTOCOL_VERSION: int = 1
 # The oldest c10d protocol version this build can still work with. Equal to
 # PROTOCOL_VERSION means exact match: every rank must run the same version.
 MIN_PROTOCOL_VERSION: int = 1
+
+# The RPC wire (torch.distributed.rpc: its pickler, the message framing and the
+# MessageType enum) drifts on its own schedule, so it has its own numbers. Bump
+# them for a change RPC peers must agree on; they mean nothing for collectives.
+RPC_PROTOCOL_VERSION: int = 1
+MIN_RPC_PROTOCOL_VERSION: int = 1

@@ -31,13 +31,21 @@ from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import (
     CHECK_MODE_ENV,
     MIN_VERSION_OVERRIDE_ENV,
+    RPC_MIN_VERSION_OVERRIDE_ENV,
+    RPC_VERSION_OVERRIDE_ENV,
     VERSION_OVERRIDE_ENV,
 )
 from torch.distributed._protocol_version._payload import RankInfo
 
 
 # The guardrail's own variables: unset in every rank unless a test sets them.
-GUARDRAIL_ENVS = (VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV, CHECK_MODE_ENV)
+GUARDRAIL_ENVS = (
+    VERSION_OVERRIDE_ENV,
+    MIN_VERSION_OVERRIDE_ENV,
+    CHECK_MODE_ENV,
+    RPC_VERSION_OVERRIDE_ENV,
+    RPC_MIN_VERSION_OVERRIDE_ENV,
+)
 # What every mismatch message says (the first line names torch.distributed too).
 MISMATCH = "protocol version mismatch"
 # Slack for joining rank threads and for timed assertions: the reference box has

@@ -1,0 +1,192 @@
+# Owner(s): ["oncall: distributed"]
+"""The RPC protocol version guardrail (INV-031) with real RPC.
+
+Every worker is a spawned process that calls the real ``init_rpc`` with the
+TensorPipe agent over a real TCP rendezvous; the RPC family's override variables
+simulate other builds. The store exchange itself is the collectives' (tested in
+depth there); here: the hook's place in ``init_rpc``, static and dynamic groups,
+the independence of the two families, timeouts, re-init, and hostile store data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version import _exchange, _rpc
+from torch.distributed._protocol_version._families import RPC
+from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
+from torch.testing._internal.distributed.protocol_version_utils import (
+    CHECK_MODE_ENV,
+    RankResult,
+    RankThreads,
+    spawn_ranks,
+    VERSION_OVERRIDE_ENV,
+)
+
+
+RPC_MISMATCH = "torch.distributed.rpc protocol version mismatch"
+RPC_ENV = pv.RPC_VERSION_OVERRIDE_ENV
+RPC_MIN_ENV = pv.RPC_MIN_VERSION_OVERRIDE_ENV
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+def _options(port: int, timeout_s: float) -> Any:
+    from torch.distributed import rpc
+
+    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=timeout_s)
+
+
+def static_worker(rank: int, world_size: int, port: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """init_rpc (static group), then rpc_sync, remote and a distributed autograd
+    pass against worker 0; reports the results and the negotiated RPC version."""
+    from torch.distributed import autograd as dist_autograd, rpc
+
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=_options(port, timeout_s))
+    out: dict[str, Any] = {"version": pv.get_rpc_protocol_version()}
+    if rank:
+        out["sum"] = rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item()
+        rref = rpc.remote("worker0", _add, args=(torch.ones(1), 2 * torch.ones(1)))
+        out["remote"] = rref.to_here().item()
+        del rref
+        with dist_autograd.context() as context:
+            x = torch.ones(1, requires_grad=True)
+            loss = rpc.rpc_sync("worker0", _add, args=(x, x)).sum()
+            dist_autograd.backward(context, [loss])
+            out["grad"] = dist_autograd.get_gradients(context)[x].item()
+    rpc.shutdown()
+    return out
+
+
+def reinit_worker(rank: int, world_size: int, port: int, rounds: int) -> list[int]:
+    """init_rpc, one rpc_sync, shutdown, ``rounds`` times in one process: each
+    round is judged on its own (a new ``rpc_prefix_N``)."""
+    from torch.distributed import rpc
+
+    versions = []
+    for _ in range(rounds):
+        rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=_options(port, 60.0))
+        versions.append(pv.get_rpc_protocol_version())
+        if rank:
+            assert rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item() == 2.0
+        rpc.shutdown()
+    return versions
+
+
+def dynamic_worker(rank: int, world_size: int, port: int, stay_s: float) -> dict[str, Any]:
+    """Join a dynamic group (no world_size) 1.5 s after the previous rank, call
+    worker 0 and leave; worker 0 stays ``stay_s`` for the joiners."""
+    from torch.distributed import rpc
+
+    time.sleep(1.5 * rank)
+    rpc.init_rpc(f"worker{rank}", rank=rank, rpc_backend_options=_options(port, 30.0))
+    out = {"version": pv.get_rpc_protocol_version()}
+    if rank:
+        out["sum"] = rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item()
+    time.sleep(stay_s if rank == 0 else 0.5)
+    rpc.shutdown()
+    return out
+
+
+class RpcTestCase(TestCase):
+    def assert_every_worker_raised(self, results: list[RankResult], *fragments: str) -> None:
+        for result in results:
+            self.assertEqual(result.error_type, "RuntimeError", f"rank {result.rank}: {result}")
+            for fragment in (RPC_MISMATCH, *fragments):
+                self.assertIn(fragment, result.error)
+
+
+class TestStaticGroup(RpcTestCase):
+    def test_matching_workers_work_as_stock(self) -> None:
+        results = spawn_ranks(static_worker, 2, args=(find_free_port(),))
+        self.assertTrue(all(r.ok for r in results), results)
+        self.assertEqual(results[1].value, {"version": 1, "sum": 2.0, "remote": 3.0, "grad": 2.0})
+
+    def test_one_worker_on_version_2_fails_every_worker(self) -> None:
+        results = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env={1: {RPC_ENV: "2"}})
+        self.assert_every_worker_raised(results, "RPC protocol version 2: rank 1 (worker worker1)", "This is the RPC wire protocol")
+        for result in results:
+            self.assertLess(result.finished - result.started, 15.0)
+
+    def test_four_workers_one_odd(self) -> None:
+        results = spawn_ranks(static_worker, 4, args=(find_free_port(),), rank_env={2: {RPC_ENV: "2"}})
+        self.assert_every_worker_raised(results, "RPC protocol version 1: ranks 0-1,3 (workers worker0, worker1, worker3)")
+
+    def test_bridging_range_negotiates_down(self) -> None:
+        rank_env = {0: {RPC_ENV: "2", RPC_MIN_ENV: "1"}, 1: {RPC_ENV: "1"}}
+        results = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env=rank_env)
+        self.assertEqual([r.value["version"] for r in results], [1, 1], results)
+
+    def test_collectives_override_does_not_touch_rpc(self) -> None:
+        results = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        self.assertEqual([r.value["version"] for r in results], [1, 1], results)
+
+    def test_silent_worker_is_named(self) -> None:
+        results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=90)
+        for result in results:
+            self.assertEqual(result.error_type, "DistStoreError", result)
+            self.assertIn("rank 2 never published", result.error)
+
+    def test_reinit_after_shutdown_three_times(self) -> None:
+        results = spawn_ranks(reinit_worker, 2, args=(find_free_port(), 3), timeout=180)
+        self.assertEqual([r.value for r in results], [[1, 1, 1], [1, 1, 1]], results)
+
+    def test_modes(self) -> None:
+        off = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env={1: {RPC_ENV: "2"}}, common_env={CHECK_MODE_ENV: "off"})
+        for result in off:  # nothing checked, nothing negotiated: as stock
+            self.assertIn("no RPC protocol version was negotiated: the check was off", str(result.error))
+        warn = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env={1: {RPC_ENV: "2"}, 0: {CHECK_MODE_ENV: "warn"}})
+        self.assert_every_worker_raised(warn)  # the strictest mode present decides
+
+
+class TestDynamicGroup(RpcTestCase):
+    def test_compatible_workers_join(self) -> None:
+        results = spawn_ranks(dynamic_worker, 3, args=(find_free_port(), 12.0), timeout=120)
+        self.assertEqual([r.value for r in results], [{"version": 1}, {"version": 1, "sum": 2.0}, {"version": 1, "sum": 2.0}], results)
+
+    def test_a_mismatched_joiner_fails_alone(self) -> None:
+        results = spawn_ranks(dynamic_worker, 3, args=(find_free_port(), 12.0), rank_env={1: {RPC_ENV: "2"}}, timeout=120)
+        self.assertTrue(results[0].ok and results[2].ok, results)
+        self.assertEqual(results[2].value, {"version": 1, "sum": 2.0})  # a later compatible joiner still joins
+        self.assertEqual(results[1].error_type, "RuntimeError", results[1])
+        self.assertIn("worker worker1 (rank 1) cannot join the dynamic RPC group", results[1].error)
+        self.assertIn("set by its first worker worker0 (rank 0", results[1].error)
+
+
+class TestStoreData(TestCase):
+    """What the RPC check reads from the store is parsed, never trusted."""
+
+    def test_hostile_payload_is_named(self) -> None:
+        store = dist.HashStore()
+        store.set(RPC.key(1, "rank", 1), b"\x80\x04K\x01.")  # a pickle
+        verdict, _ = _exchange.exchange(store, RPC, 0, 2, timedelta(seconds=2), "tensorpipe", "error")
+        self.assertEqual(verdict.status, "invalid")
+        self.assertIn("rank 1: not valid JSON", verdict.detail)
+
+    def test_hostile_dynamic_record(self) -> None:
+        for record in (b"garbage", json.dumps({"version": 7, "rank": 0, "founder": {"protocol_version": 1}}).encode()):
+            store = dist.HashStore()
+            store.set(RPC.key("dynamic", "group"), record)
+            verdict, _ = _rpc._join(store, "w", 1, "error")
+            self.assertEqual(verdict.status, "invalid", record)
+
+    def test_threads_share_the_exchange(self) -> None:
+        # The RPC family runs the collectives' exchange in its own namespace.
+        store = dist.HashStore()
+        body = lambda s, r, n: _exchange.exchange(s, RPC, r, n, timedelta(seconds=20), "tensorpipe", "error", name=f"w{r}")  # noqa: E731
+        outcomes = RankThreads(3, 20.0, body).start({r: store for r in range(3)}).join()
+        self.assertEqual({o.value[0].negotiated for o in outcomes.values()}, {pv.RPC_PROTOCOL_VERSION})
+        self.assertEqual([o.value[1].name for o in outcomes.values()], ["w0", "w1", "w2"])
+        self.assertTrue(store.check([RPC.key("counter")]) and not store.check([pv._families.C10D.key("counter")]))
+
+
+if __name__ == "__main__":
+    run_tests()
