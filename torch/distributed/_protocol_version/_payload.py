@@ -194,7 +194,8 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
         git_version=_as_text(obj, "git_version"),
         python_version=_as_text(obj, "python_version"),
         backend_versions=_as_backend_versions(obj),
-        name=_as_text(obj, "name") if "name" in obj else "",
+        # c10d ranks send an empty name: "unknown" would name a worker that is not there.
+        name=_as_text(obj, "name") if obj.get("name", "") != "" else "",
     )
 
 
