@@ -1,0 +1,450 @@
+# Owner(s): ["oncall: distributed"]
+"""Build identity in the payload, and the cluster preflight.
+
+Two builds of a fork share a version string (``2.13.0+cpu``); the payload now
+carries the torch commit, the Python version and the backend libraries' versions,
+older payloads without them are still judged, and messages show the commit where
+it is what tells two builds apart.
+
+``python -m torch.distributed._protocol_version --preflight`` runs the check of
+``init_process_group`` across a job without building a backend: under a real
+``torchrun`` with four workers (matching, one odd rank, a silent rank), and with
+an explicit ``--store`` where one rank runs stock torch (``.venv-stock``) and
+starts a real gloo group instead. The table's own layout is tested on plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings, strategies as st
+from torch.distributed._protocol_version import _exchange, _judge, _messages, _preflight
+from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo
+from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
+from torch.testing._internal.distributed.protocol_version_utils import (
+    GUARDRAIL_ENVS,
+    MISMATCH,
+    rank_info,
+    RankThreads,
+    run_in_own_session,
+    VERSION_OVERRIDE_ENV,
+)
+
+
+# What RankInfo.to_payload wrote before build identity (commit 43e4c4c), byte for byte.
+OLD_PAYLOAD = (
+    b'{"family": "c10d", "hostname": "node-old", "min_protocol_version": 1, "mode": "error", '
+    b'"overrides": [], "pid": 4242, "protocol_version": 1, "schema": 1, '
+    b'"token": "00112233aabbccdd", "torch_version": "2.13.0+cpu"}'
+)
+# What the first build of the check wrote: no schema, family, mode or overrides.
+FIRST_PAYLOAD = (
+    b'{"protocol_version": 1, "min_protocol_version": 1, "torch_version": "2.13.0+cpu", '
+    b'"hostname": "node-first", "pid": 4243, "token": "0123456789abcdef"}'
+)
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def built(info: RankInfo, commit: str = COMMIT_A, python: str = "3.11.7") -> RankInfo:
+    return dataclasses.replace(info, git_version=commit, python_version=python)
+
+
+def payload(info: RankInfo) -> bytes:
+    return info.to_payload(C10D, "0" * 16).encode()
+
+
+class TestBuildIdentity(TestCase):
+    def test_payload_names_the_build(self) -> None:
+        obj = json.loads(local_info(0, C10D, "error").to_payload(C10D, "0" * 16))
+        nccl = {"nccl": ".".join(map(str, torch.cuda.nccl.version()))} if dist.is_nccl_available() else {}
+        self.assertEqual(obj["git_version"], torch.version.git_version)
+        self.assertEqual(obj["python_version"], platform.python_version())
+        self.assertEqual(obj["backend_versions"], nccl)  # gloo has no version API: the commit names it
+        parsed = parse_payload(0, json.dumps(obj).encode())
+        self.assertEqual(parsed.git_version, torch.version.git_version)
+        self.assertEqual(parsed.python_version, platform.python_version())
+        self.assertEqual(dict(parsed.backend_versions), nccl)
+        self.assertLess(len(json.dumps(obj)), 1024)  # still a few hundred bytes
+
+    def test_old_payloads_read_as_unknown_builds(self) -> None:
+        for raw in (OLD_PAYLOAD, FIRST_PAYLOAD):
+            info = parse_payload(1, raw)
+            self.assertEqual((info.version, info.torch_version), (1, "2.13.0+cpu"))
+            self.assertEqual((info.git_version, info.python_version, info.backend_versions), ("unknown", "unknown", ()))
+
+    def test_old_payloads_are_judged_beside_new_ones(self) -> None:
+        new = payload(built(rank_info(0, 1)))
+        verdict = _judge.judge_payloads(C10D, {0: new, 1: OLD_PAYLOAD, 2: FIRST_PAYLOAD}, [], "gloo")
+        self.assertEqual((verdict.status, verdict.negotiated, verdict.detail), ("ok", 1, ""))
+        newer = payload(built(rank_info(0, 2)))
+        verdict = _judge.judge_payloads(C10D, {0: newer, 1: OLD_PAYLOAD, 2: FIRST_PAYLOAD}, [], "gloo")
+        self.assertExpectedInline(
+            verdict.detail.splitlines()[1] + "\n" + verdict.detail.splitlines()[2],
+            """\
+  protocol version 1: ranks 1-2 on hosts node-first, node-old (torch 2.13.0+cpu, commit unknown)
+  protocol version 2: rank 0 on host node-a (torch 2.13.0+cpu, commit aaaaaaaaaaaa)""",
+        )
+
+    def test_old_payloads_over_a_real_store(self) -> None:
+        """Ranks 0 and 1 run the real check; ranks 2 and 3 publish what an older
+        guardrail build writes, where such a rank would."""
+        store = dist.HashStore()
+        threads = RankThreads(4, timeout_s=30.0).start({0: store, 1: store})
+        store.set_timeout(timedelta(seconds=30))
+        epoch, closed = _exchange._parse_current(store.get(C10D.key("current")))
+        self.assertFalse(closed)
+        for rank, raw in ((2, OLD_PAYLOAD), (3, FIRST_PAYLOAD)):
+            store.set(C10D.key(epoch, "rank", rank), raw)
+        outcomes = threads.join()
+        self.assertEqual({rank: o.result for rank, o in outcomes.items()}, {0: 1, 1: 1})
+
+    def test_commit_shown_only_where_it_tells_builds_apart(self) -> None:
+        two_commits = [built(rank_info(0, 1)), built(rank_info(1, 2, host="node-b"), COMMIT_B)]
+        one_commit = [built(rank_info(0, 1)), built(rank_info(1, 2, host="node-b"))]
+        newer_release = dataclasses.replace(built(rank_info(1, 2), COMMIT_B), torch_version="2.14.0")
+        two_versions = [built(rank_info(0, 1)), newer_release]
+        self.assertExpectedInline(
+            "\n".join(_messages.describe_groups(two_commits)),
+            """\
+  protocol version 1: rank 0 on host node-a (torch 2.13.0+cpu, commit aaaaaaaaaaaa)
+  protocol version 2: rank 1 on host node-b (torch 2.13.0+cpu, commit bbbbbbbbbbbb)""",
+        )
+        # One build announcing two versions (a test override): the commit tells nothing apart.
+        self.assertExpectedInline(
+            "\n".join(_messages.describe_groups(one_commit)),
+            """\
+  protocol version 1: rank 0 on host node-a (torch 2.13.0+cpu)
+  protocol version 2: rank 1 on host node-b (torch 2.13.0+cpu)""",
+        )
+        self.assertExpectedInline(
+            "\n".join(_messages.describe_groups(two_versions)),
+            """\
+  protocol version 1: rank 0 on host node-a (torch 2.13.0+cpu)
+  protocol version 2: rank 1 on host node-a (torch 2.14.0)""",
+        )
+
+    def test_identity_fields_are_validated_and_capped(self) -> None:
+        base = json.loads(OLD_PAYLOAD)
+        with self.assertRaisesRegex(InvalidPayload, "'backend_versions' must map"):
+            parse_payload(1, json.dumps({**base, "backend_versions": ["nccl", "2.21"]}).encode())
+        with self.assertRaisesRegex(InvalidPayload, "'git_version' must be a string"):
+            parse_payload(1, json.dumps({**base, "git_version": 7}).encode())
+        hostile = {
+            **base,
+            "git_version": "f" * 5000,
+            "python_version": "3.11\n\x1b[2J",
+            "backend_versions": {f"lib{i}": "1" * 500 for i in range(50)},
+        }
+        info = parse_payload(1, json.dumps(hostile).encode())
+        self.assertEqual(info.git_version, "f" * 128)
+        self.assertEqual(info.python_version, "3.11??[2J")
+        self.assertEqual(len(info.backend_versions), 4)
+        self.assertTrue(all(len(v) == 128 for _, v in info.backend_versions))
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        commit=st.text(max_size=300),
+        python=st.text(max_size=300),
+        backends=st.dictionaries(st.text(max_size=200), st.text(max_size=200), max_size=8),
+    )
+    def test_identity_round_trips_what_can_be_shown(self, commit: str, python: str, backends: dict[str, str]) -> None:
+        """A field comes back as sent when it is short and printable; otherwise
+        printable, at most 128 characters, and never empty."""
+        sent = dataclasses.replace(
+            rank_info(0, 1), git_version=commit, python_version=python, backend_versions=tuple(backends.items())
+        )
+        got = parse_payload(0, payload(sent))
+        for before, after in [(commit, got.git_version), (python, got.python_version)]:
+            self.assertTrue(after.isprintable() and 0 < len(after) <= 128)
+            if before.isprintable() and 0 < len(before) <= 128:
+                self.assertEqual(after, before)
+        self.assertLessEqual(len(got.backend_versions), 4)
+
+
+# --------------------------------------------------------------------------- #
+# The table, on plain data
+# --------------------------------------------------------------------------- #
+
+
+def infos_on_hosts(hosts: int, per_host: int, odd_host: int | None = None) -> list[RankInfo]:
+    out = []
+    for rank in range(hosts * per_host):
+        host = rank // per_host
+        version = 2 if host == odd_host else 1
+        commit = COMMIT_B if host == odd_host else COMMIT_A
+        out.append(built(rank_info(rank, version, host=f"node-{host:03d}"), commit))
+    return out
+
+
+class TestPreflightTable(TestCase):
+    def test_two_hosts_one_odd_rank(self) -> None:
+        infos = [built(rank_info(r, 1)) for r in range(3)] + [built(rank_info(3, 2, host="node-b"), COMMIT_B)]
+        self.assertExpectedInline(
+            _preflight.render_table(_preflight.Roster(4, tuple(infos)), "gloo"),
+            """\
+torch.distributed protocol version preflight (backend gloo): 4 ranks, 4 with the check on 2 hosts
+host    ranks  protocol  torch       commit        python
+------  -----  --------  ----------  ------------  ------
+node-a  0-2    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-b  3      2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7""",
+        )
+
+    def test_a_thousand_ranks_fold_into_sixteen_rows(self) -> None:
+        """125 hosts of 8 ranks, host 77 on another build: its row is shown, the
+        rest folds into "and N more hosts"."""
+        infos = infos_on_hosts(125, 8, odd_host=77)
+        roster = _preflight.Roster(1000, tuple(infos))
+        self.assertExpectedInline(
+            _preflight.render_table(roster, "gloo"),
+            """\
+torch.distributed protocol version preflight (backend gloo): 1000 ranks, 1000 with the check on 125 hosts
+host                ranks            protocol  torch       commit        python
+------------------  ---------------  --------  ----------  ------------  ------
+node-000            0-7              1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-001            8-15             1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-002            16-23            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-003            24-31            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-004            32-39            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-005            40-47            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-006            48-55            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-007            56-63            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-008            64-71            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-009            72-79            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-010            80-87            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-011            88-95            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-012            96-103           1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-013            104-111          1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-077            616-623          2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7
+and 110 more hosts  112-615,624-999  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7""",
+        )
+        self.assertEqual(len(_preflight.roster_json(roster)["hosts"]), 125)  # tooling gets every row
+
+    def test_ranks_without_the_check_silent_and_invalid(self) -> None:
+        raws = {r: payload(built(rank_info(r, 1))) for r in range(3)}
+        raws[3] = b"protocol_version=1"
+        roster = _preflight.roster(1000, raws, no_check=[4, *range(10, 990)])
+        self.assertExpectedInline(
+            _preflight.render_table(roster, "gloo"),
+            """\
+torch.distributed protocol version preflight (backend gloo): 1000 ranks, 3 with the check on 1 host
+host    ranks  protocol  torch       commit        python
+------  -----  --------  ----------  ------------  ------
+node-a  0-2    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+without the check (host not known, taken as protocol version 1): ranks 4,10-989
+silent (published nothing, started no backend): ranks 5-9,990-999
+invalid payload: rank 3""",
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Real processes: torchrun, and an explicit store with a stock rank
+# --------------------------------------------------------------------------- #
+
+NPROC = 4
+ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
+SILENT_RANK_ENV = "PV_TEST_SILENT_LOCAL_RANK"
+# The worker under torchrun: the odd local rank announces version 2, the silent
+# one never runs the preflight; every other rank runs the CLI and reports its code.
+WORKER_SCRIPT = f'''\
+import os
+import sys
+import time
+
+local_rank = os.environ["LOCAL_RANK"]
+if local_rank == os.environ.get("{ODD_RANK_ENV}"):
+    os.environ["{VERSION_OVERRIDE_ENV}"] = "2"
+if local_rank == os.environ.get("{SILENT_RANK_ENV}"):
+    time.sleep(600)
+    sys.exit(0)
+from torch.distributed._protocol_version._cli import main
+
+code = main(sys.argv[1:])
+os.write(1, f"preflight rank={{os.environ['RANK']}} exit={{code}}\\n".encode())
+sys.exit(code)
+'''
+STOCK_PY = Path(__file__).resolve().parents[2] / ".venv-stock" / "bin" / "python"
+# A rank of a job on stock torch: it builds its gloo group on the job's store.
+STOCK_RANK = """\
+import sys
+from datetime import timedelta
+import torch.distributed as dist
+host_port, rank, world_size = sys.argv[1:4]
+dist.init_process_group("gloo", init_method=f"tcp://{host_port}", rank=int(rank),
+                        world_size=int(world_size), timeout=timedelta(seconds=60))
+"""
+BOUND_S = 120.0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
+    env.update(extra)
+    return env
+
+
+def masked_table(output: str) -> str:
+    """The table and verdict rank 0 printed, with what depends on this machine
+    (host, commit, Python) masked and the column padding made uniform."""
+    start = output.index(f"{C10D.title} preflight")
+    end = output.index("The job would", start)
+    block = output[start : output.index("\n", end)]
+    mask = {
+        socket.gethostname(): "<host>",
+        _messages.short_commit(torch.version.git_version): "<commit>",
+        platform.python_version(): "<python>",
+    }
+    lines = []
+    for line in block.splitlines():
+        cells = re.split(r"  +", line)
+        if len(cells) > 1 and not line.startswith(" "):
+            line = " | ".join("--" if set(c) == {"-"} else mask.get(c, c) for c in cells)
+        lines.append(line.replace(f"host {socket.gethostname()})", "host <host>)"))
+    return "\n".join(lines)
+
+
+def exit_lines(output: str) -> dict[int, int]:
+    return {int(m[1]): int(m[2]) for m in re.finditer(r"preflight rank=(\d+) exit=(\d+)", output)}
+
+
+class TestPreflightTorchrun(TestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory(prefix="pv-preflight-")
+        self.addCleanup(tmp.cleanup)
+        self.worker = Path(tmp.name) / "worker.py"
+        self.worker.write_text(WORKER_SCRIPT)
+
+    def torchrun(self, target: Sequence[str], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={NPROC}", "--monitor-interval=1", *target, "--preflight", *args,
+        ]
+        result, timed_out = run_in_own_session(cmd, BOUND_S, clean_env(**env))
+        self.assertFalse(timed_out, result.stdout[-4000:])
+        return result
+
+    def test_matching_ranks_print_the_table_and_exit_0(self) -> None:
+        result = self.torchrun(["-m", "torch.distributed._protocol_version"], "--timeout", "60")
+        self.assertEqual(result.returncode, 0, result.stdout[-4000:])  # every worker exited 0
+        self.assertEqual(result.stdout.count(f"{C10D.title} preflight"), 1)  # rank 0 alone prints it
+        self.assertExpectedInline(
+            masked_table(result.stdout),
+            """\
+torch.distributed protocol version preflight (backend gloo): 4 ranks, 4 with the check on 1 host
+host | ranks | protocol | torch | commit | python
+-- | -- | -- | -- | -- | --
+<host> | 0-3 | 1 | 2.13.0+cpu | <commit> | <python>
+
+torch.distributed protocol version check passed (backend gloo): the 4 ranks negotiate protocol version 1.
+The job would start.""",
+        )
+
+    def test_one_odd_rank_fails_every_rank(self) -> None:
+        result = self.torchrun([str(self.worker)], "--timeout", "60", **{ODD_RANK_ENV: "3"})
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(exit_lines(result.stdout), dict.fromkeys(range(NPROC), 1), result.stdout[-4000:])
+        table = masked_table(result.stdout)
+        self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>", table)
+        self.assertIn("<host> | 3 | 2 | 2.13.0+cpu | <commit> | <python>", table)
+        self.assertIn(MISMATCH, table)
+        self.assertIn("Why: rank 3 accepts nothing older than protocol version 2", table)
+
+    def test_a_silent_rank_is_named_at_the_timeout(self) -> None:
+        started = time.monotonic()
+        result = self.torchrun([str(self.worker)], "--timeout", "5", **{SILENT_RANK_ENV: "2"})
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(exit_lines(result.stdout), {0: 1, 1: 1, 3: 1}, result.stdout[-4000:])
+        table = masked_table(result.stdout)
+        self.assertIn("silent (published nothing, started no backend): rank 2\n", table)
+        self.assertIn(
+            "timed out after 5s (backend gloo): rank 2 never published a protocol version", table
+        )
+        self.assertLess(time.monotonic() - started, BOUND_S)
+
+
+class TestPreflightExplicitStore(TestCase):
+    def launch(self, commands: dict[int, list[str]]) -> dict[int, tuple[int | None, str]]:
+        """Start one process per rank, each in its own session; return each rank's
+        exit code (``None`` if it had to be killed) and its output."""
+        procs = {}
+        for rank, cmd in commands.items():
+            procs[rank] = subprocess.Popen(
+                cmd, env=clean_env(), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
+        out = {}
+        deadline = time.monotonic() + BOUND_S
+        for rank, proc in procs.items():
+            try:
+                output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+                out[rank] = (proc.returncode, output)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out[rank] = (None, proc.communicate()[0])
+        return out
+
+    def preflight_cmd(self, port: int, rank: int, world_size: int, *args: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed._protocol_version", "--preflight",
+            "--store", f"127.0.0.1:{port}", "--rank", str(rank), "--world-size", str(world_size),
+            "--timeout", "60", *args,
+        ]
+
+    def test_a_rank_on_stock_torch_is_shown_without_the_check(self) -> None:
+        if not STOCK_PY.exists():
+            self.skipTest(f"no stock environment at {STOCK_PY} (make test creates it)")
+        port = find_free_port()
+        commands = {rank: self.preflight_cmd(port, rank, 4) for rank in range(3)}
+        commands[3] = [str(STOCK_PY), "-c", STOCK_RANK, f"127.0.0.1:{port}", "3", "4"]
+        out = self.launch(commands)
+        self.assertEqual([out[r][0] for r in range(3)], [0, 0, 0], out)
+        table = masked_table(out[0][1])
+        self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>\n", table)
+        self.assertIn("without the check (host not known, taken as protocol version 1): rank 3\n", table)
+        self.assertIn("rank 3 runs a build without the protocol version check", table)
+
+    def test_json_is_one_object_on_rank_0_and_nothing_elsewhere(self) -> None:
+        port = find_free_port()
+        out = self.launch({rank: self.preflight_cmd(port, rank, 2, "--json") for rank in range(2)})
+        self.assertEqual((out[0][0], out[1][0]), (0, 0), out)
+        obj = json.loads(out[0][1].strip().splitlines()[-1])
+        self.assertEqual((obj["exit_code"], obj["status"], obj["negotiated"]), (0, "ok", 1))
+        self.assertEqual(obj["hosts"][0]["ranks"], [0, 1])
+        self.assertEqual(obj["hosts"][0]["git_version"], torch.version.git_version)
+        self.assertNotIn("{", out[1][1])
+
+    def test_bad_settings_exit_2_with_one_line(self) -> None:
+        cli = [sys.executable, "-m", "torch.distributed._protocol_version", "--preflight"]
+        cases = {
+            "MASTER_ADDR is not set": (cli, {}),
+            "--store, --rank and --world-size go together": (cli + ["--rank", "1"], {}),
+            f"{VERSION_OVERRIDE_ENV}='x' is not a valid protocol version": (
+                cli + ["--store", "127.0.0.1:1", "--rank", "0", "--world-size", "2"], {VERSION_OVERRIDE_ENV: "x"}
+            ),
+        }
+        for expected, (cmd, env) in cases.items():
+            env = {k: v for k, v in clean_env(**env).items() if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE")}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=BOUND_S)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
+            self.assertIn(expected, proc.stderr)
+
+
+if __name__ == "__main__":
+    run_tests()
