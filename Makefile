@@ -14,7 +14,7 @@ STOCK_STAMP := .venv-stock/.installed
 CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
 PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked
+.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked docs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,12 @@ demo: hooked
 
 test: hooked $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider
+
+# The pages of docs/source with Sphinx and MyST, warnings as errors (make test runs
+# the same build: test/distributed/test_protocol_version_docs.py).
+docs: hooked
+	$(PY) -m sphinx -W --keep-going -q -b html docs/source build/docs
+	@echo "docs: build/docs/index.html"
 
 hook-diff: hooked
 	$(PY) $(HOOK) diff

@@ -7,6 +7,8 @@
    2, 4, 8 spawned ranks, check on against check off, interleaved.
 3. Time to verdict on a mismatch: from the last rank's arrival in
    ``init_process_group`` to the last rank's RuntimeError, timeout 300 s.
+4. The cluster preflight (``--preflight``) at N = 64, 256, 1024 simulated ranks
+   (threads, as in 1), against the same store barrier.
 
 Each benchmark runs its variants side by side in the same run and reports medians
 and ratios: absolute times on a shared machine are noise. Results and the machine
@@ -41,11 +43,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import _bench_init  # noqa: E402
+import _bench_preflight  # noqa: E402
 import _bench_store_scale  # noqa: E402
 from _bench_common import Target  # noqa: E402
 
 
 SCALE_SIZES = (64, 256, 1024, 2048)
+PREFLIGHT_SIZES = (64, 256, 1024)
 INIT_SIZES = (2, 4, 8)
 
 
@@ -148,10 +152,22 @@ def bench_verdict(world_size: int, trials: int, delay: float) -> list[Target]:
     return _bench_init.verdict_targets(results)
 
 
+def bench_preflight(sizes: list[int], reps: int) -> None:
+    print("\n## 4. Cluster preflight at scale (threads, one TCPStore client each, libuv server)")
+    _prepare_for_many_threads(max(sizes))
+    started = time.perf_counter()
+    print(_bench_preflight.bench(sizes, reps))
+    print(
+        f"\n{reps} interleaved repetitions per N in {time.perf_counter() - started:.1f}s; medians; "
+        "x barrier: median of the per-repetition ratios\n(x range: min-max). The preflight "
+        "includes rank 0 reading every payload back and rendering the table."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3], help="e.g. 1,3")
+    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3, 4], help="e.g. 1,3")
     parser.add_argument("--sizes", type=_parse_ints, help="N for benchmark 1")
     parser.add_argument("--reps", type=int, help="repetitions per N in benchmark 1")
     args = parser.parse_args(argv)
@@ -171,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if 3 in args.only:
         targets += bench_verdict(4, trials=2 if args.quick else 4, delay=2.0)
+    if 4 in args.only:
+        bench_preflight(list(PREFLIGHT_SIZES), reps=3 if args.quick else 7)
 
     print("\n## Targets")
     for target in targets:
