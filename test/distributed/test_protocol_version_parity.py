@@ -305,6 +305,24 @@ class TestSettingsAndArguments(TestCase):
         self.assertEqual(_messages.backend_text("undefined"), "default backends")
 
 
+class TestQuietStore(TestCase):
+    def test_tiny_timeout_logs_one_store_warning_at_most(self) -> None:
+        # A TCPStore logs two lines per timed-out call; the check never makes
+        # calls shorter than 50 ms, and only one of them may time out.
+        script = (
+            "import datetime, torch.distributed as dist\n"
+            "from torch.distributed._protocol_version import check_protocol_version\n"
+            "s = dist.TCPStore('127.0.0.1', 0, 2, True, wait_for_workers=False)\n"
+            "try:\n"
+            "    check_protocol_version(s, 0, 2, datetime.timedelta(milliseconds=1))\n"
+            "except dist.DistStoreError as e:\n"
+            "    print('DistStoreError', e)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        self.assertIn("DistStoreError", proc.stdout, proc.stderr)
+        self.assertLessEqual(proc.stderr.count("socket.cpp"), 2, proc.stderr)
+
+
 class TestMessageSize(TestCase):
     """Every list in a message is capped: a few KB at 100,000 ranks."""
 

@@ -237,6 +237,8 @@ class TestCli(TestCase):
             """\
 protocol version:     1
 minimum accepted:     1
+RPC protocol version: 1
+RPC minimum accepted: 1
 torch version:        <torch>
 check mode:           error
 overrides in effect:  none
@@ -244,16 +246,19 @@ overrides in effect:  none
         )
 
     def test_json_with_overrides(self) -> None:
-        out = _cli("--json", **{VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", CHECK_MODE_ENV: "warn"})
+        rpc_env = pv.RPC_VERSION_OVERRIDE_ENV
+        out = _cli("--json", **{VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", CHECK_MODE_ENV: "warn", rpc_env: "3"})
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(
             json.loads(out.stdout),
             {
                 "protocol_version": 4,
                 "min_protocol_version": 2,
+                # The RPC family has its own versions; a collectives' override leaves them.
+                "rpc": {"protocol_version": 3, "min_protocol_version": 3},
                 "torch_version": torch.__version__,
                 "check_mode": "warn",
-                "overrides": {VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2"},
+                "overrides": {VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", rpc_env: "3"},
             },
         )
 

@@ -13,21 +13,27 @@ from typing import Any, Sequence
 
 import torch
 from torch.distributed._protocol_version import _preflight
-from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._settings import check_mode, overrides_set, SettingError, version_range
 
 
 def describe_build() -> dict[str, Any]:
-    """What this node will announce; raises ``SettingError`` on a bad setting,
-    in every mode, as ``init_process_group`` does."""
+    """What this node will announce, for each family; raises ``SettingError`` on a
+    bad setting, in every mode, as ``init_process_group`` and ``init_rpc`` do.
+
+    The collectives' versions stay at the top level, where the first build put
+    them; the RPC family's are under ``"rpc"``.
+    """
     mode = check_mode()
     minimum, version = version_range(C10D)
+    rpc_minimum, rpc_version = version_range(RPC)
     return {
         "protocol_version": version,
         "min_protocol_version": minimum,
+        "rpc": {"protocol_version": rpc_version, "min_protocol_version": rpc_minimum},
         "torch_version": torch.__version__,
         "check_mode": mode,
-        "overrides": {name: os.environ[name] for name in overrides_set(C10D)},
+        "overrides": {name: os.environ[name] for family in (C10D, RPC) for name in overrides_set(family)},
     }
 
 
@@ -35,6 +41,8 @@ def _print_text(build: dict[str, Any]) -> None:
     overrides = ", ".join(f"{k}={v!r}" for k, v in build["overrides"].items()) or "none"
     print(f"protocol version:     {build['protocol_version']}")
     print(f"minimum accepted:     {build['min_protocol_version']}")
+    print(f"RPC protocol version: {build['rpc']['protocol_version']}")
+    print(f"RPC minimum accepted: {build['rpc']['min_protocol_version']}")
     print(f"torch version:        {build['torch_version']}")
     print(f"check mode:           {build['check_mode']}")
     print(f"overrides in effect:  {overrides}")
