@@ -3,56 +3,58 @@
 
     python tools/build_patched_wheel.py      # or: make wheel
     -> dist/torch-2.13.0+cpu.protocolv1-cp311-cp311-manylinux_2_28_x86_64.whl
+    python tools/build_patched_wheel.py --protocol-version 2 --min-protocol-version 1
+    -> dist/torch-2.13.0+cpu.protocolv1to2-cp311-cp311-manylinux_2_28_x86_64.whl
 
 Nodes get the guardrail with a plain ``pip install`` of this wheel. It is the
 pinned upstream wheel (the ``torch==`` line of requirements.txt, CPU build) with
 only these differences:
 
-* ``torch/distributed/distributed_c10d.py`` carries the hook, inserted by the same
-  ``patch_source()`` that ``tools/protocol_version_hook.py install`` uses;
-* ``torch/distributed/_protocol_version.py`` is a copy of this repo's module (a
-  real file: the symlink of the developer install would dangle on a node);
-* the local version label gains ``.protocolv<N>`` (``2.13.0+cpu.protocolv1``), so
-  pip and ``importlib.metadata`` tell a patched node from a stock one at a glance;
-  METADATA, the dist-info directory and the file name follow it;
-* RECORD is recomputed for every file.
+* the hooked files (``distributed_c10d.py``, ``rpc/__init__.py``) carry their
+  hooks, inserted by the same ``apply_hooks()`` that ``tools/protocol_version_hook.py
+  install`` uses;
+* what ``install`` links into torch is copied in, as real files (a symlink would
+  dangle on a node): the ``torch/distributed/_protocol_version/`` package, and
+  the shared helpers under ``torch/testing/_internal/distributed/``, where
+  upstream's wheel keeps its own;
+* with ``--protocol-version``/``--min-protocol-version``, the package's
+  ``_versions.py`` says other versions: a real other build, as a bump would make
+  it, for tests that mix builds across hosts without any override variable;
+* the local version label gains ``.protocolv<N>`` (``.protocolv<M>to<N>`` for a
+  build that accepts older versions too), so pip and ``importlib.metadata`` tell
+  the builds apart at a glance; METADATA, the dist-info directory and the file
+  name follow it.
 
-Entries that do not change are copied as their compressed bytes: deflating the
-700 MB of libraries again takes ~45 s on two cores, copying takes seconds. Every
-entry is still inflated once, to hash it for RECORD, which also checks its CRC.
+The zip work is the ``wheel`` package's: ``wheel unpack``, the edits above, then
+``wheel pack``, which writes a fresh RECORD. ``SOURCE_DATE_EPOCH`` pins every
+entry's timestamp, so the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import base64
-import csv
-import hashlib
-import io
 import os
 import re
-import struct
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
 
 from packaging.version import InvalidVersion, Version
 
-from protocol_version_hook import MODULE_SOURCE, REPO, PatchError, patch_source
+from protocol_version_hook import apply_hooks, linked_paths, MODULE_SOURCE, PACKAGE, PatchError, REPO
 
 
-C10D = "torch/distributed/distributed_c10d.py"
-MODULE = "torch/distributed/_protocol_version.py"
+MODULE = f"torch/{PACKAGE}"
+VERSIONS_FILE = "_versions.py"
 DEFAULT_DOWNLOAD_DIR = REPO / "build" / "upstream-wheels"
 DEFAULT_OUT_DIR = REPO / "dist"
-_CHUNK = 1 << 20
+# 1980-01-01, the earliest time a zip entry can hold; used unless the caller sets
+# SOURCE_DATE_EPOCH itself.
+DEFAULT_SOURCE_DATE_EPOCH = "315532800"
 
 
 class BuildError(RuntimeError):
@@ -60,7 +62,7 @@ class BuildError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- #
-# Versions and metadata
+# Versions
 # --------------------------------------------------------------------------- #
 
 
@@ -72,23 +74,70 @@ def pinned_torch_version(requirements: Path) -> str:
     return pins[0]
 
 
-def module_protocol_version(source: str) -> int:
-    """``PROTOCOL_VERSION`` of the module, read without importing torch."""
-    for node in ast.parse(source).body:
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and node.target.id == "PROTOCOL_VERSION"
-            and isinstance(node.value, ast.Constant)
-            and type(node.value.value) is int
-        ):
-            return node.value.value
-    raise BuildError(f"no 'PROTOCOL_VERSION: int = <literal>' in {MODULE_SOURCE}")
+@dataclass(frozen=True)
+class ProtocolVersions:
+    """What a build speaks: ``version``, and the oldest it accepts, ``minimum``."""
+
+    version: int
+    minimum: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.minimum <= self.version:
+            raise BuildError(
+                f"protocol version {self.version} with minimum {self.minimum}: "
+                "need 1 <= minimum <= version"
+            )
+
+    @property
+    def label(self) -> str:
+        """``protocolv2``, or ``protocolv1to2`` for a build that also accepts 1."""
+        if self.minimum == self.version:
+            return f"protocolv{self.version}"
+        return f"protocolv{self.minimum}to{self.version}"
+
+
+# The two lines of _versions.py a bump edits, as written there. An exact line,
+# not a parse: a reviewer reads the same line the tool rewrites.
+_VERSION_LINES = {
+    "version": re.compile(r"^PROTOCOL_VERSION: int = (\d+)$", re.MULTILINE),
+    "minimum": re.compile(r"^MIN_PROTOCOL_VERSION: int = (\d+)$", re.MULTILINE),
+}
+
+
+def _version_line(source: str, field: str, origin: str) -> re.Match[str]:
+    matches = list(_VERSION_LINES[field].finditer(source))
+    if len(matches) != 1:
+        raise BuildError(
+            f"expected exactly one line matching {_VERSION_LINES[field].pattern!r} in "
+            f"{origin}, found {len(matches)}; the wheel tool reads and rewrites that line"
+        )
+    return matches[0]
+
+
+def read_versions(source: str, origin: str = VERSIONS_FILE) -> ProtocolVersions:
+    """The versions that ``_versions.py`` (given as ``source``) declares."""
+    values = {field: int(_version_line(source, field, origin).group(1)) for field in _VERSION_LINES}
+    return ProtocolVersions(**values)
+
+
+def set_versions(source: str, versions: ProtocolVersions, origin: str = VERSIONS_FILE) -> str:
+    """``source`` with its two version lines saying ``versions``; the rest unchanged."""
+    for field in _VERSION_LINES:
+        line = _version_line(source, field, origin)
+        start, end = line.span(1)
+        source = source[:start] + str(getattr(versions, field)) + source[end:]
+    return source
+
+
+def repo_versions() -> ProtocolVersions:
+    """The versions this repo's package declares."""
+    path = MODULE_SOURCE / VERSIONS_FILE
+    return read_versions(path.read_text(), str(path))
 
 
 def default_local_suffix() -> str:
     """``protocolv<N>``: the label says which protocol version the build speaks."""
-    return f"protocolv{module_protocol_version(MODULE_SOURCE.read_text())}"
+    return repo_versions().label
 
 
 def local_version(upstream: str, suffix: str) -> str:
@@ -108,31 +157,6 @@ def local_version(upstream: str, suffix: str) -> str:
     if normalized != candidate:
         raise BuildError(f"{candidate!r} is not in PEP 440 normal form (it reads as {normalized!r})")
     return candidate
-
-
-def set_metadata_version(metadata: str, version: str) -> str:
-    """Replace the ``Version:`` header of METADATA, leaving the rest byte for byte."""
-    head, blank, body = metadata.partition("\n\n")
-    lines = head.split("\n")
-    hits = [i for i, line in enumerate(lines) if line.startswith("Version:")]
-    if len(hits) != 1:
-        raise BuildError(f"METADATA has {len(hits)} 'Version:' headers, expected 1")
-    lines[hits[0]] = f"Version: {version}"
-    return "\n".join(lines) + blank + body
-
-
-def record_hash(sha256_digest: bytes) -> str:
-    """RECORD's digest format: ``sha256=`` + urlsafe base64 without padding."""
-    return "sha256=" + base64.urlsafe_b64encode(sha256_digest).rstrip(b"=").decode()
-
-
-def record_text(rows: Iterable[tuple[str, str, int]], record_name: str) -> str:
-    """RECORD as CSV: every file with hash and size, RECORD itself unhashed."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerows(rows)
-    writer.writerow([record_name, "", ""])
-    return out.getvalue()
 
 
 @dataclass(frozen=True)
@@ -156,6 +180,11 @@ class WheelName:
     @property
     def filename(self) -> str:
         return f"{self.name}-{self.version}-{self.tags}.whl"
+
+    @property
+    def unpacked(self) -> str:
+        """The directory ``wheel unpack`` makes for this wheel."""
+        return f"{self.name}-{self.version}"
 
     @property
     def dist_info(self) -> str:
@@ -202,209 +231,79 @@ def find_upstream_wheel(version: str, download_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- #
-# Writing the zip
-# --------------------------------------------------------------------------- #
-
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
-_END_RECORD = struct.Struct("<4s4H2LH")
-_ZIP32_MAX = 0xFFFFFFFF
-_UTF8_FLAG = 0x800
-
-
-def _dos_time(date_time: tuple[int, int, int, int, int, int]) -> tuple[int, int]:
-    year, month, day, hour, minute, second = date_time
-    return hour << 11 | minute << 5 | second // 2, (year - 1980) << 9 | month << 5 | day
-
-
-class _ZipWriter:
-    """A minimal zip writer that takes entries as already-compressed bytes.
-
-    ``zipfile`` can only add an entry by compressing it itself, which for this
-    wheel means deflating 700 MB again. Writes no data descriptors and no zip64
-    records (refusing what would need them): the torch wheel needs neither.
-    """
-
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self._entries: list[zipfile.ZipInfo] = []
-        self._names: set[str] = set()
-
-    def add(self, info: zipfile.ZipInfo, compressed: Iterable[bytes]) -> None:
-        """Write ``info`` (CRC, sizes and method already set) and its data."""
-        if info.filename in self._names:
-            raise BuildError(f"duplicate wheel entry {info.filename}")
-        self._names.add(info.filename)
-        info.header_offset = self._out.tell()
-        info.flag_bits = 0 if info.filename.isascii() else _UTF8_FLAG
-        if max(info.header_offset, info.compress_size, info.file_size) > _ZIP32_MAX:
-            raise BuildError(f"{info.filename} needs zip64, which this writer does not write")
-        name = info.filename.encode()
-        time_, date = _dos_time(info.date_time)
-        self._out.write(
-            _LOCAL_HEADER.pack(
-                b"PK\x03\x04", 20, 0, info.flag_bits, info.compress_type, time_, date,
-                info.CRC, info.compress_size, info.file_size, len(name), 0,
-            )
-            + name
-        )
-        written = 0
-        for chunk in compressed:
-            self._out.write(chunk)
-            written += len(chunk)
-        if written != info.compress_size:
-            raise BuildError(f"{info.filename}: wrote {written} bytes, expected {info.compress_size}")
-        self._entries.append(info)
-
-    def close(self) -> None:
-        """Write the central directory and the end record."""
-        start = self._out.tell()
-        for info in self._entries:
-            name = info.filename.encode()
-            time_, date = _dos_time(info.date_time)
-            self._out.write(
-                _CENTRAL_HEADER.pack(
-                    b"PK\x01\x02", 20, info.create_system, 20, 0, info.flag_bits,
-                    info.compress_type, time_, date, info.CRC, info.compress_size,
-                    info.file_size, len(name), 0, 0, 0, 0, info.external_attr, info.header_offset,
-                )
-                + name
-            )
-        size = self._out.tell() - start
-        if len(self._entries) > 0xFFFF or start + size > _ZIP32_MAX:
-            raise BuildError("the wheel needs zip64, which this writer does not write")
-        count = len(self._entries)
-        self._out.write(_END_RECORD.pack(b"PK\x05\x06", 0, 0, count, count, size, start, 0))
-
-
-def _raw_data(wheel: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
-    """The compressed bytes of one entry of ``wheel``, as stored."""
-    wheel.seek(info.header_offset)
-    header = _LOCAL_HEADER.unpack(wheel.read(_LOCAL_HEADER.size))
-    if header[0] != b"PK\x03\x04":
-        raise BuildError(f"{info.filename}: no local file header at offset {info.header_offset}")
-    wheel.seek(info.header_offset + _LOCAL_HEADER.size + header[10] + header[11])
-    left = info.compress_size
-    while left:
-        chunk = wheel.read(min(_CHUNK, left))
-        if not chunk:
-            raise BuildError(f"{info.filename}: the upstream wheel is truncated")
-        left -= len(chunk)
-        yield chunk
-
-
-def _hash_entry(source: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
-    """RECORD digest of one entry's content; zipfile checks the CRC on the way."""
-    digest = hashlib.sha256()
-    with source.open(info) as data:
-        while chunk := data.read(_CHUNK):
-            digest.update(chunk)
-    return record_hash(digest.digest())
-
-
-def _copied_info(info: zipfile.ZipInfo, name: str) -> zipfile.ZipInfo:
-    copy = zipfile.ZipInfo(name, info.date_time)
-    copy.compress_type, copy.create_system = info.compress_type, info.create_system
-    copy.CRC, copy.compress_size, copy.file_size = info.CRC, info.compress_size, info.file_size
-    copy.external_attr = info.external_attr
-    return copy
-
-
-def _deflated(like: zipfile.ZipInfo, name: str, data: bytes) -> tuple[zipfile.ZipInfo, list[bytes]]:
-    """A new entry holding ``data``, with the mode and timestamp of ``like``."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-    compressed = compressor.compress(data) + compressor.flush()
-    info = _copied_info(like, name)
-    info.compress_type, info.CRC = zipfile.ZIP_DEFLATED, zlib.crc32(data)
-    info.compress_size, info.file_size = len(compressed), len(data)
-    return info, [compressed]
-
-
-# --------------------------------------------------------------------------- #
 # The build
 # --------------------------------------------------------------------------- #
 
-_Row = tuple[str, str, int]
+
+def _wheel_command(*args: str) -> None:
+    """Run ``python -m wheel ARGS``: the ecosystem's tool, through its CLI."""
+    env = {"SOURCE_DATE_EPOCH": DEFAULT_SOURCE_DATE_EPOCH, **os.environ}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wheel", *args], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise BuildError(f"`wheel {' '.join(args)}` exited {proc.returncode}: {said}")
 
 
-def _add_bytes(writer: _ZipWriter, like: zipfile.ZipInfo, name: str, data: bytes) -> _Row:
-    writer.add(*_deflated(like, name, data))
-    return name, record_hash(hashlib.sha256(data).digest()), len(data)
+def _copy_in(rel: Path, torch_dir: Path) -> None:
+    """Copy ``rel`` (a file or a package) from this repo's torch/ into ``torch_dir``."""
+    source, target = REPO / "torch" / rel, torch_dir / rel
+    if target.exists():
+        raise BuildError(f"the upstream wheel already ships torch/{rel}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy(source, target)
 
 
-def _add_upstream(
-    writer: _ZipWriter,
-    source: zipfile.ZipFile,
-    raw: BinaryIO,
-    info: zipfile.ZipInfo,
-    name: str,
-    replaced: dict[str, bytes],
-) -> _Row:
-    """Copy one upstream entry as ``name``, or write its replacement; returns its RECORD row."""
-    if info.filename in replaced:
-        return _add_bytes(writer, info, name, replaced[info.filename])
-    writer.add(_copied_info(info, name), _raw_data(raw, info))
-    return name, _hash_entry(source, info), info.file_size
+def _edit_tree(root: Path, versions: ProtocolVersions | None) -> None:
+    """The guardrail's changes to an unpacked torch wheel at ``root``."""
+    torch_dir = root / "torch"
+    apply_hooks(torch_dir)
+    for rel in linked_paths():
+        _copy_in(rel, torch_dir)
+    if versions is not None:
+        path = torch_dir / PACKAGE / VERSIONS_FILE
+        path.write_text(set_versions(path.read_text(), versions, f"{MODULE}/{VERSIONS_FILE}"))
 
 
-def _replacements(source: zipfile.ZipFile, old_dist_info: str, version: str) -> dict[str, bytes]:
-    """New content for the upstream entries that change, by upstream name."""
-    c10d = source.read(C10D).decode()
-    metadata = source.read(old_dist_info + "METADATA").decode()
-    return {
-        C10D: patch_source(c10d, f"{C10D} in the upstream wheel").encode(),
-        old_dist_info + "METADATA": set_metadata_version(metadata, version).encode(),
-    }
-
-
-def _write_wheel(
-    source: zipfile.ZipFile, raw: BinaryIO, out: BinaryIO, old: WheelName, new: WheelName
-) -> None:
-    """Package files first, then our module, then dist-info (renamed), RECORD last."""
-    if old.dist_info + "METADATA" not in source.NameToInfo:
-        raise BuildError(f"the upstream wheel has no {old.dist_info}METADATA")
-    if MODULE in source.NameToInfo:
-        raise BuildError(f"the upstream wheel already ships {MODULE}")
-    replaced = _replacements(source, old.dist_info, new.version)
-    old_record = source.getinfo(old.dist_info + "RECORD")
-    infos = [i for i in source.infolist() if i is not old_record]
-    writer = _ZipWriter(out)
-    rows = [
-        _add_upstream(writer, source, raw, i, i.filename, replaced)
-        for i in infos
-        if not i.filename.startswith(old.dist_info)
-    ]
-    rows.append(_add_bytes(writer, source.getinfo(C10D), MODULE, MODULE_SOURCE.read_bytes()))
-    rows += [
-        _add_upstream(writer, source, raw, i, new.dist_info + i.filename[len(old.dist_info):], replaced)
-        for i in infos
-        if i.filename.startswith(old.dist_info)
-    ]
-    record = new.dist_info + "RECORD"
-    _add_bytes(writer, old_record, record, record_text(rows, record).encode())
-    writer.close()
-
-
-def build_wheel(upstream: Path, out_dir: Path, suffix: str) -> Path:
+def build_wheel(
+    upstream: Path, out_dir: Path, suffix: str, versions: ProtocolVersions | None = None
+) -> Path:
     """Write the patched wheel into ``out_dir``; returns its path.
 
-    The wheel appears under its final name only once complete, so a failed or
-    interrupted build never leaves a wheel that pip would take.
+    ``versions`` rewrites the package's ``_versions.py`` (``None`` keeps this
+    repo's). The wheel is packed in a scratch directory inside ``out_dir`` and
+    appears under its final name only once complete, so a failed or interrupted
+    build never leaves a wheel that pip would take.
     """
     old = WheelName.parse(upstream.name)
     new = old.with_version(local_version(old.version, suffix))
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".building-", suffix=".whl")
-    try:
-        with zipfile.ZipFile(upstream) as source, upstream.open("rb") as raw, os.fdopen(fd, "wb") as out:
-            _write_wheel(source, raw, out, old, new)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is wrong for an artifact to ship
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".building-") as scratch:
+        _wheel_command("unpack", "--dest", scratch, str(upstream))
+        root = Path(scratch) / old.unpacked
+        _edit_tree(root, versions)
+        packed = Path(scratch) / "packed"
+        packed.mkdir()
+        local_label = new.version.partition("+")[2]
+        _wheel_command("pack", "--dest-dir", str(packed), "--local-version", local_label, str(root))
+        built = packed / new.filename
+        if not built.is_file():
+            made = [p.name for p in packed.iterdir()]
+            raise BuildError(f"`wheel pack` made {made}, expected {new.filename}")
         target = out_dir / new.filename
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        os.replace(built, target)
     return target
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive protocol version")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,15 +311,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-wheel", type=Path, help="default: the pin, fetched by pip download")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--download-dir", type=Path, default=DEFAULT_DOWNLOAD_DIR)
-    parser.add_argument("--local-suffix", help="default: protocolv<PROTOCOL_VERSION of the module>")
+    parser.add_argument(
+        "--protocol-version", type=_positive_int, help="PROTOCOL_VERSION of the build (default: the repo's)"
+    )
+    parser.add_argument(
+        "--min-protocol-version", type=_positive_int,
+        help="MIN_PROTOCOL_VERSION of the build (default: the repo's)",
+    )
+    parser.add_argument("--local-suffix", help="default: protocolv<N>, or protocolv<MIN>to<N>")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        suffix = args.local_suffix or default_local_suffix()
+        repo = repo_versions()
+        versions = ProtocolVersions(
+            repo.version if args.protocol_version is None else args.protocol_version,
+            repo.minimum if args.min_protocol_version is None else args.min_protocol_version,
+        )
         upstream = args.upstream_wheel or find_upstream_wheel(
             pinned_torch_version(REPO / "requirements.txt"), args.download_dir
         )
-        wheel = build_wheel(upstream, args.out_dir, suffix)
+        wheel = build_wheel(upstream, args.out_dir, args.local_suffix or versions.label, versions)
     except (BuildError, PatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

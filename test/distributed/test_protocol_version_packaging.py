@@ -55,10 +55,6 @@ def _stock_sources() -> dict[str, str]:
     return {h.target: h.unpatch((torch_dir / h.target).read_text(), h.target) for h in hook.HOOKS}
 
 
-def _stock_c10d() -> str:
-    return _stock_sources()[hook.HOOKS[0].target]
-
-
 def _write_stock(torch_dir: Path) -> None:
     for rel, text in _stock_sources().items():
         (torch_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +95,15 @@ LIBRARY = bytes(range(256)) * 512
 _SEGMENT = r"(?:[a-z][a-z0-9]{0,11}|0|[1-9][0-9]{0,8})"
 
 
-def _small_upstream(directory: Path, c10d: str) -> Path:
-    """A wheel shaped like torch's: a stored file, an executable, dist-info, a RECORD
+def _small_upstream(directory: Path, hooked: dict[str, str]) -> Path:
+    """A wheel shaped like torch's: a stored file, the files the hooks go into
+    (``hooked``: path in torch/ -> text), an executable, dist-info, a RECORD
     (which ``wheel unpack`` checks)."""
     path = directory / SMALL
     with WheelFile(path, "w") as wheel:
         wheel.writestr("torch/__init__.py", "", zipfile.ZIP_STORED)
-        wheel.writestr(bw.C10D, c10d)
+        for rel, text in hooked.items():
+            wheel.writestr(f"torch/{rel}", text)
         library = zipfile.ZipInfo("torch/lib/libfake.so", (2026, 7, 3, 22, 22, 46))
         library.external_attr = (stat.S_IFREG | 0o755) << 16
         wheel.writestr(library, LIBRARY)
@@ -114,11 +112,14 @@ def _small_upstream(directory: Path, c10d: str) -> Path:
     return path
 
 
-def _package_files() -> dict[str, str]:
-    """This repo's package as the wheel holds it: path in the wheel -> digest."""
+def _linked_files() -> dict[str, str]:
+    """What ``install`` links, as the wheel holds it: path in the wheel -> digest."""
+    root = REPO / "torch"
+    sources = [root / rel for rel in hook.linked_paths()]
+    files = [p for s in sources for p in (s.rglob("*") if s.is_dir() else [s])]
     return {
-        f"{bw.MODULE}/{path.relative_to(hook.MODULE_SOURCE)}": _sha(path.read_bytes())
-        for path in hook.MODULE_SOURCE.rglob("*")
+        f"torch/{path.relative_to(root)}": _sha(path.read_bytes())
+        for path in files
         if path.is_file() and "__pycache__" not in path.parts
     }
 
@@ -179,7 +180,7 @@ class TestWheelRecipe(TestCase):
         self.assertEqual(bw.default_local_suffix(), f"protocolv{PROTOCOL_VERSION}")
 
     def test_build_small_wheel(self) -> None:
-        stock = _stock_c10d()
+        stock = _stock_sources()
         with tempfile.TemporaryDirectory() as tmp:
             upstream = _small_upstream(Path(tmp), stock)
             built = bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
@@ -187,16 +188,17 @@ class TestWheelRecipe(TestCase):
             self.assertEqual(os.listdir(built.parent), [built.name])
             again = bw.build_wheel(upstream, Path(tmp) / "again", "protocolv1")
             self.assertEqual(_sha(again.read_bytes()), _sha(built.read_bytes()), "not reproducible")
-            package = _package_files()
+            linked = _linked_files()
             with zipfile.ZipFile(built) as wheel, zipfile.ZipFile(upstream) as source:
                 self.assertIsNone(wheel.testzip())
                 self.assertEqual(
                     sorted(wheel.namelist()),
-                    sorted(["torch/__init__.py", bw.C10D, "torch/lib/libfake.so", *package,
-                            NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"]),
+                    sorted(["torch/__init__.py", *(f"torch/{rel}" for rel in stock), "torch/lib/libfake.so",
+                            *linked, NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"]),
                 )
-                self.assertEqual(_sha(wheel.read(bw.C10D)), _sha(hook.patch_source(stock)))
-                for name, digest in package.items():
+                for h in hook.HOOKS:
+                    self.assertEqual(_sha(wheel.read(f"torch/{h.target}")), _sha(h.patch(stock[h.target], h.target)))
+                for name, digest in linked.items():
                     self.assertEqual(_sha(wheel.read(name)), digest, name)
                 metadata = wheel.read(NEW_INFO + "METADATA").decode()
                 self.assertIn("\nVersion: 2.13.0+cpu.protocolv1\n", metadata)
@@ -215,7 +217,7 @@ class TestWheelRecipe(TestCase):
     def test_build_other_versions(self) -> None:
         """``--protocol-version 2 --min-protocol-version 1``: a real bridging build."""
         with tempfile.TemporaryDirectory() as tmp:
-            upstream = _small_upstream(Path(tmp), _stock_c10d())
+            upstream = _small_upstream(Path(tmp), _stock_sources())
             out = Path(tmp) / "out"
             with contextlib.redirect_stdout(io.StringIO()):
                 code = bw.main(
@@ -231,7 +233,8 @@ class TestWheelRecipe(TestCase):
 
     def test_failed_build_leaves_no_wheel(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            upstream = _small_upstream(Path(tmp), "def init_process_group(): pass\n")
+            broken = {**_stock_sources(), hook.HOOKS[0].target: "def init_process_group(): pass\n"}
+            upstream = _small_upstream(Path(tmp), broken)
             with self.assertRaisesRegex(hook.PatchError, "refusing to patch"):
                 bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
             self.assertEqual(os.listdir(Path(tmp) / "out"), [])
