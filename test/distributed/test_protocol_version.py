@@ -249,7 +249,7 @@ class TestCheckOnOneStore(TestCase):
     def _run(self, store: dist.Store, versions: dict[int, int], world_size: int, timeout: float = 10.0) -> dict[int, Any]:
         """Run the ranks in ``versions`` as threads; absent ranks never arrive."""
         # The override variable is process-wide, so threads get their versions here.
-        with mock.patch.object(_exchange, "local_info", lambda r, family, mode: rank_info(r, versions[r])):
+        with mock.patch.object(_exchange, "local_info", lambda r, family, mode, name="": rank_info(r, versions[r])):
             outcomes = RankThreads(world_size, timeout).start(dict.fromkeys(versions, store)).join()
         return {rank: outcome.result for rank, outcome in outcomes.items()}
 

@@ -96,7 +96,7 @@ class TestRangeRules(TestCase):
         store = dist.HashStore()
         threads = RankThreads(len(rank_ranges), timeout_s=10)
         infos = {r: rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)}
-        with mock.patch.object(_exchange, "local_info", lambda r, family, mode: infos[r]):
+        with mock.patch.object(_exchange, "local_info", lambda r, family, mode, name="": infos[r]):
             for rank in order:
                 threads.start({rank: store})
                 # Publish one at a time, in the chosen order (rank 0 opens the epoch

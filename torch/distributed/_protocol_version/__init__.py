@@ -11,8 +11,11 @@ The package, one concern a file: ``_versions`` (the numbers a maintainer bumps),
 ``_families`` (each versioned wire as data), ``_settings`` (environment),
 ``_payload`` (what is written to the store, parsed strictly), ``_judge`` (the
 rule, the negotiated version, the advice), ``_messages`` (every sentence),
-``_exchange`` (the store protocol), ``_diagnose`` (the slow path: late, missing
-and unchecked ranks), ``_cli`` (``python -m torch.distributed._protocol_version``).
+``_store`` (deadlines and bounded store calls), ``_exchange`` (the store
+protocol), ``_diagnose`` (the slow path: late, missing and unchecked ranks),
+``_rpc`` (the RPC family's hook, static and dynamic groups), ``_preflight`` (the
+check of a whole job without a backend) and ``_cli``
+(``python -m torch.distributed._protocol_version``).
 
 Environment variables (read on every check, validated before any store traffic):
 
