@@ -1,58 +1,51 @@
 #!/usr/bin/env python3
-"""Run upstream's distributed test suite on the patched and the stock torch, side by side.
+"""Run upstream's distributed and RPC test suites on the patched and the stock torch, side by side.
 
-The guardrail adds a store exchange to every ``init_process_group``. The
-strongest evidence that it changes nothing else is upstream's own suite,
-``torch.testing._internal.distributed.distributed_test`` (``DistributedTest._DistTestBase``
-on ``TestDistBackend``, the suite upstream runs as ``test_distributed_spawn.py``),
-giving the same outcomes on the patched torch (``.venv``) and on the same pinned
-wheel without the hook (``.venv-stock``). Comparing against stock rather than
-expecting all-pass matters: some upstream tests fail or skip on a CPU-only
-2-core machine whatever we do, and only a *difference* is ours.
+The guardrail adds a store exchange to every ``init_process_group`` and every
+``init_rpc``. The strongest evidence that it changes nothing else is upstream's
+own suites giving the same outcomes on the patched torch (``.venv``) and on the
+same pinned wheel without the hooks (``.venv-stock``). Comparing against stock
+rather than expecting all-pass matters: some upstream tests fail or skip on a
+CPU-only 2-core machine whatever we do, and only a *difference* is ours.
+
+``SUITES`` holds one row per suite (``--suite c10d|rpc|all``, default all, one
+after the other):
+
+* ``c10d``: ``DistributedTest._DistTestBase`` on ``TestDistBackend`` (upstream's
+  ``test_distributed_spawn.py``): gloo, world size 2, spawn, with
+  ``BACKEND``/``WORLD_SIZE``/``TEMP_DIR``/``INIT_METHOD`` set as upstream's runner
+  does. Subset: initialisation (``test_barrier_timeout_global`` re-inits through
+  ``file://`` with a 1 s timeout: the check runs again, on a fresh store, under a
+  tight timeout), groups, barrier, the main collectives.
+* ``rpc``: ``generate_tests`` with the TensorPipe fixture over every generic and
+  TensorPipe-only RPC suite (upstream's ``rpc/test_tensorpipe_agent.py``; 436
+  tests, 4 workers each). Subset: ``init_rpc`` twice, after a process group, with
+  a duplicate name; a call, shutdown, distributed autograd.
 
 The repo ships no upstream test file: the driver writes a tiny module into a
-temp dir that builds the concrete ``TestCase`` from the installed classes, then
-runs it with pytest in each environment (gloo, world size 2, spawn start method,
-``BACKEND``/``WORLD_SIZE``/``TEMP_DIR``/``INIT_METHOD`` set as upstream's runner
-does; each test's ``setUp`` makes its own temp dirs and ``file://`` init file).
-Both environments run at the same time: each test spends most of its wall time
-starting two interpreters and waiting on barriers, so overlapping them cuts the
-wall time almost in half even on 2 cores (subset: 114s for one environment
-alone, 128s for both together).
-
-Selections:
-
-* default: a fixed subset that fits the CI budget (``make test`` runs it through
-  ``test/distributed/test_upstream_suite_subset.py``)::
-
-    initialisation   test_get_rank, test_get_backend,
-                     test_barrier_timeout_global (destroys the default group and
-                     re-inits it through file:// with a 1 s timeout: the check
-                     runs a second time, on a fresh store, under a tight timeout)
-    groups           test_destroy_full_group, test_get_rank_size_full_group
-    barrier          test_barrier, test_barrier_full_group
-    collectives      test_all_reduce_sum, test_broadcast, test_all_gather,
-                     test_reduce_sum, test_scatter, test_gather
-
-  Exact test names (pytest node ids), not substrings: an upstream rename makes
-  pytest report the id as not found and the driver fail, instead of the subset
-  silently shrinking.
-* ``--full``: every test of the class (``make upstream-suite``).
+temp dir that builds the concrete classes from the installed ones, then runs it
+with pytest in each environment. Subsets are exact pytest node ids: an upstream
+rename makes pytest fail the run instead of the subset silently shrinking. Both
+environments run at the same time (each test mostly waits on spawned
+interpreters and barriers, so overlapping them nearly halves the wall time).
+``--full`` runs whole suites (``make upstream-suite``).
 
 Measured on the shared 2-core machine (torch 2.13.0+cpu, both environments at
-once): the subset takes 2-3.5 minutes (13 passed on each side); the full suite
-takes about an hour (57 min; 285 tests, 91 passed, 194 skipped, 0 failed on each
-side: most skips need CUDA, NCCL, MPI or a larger world).
+once): the c10d subset takes 2-3.5 minutes (13 passed on each side), the full c10d
+suite 41-57 minutes (285 tests: 91 passed, 194 skipped, 0 failed on each side;
+the skips need CUDA, NCCL, MPI or a larger world). The RPC subset of 12 tests
+passed 12/12 on each side in 474 s under a load average of 12; the 6 kept for
+``make test`` take a fraction of that.
 
 Before running anything the driver checks that the patched interpreter really
-has the hook and the stock one really does not (``tools/protocol_version_hook.py
+has the hooks and the stock one really does not (``tools/protocol_version_hook.py
 status``) and that both have the same torch, otherwise the comparison proves
-nothing. Variables of the guardrail (``TORCH_DISTRIBUTED_PROTOCOL_*``) are removed
-from both environments so a developer's shell cannot skew one side.
+nothing. The guardrail's variables are removed from both environments so a
+developer's shell cannot skew one side.
 
-Exit status: 0 when the pass/fail/skip counts are identical and no test fails
-on the patched torch only; 1 when they differ; 2 when the comparison could not
-be made (wrong environments, pytest crashed or timed out).
+Exit status: 0 when, for every suite, the pass/fail/skip counts are identical and
+no test fails on the patched torch only; 1 when they differ; 2 when the
+comparison could not be made (wrong environments, pytest crashed or timed out).
 """
 
 from __future__ import annotations
@@ -76,12 +69,29 @@ HOOK_TOOL = REPO / "tools" / "protocol_version_hook.py"
 DEFAULT_PATCHED = REPO / ".venv" / "bin" / "python"
 DEFAULT_STOCK = REPO / ".venv-stock" / "bin" / "python"
 
-MODULE_NAME = "test_upstream_distributed_gloo"
-CLASS_NAME = "TestDistBackendWithSpawn"
-# The concrete class upstream's test_distributed_spawn.py defines, built from the
-# installed classes. TestDistBackend must come first: its setUp/_run drive the
-# mixin's tests in spawned ranks.
-MODULE_TEXT = f'''\
+@dataclass(frozen=True)
+class Suite:
+    """One upstream suite: a module that builds its concrete test classes from the
+    installed ones (the repo ships no upstream test file), the fixed subset that
+    ``make test`` runs (pytest node ids below the module: an upstream rename makes
+    pytest fail the run instead of the subset silently shrinking), and whether it
+    needs the gloo runner's environment."""
+
+    name: str
+    module_name: str
+    module_text: str
+    subset: tuple[str, ...]
+    gloo_env: bool
+
+
+# Upstream's test_distributed_spawn.py, built from the installed classes.
+# TestDistBackend must come first: its setUp/_run drive the mixin's tests in
+# spawned ranks.
+_C10D_CLASS = "TestDistBackendWithSpawn"
+C10D_SUITE = Suite(
+    name="c10d",
+    module_name="test_upstream_distributed_gloo",
+    module_text=f'''\
 """Generated by tools/run_upstream_suite.py: upstream's distributed suite on gloo."""
 from torch.testing._internal.distributed.distributed_test import (
     DistributedTest,
@@ -89,34 +99,68 @@ from torch.testing._internal.distributed.distributed_test import (
 )
 
 
-class {CLASS_NAME}(TestDistBackend, DistributedTest._DistTestBase):
+class {_C10D_CLASS}(TestDistBackend, DistributedTest._DistTestBase):
     def setUp(self):
         super().setUp()
         self._spawn_processes()
-'''
-
-SUBSET = (
-    # initialisation
-    "test_get_rank",
-    "test_get_backend",
-    "test_barrier_timeout_global",
-    # groups
-    "test_destroy_full_group",
-    "test_get_rank_size_full_group",
-    # barrier
-    "test_barrier",
-    "test_barrier_full_group",
-    # collectives
-    "test_all_reduce_sum",
-    "test_broadcast",
-    "test_all_gather",
-    "test_reduce_sum",
-    "test_scatter",
-    "test_gather",
+''',
+    subset=tuple(
+        f"{_C10D_CLASS}::{name}"
+        for name in (
+            # initialisation
+            "test_get_rank",
+            "test_get_backend",
+            "test_barrier_timeout_global",
+            # groups
+            "test_destroy_full_group",
+            "test_get_rank_size_full_group",
+            # barrier
+            "test_barrier",
+            "test_barrier_full_group",
+            # collectives
+            "test_all_reduce_sum",
+            "test_broadcast",
+            "test_all_gather",
+            "test_reduce_sum",
+            "test_scatter",
+            "test_gather",
+        )
+    ),
+    gloo_env=True,
 )
+# Upstream's test/distributed/rpc/test_tensorpipe_agent.py, built the same way:
+# every generic RPC suite (RpcTest, DistAutogradTest, RRefs, remote modules...)
+# and the TensorPipe-only ones, on the TensorPipe fixture.
+RPC_SUITE = Suite(
+    name="rpc",
+    module_name="test_upstream_rpc_tensorpipe",
+    module_text='''\
+"""Generated by tools/run_upstream_suite.py: upstream's RPC suites on TensorPipe."""
+from torch.testing._internal.distributed.rpc.tensorpipe_rpc_agent_test_fixture import (
+    TensorPipeRpcAgentTestFixture,
+)
+from torch.testing._internal.distributed.rpc_utils import GENERIC_TESTS, generate_tests, TENSORPIPE_TESTS
+
+globals().update(
+    generate_tests("TensorPipe", TensorPipeRpcAgentTestFixture, GENERIC_TESTS + TENSORPIPE_TESTS, __name__)
+)
+''',
+    subset=(
+        # init_rpc itself: the hook's place (each test runs 4 workers: kept short)
+        "TensorPipeRpcTest::test_init_rpc_twice",
+        "TensorPipeRpcTest::test_init_pg_then_rpc",
+        "TensorPipeRpcTest::test_duplicate_name",
+        # a call, shutdown, distributed autograd
+        "TensorPipeRpcTest::test_add",
+        "TensorPipeRpcTest::test_shutdown_followed_by_rpc",
+        "TensorPipeDistAutogradTest::test_backward_simple",
+    ),
+    gloo_env=False,
+)
+SUITES = {suite.name: suite for suite in (C10D_SUITE, RPC_SUITE)}
 
 WORLD_SIZE = 2
-GUARDRAIL_ENV_PREFIX = "TORCH_DISTRIBUTED_PROTOCOL_"
+GUARDRAIL_ENV_PREFIXES = ("TORCH_DISTRIBUTED_PROTOCOL_", "TORCH_DISTRIBUTED_MIN_PROTOCOL_", "TORCH_DISTRIBUTED_RPC_")
 OUTCOMES = ("passed", "failed", "skipped")
 
 
@@ -176,7 +220,7 @@ def verify_environments(patched: Path, stock: Path) -> str:
     if code != 0:
         raise SetupError(f"the patched environment {patched} lacks the hook: {text}")
     code, text = hook_status(stock)
-    if code != 1 or not text.startswith("hook absent"):
+    if code != 1 or "present" in text or "edited" in text:
         raise SetupError(f"the stock environment {stock} is not stock: {text}")
     versions = {torch_version(patched), torch_version(stock)}
     if len(versions) != 1:
@@ -189,9 +233,12 @@ def verify_environments(patched: Path, stock: Path) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def suite_env(temp_dir: Path, per_test_timeout: int) -> dict[str, str]:
-    """Environment for one pytest run, as upstream's runner sets it for gloo."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(GUARDRAIL_ENV_PREFIX)}
+def suite_env(suite: Suite, temp_dir: Path, per_test_timeout: int) -> dict[str, str]:
+    """Environment for one pytest run, as upstream's runner sets it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(GUARDRAIL_ENV_PREFIXES)}
+    env.update(PYTHONDONTWRITEBYTECODE="1", DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(per_test_timeout))
+    if not suite.gloo_env:
+        return env
     for sub in ("barrier", "test_dir", "init_dir"):
         (temp_dir / sub).mkdir(parents=True)
     env.update(
@@ -201,18 +248,12 @@ def suite_env(temp_dir: Path, per_test_timeout: int) -> dict[str, str]:
         # file:// as upstream's file-init run: it is what each test's setUp gives
         # the ranks anyway, and it unskips test_barrier_timeout_global.
         INIT_METHOD=f"file://{temp_dir / 'init_dir' / 'shared_init_file'}",
-        DISTRIBUTED_TESTS_DEFAULT_TIMEOUT=str(per_test_timeout),
-        PYTHONDONTWRITEBYTECODE="1",
     )
     return env
 
 
-def pytest_command(python: Path, module: Path, junit: Path, full: bool) -> list[str]:
-    targets = (
-        [f"{module.name}::{CLASS_NAME}"]
-        if full
-        else [f"{module.name}::{CLASS_NAME}::{name}" for name in SUBSET]
-    )
+def pytest_command(suite: Suite, python: Path, module: Path, junit: Path, full: bool) -> list[str]:
+    targets = [module.name] if full else [f"{module.name}::{node}" for node in suite.subset]
     return [
         str(python), "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider",
         f"--junitxml={junit}", "-o", "junit_family=xunit1",
@@ -229,8 +270,8 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def parse_junit(junit: Path) -> dict[str, str]:
-    """Test name -> passed | failed | skipped. An error (setup, teardown) counts as
-    a failure; a test reported twice keeps its worst outcome."""
+    """``Class::test`` -> passed | failed | skipped. An error (setup, teardown)
+    counts as a failure; a test reported twice keeps its worst outcome."""
     rank = {"passed": 0, "skipped": 1, "failed": 2}
     outcomes: dict[str, str] = {}
     for case in ET.parse(junit).iter("testcase"):
@@ -241,22 +282,23 @@ def parse_junit(junit: Path) -> dict[str, str]:
             outcome = "skipped"
         else:
             outcome = "passed"
-        name = case.get("name", "?")
+        name = f'{case.get("classname", "?").rsplit(".", 1)[-1]}::{case.get("name", "?")}'
         if rank[outcome] >= rank[outcomes.get(name, "passed")]:
             outcomes[name] = outcome
     return outcomes
 
 
-def start(run: EnvRun, work: Path, module: Path, full: bool,
+def start(suite: Suite, run: EnvRun, work: Path, module: Path, full: bool,
           per_test_timeout: int) -> subprocess.Popen[bytes]:
     """Start pytest for one environment in its own session, output to its log."""
     env_dir = work / run.name
-    env = suite_env(env_dir / "temp", per_test_timeout)
+    env_dir.mkdir()
+    env = suite_env(suite, env_dir / "temp", per_test_timeout)
     run.junit = env_dir / "junit.xml"
     run.log = env_dir / "pytest.log"
     with open(run.log, "wb") as log:
         return subprocess.Popen(
-            pytest_command(run.python, module, run.junit, full),
+            pytest_command(suite, run.python, module, run.junit, full),
             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -279,16 +321,16 @@ def wait_all(procs: dict[str, subprocess.Popen[bytes]], runs: Sequence[EnvRun],
         time.sleep(0.5)
 
 
-def run_both(runs: Sequence[EnvRun], work: Path, full: bool, per_test_timeout: int,
+def run_both(suite: Suite, runs: Sequence[EnvRun], work: Path, full: bool, per_test_timeout: int,
              timeout: float) -> None:
     """Run the suite in every environment at once; fill in each run's outcomes."""
-    module = work / f"{MODULE_NAME}.py"
-    module.write_text(MODULE_TEXT)
+    module = work / f"{suite.module_name}.py"
+    module.write_text(suite.module_text)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     started = time.monotonic()
     try:
         for run in runs:
-            procs[run.name] = start(run, work, module, full, per_test_timeout)
+            procs[run.name] = start(suite, run, work, module, full, per_test_timeout)
         wait_all(procs, runs, started, timeout)
     finally:
         for proc in procs.values():
@@ -338,12 +380,10 @@ def patched_only_failures(diffs: dict[str, tuple[str, str]]) -> list[str]:
     return [name for name, (p, s) in diffs.items() if p in ("failed", "missing") and s != "failed"]
 
 
-def summary(patched: EnvRun, stock: EnvRun, diffs: dict[str, tuple[str, str]],
-            torch_ver: str, full: bool) -> dict[str, object]:
-    """What ``--json`` writes: enough for a test to assert on without parsing text."""
+def summary(patched: EnvRun, stock: EnvRun, diffs: dict[str, tuple[str, str]]) -> dict[str, object]:
+    """One suite's part of what ``--json`` writes: enough for a test to assert on
+    without parsing text."""
     return {
-        "selection": "full" if full else "subset",
-        "torch_version": torch_ver,
         "environments": {
             run.name: {"python": str(run.python), "counts": run.counts(),
                        "wall_s": round(run.wall_s, 1), "outcomes": run.outcomes}
@@ -354,41 +394,56 @@ def summary(patched: EnvRun, stock: EnvRun, diffs: dict[str, tuple[str, str]],
     }
 
 
+def compare(suite: Suite, args: argparse.Namespace, timeout: float, per_test_timeout: int) -> tuple[bool, dict[str, object]]:
+    """Run ``suite`` on both environments at once; whether they agree, and the summary."""
+    patched = EnvRun("patched", args.patched_python)
+    stock = EnvRun("stock", args.stock_python)
+    selection = "full suite" if args.full else f"subset of {len(suite.subset)} tests"
+    print(f"== {suite.name}: {selection}", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"upstream-{suite.name}-") as work:
+        run_both(suite, (patched, stock), Path(work), args.full, per_test_timeout, timeout)
+    diffs = differences(patched, stock)
+    print(report(patched, stock, diffs))
+    same = patched.counts() == stock.counts() and not patched_only_failures(diffs)
+    print("OK: identical counts, no failure on the patched torch only." if same
+          else "FAIL: the patched torch does not behave like stock on this suite.", flush=True)
+    return same, summary(patched, stock, diffs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="run the whole suite, not the subset")
+    parser.add_argument("--full", action="store_true", help="run the whole suites, not the subsets")
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all",
+                        help="which upstream suite (default: all, one after the other)")
     parser.add_argument("--patched-python", type=Path, default=DEFAULT_PATCHED)
     parser.add_argument("--stock-python", type=Path, default=DEFAULT_STOCK)
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds before both runs are killed (default: 900, --full 14400)")
+                        help="seconds before a suite's runs are killed (default: 900, --full 14400)")
     parser.add_argument("--per-test-timeout", type=int, default=None,
                         help="upstream's per-test timeout (default: 120, --full upstream's 300)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     timeout = args.timeout or (14400.0 if args.full else 900.0)
     per_test_timeout = args.per_test_timeout or (300 if args.full else 120)
-
-    patched = EnvRun("patched", args.patched_python)
-    stock = EnvRun("stock", args.stock_python)
+    suites = list(SUITES.values()) if args.suite == "all" else [SUITES[args.suite]]
+    results: dict[str, object] = {}
+    agree = True
     try:
-        torch_ver = verify_environments(patched.python, stock.python)
-        print(f"torch {torch_ver}: patched {patched.python} (hook present), "
-              f"stock {stock.python} (hook absent); "
-              f"{'full suite' if args.full else f'subset of {len(SUBSET)} tests'}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="upstream-suite-") as work:
-            run_both((patched, stock), Path(work), args.full, per_test_timeout, timeout)
+        torch_ver = verify_environments(args.patched_python, args.stock_python)
+        print(f"torch {torch_ver}: patched {args.patched_python} (hooks present), "
+              f"stock {args.stock_python} (hooks absent)", flush=True)
+        for suite in suites:
+            same, results[suite.name] = compare(suite, args, timeout, per_test_timeout)
+            agree = agree and same
     except (SetupError, subprocess.TimeoutExpired) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    diffs = differences(patched, stock)
-    print(report(patched, stock, diffs))
     if args.json:
-        args.json.write_text(json.dumps(summary(patched, stock, diffs, torch_ver, args.full), indent=1))
-    if patched.counts() != stock.counts() or patched_only_failures(diffs):
-        print("FAIL: the patched torch does not behave like stock on this suite.")
-        return 1
-    print("OK: identical counts, no failure on the patched torch only.")
-    return 0
+        selection = "full" if args.full else "subset"
+        args.json.write_text(json.dumps(
+            {"selection": selection, "torch_version": torch_ver, "suites": results}, indent=1
+        ))
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":

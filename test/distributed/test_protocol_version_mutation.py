@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 from unittest import mock
 
 from torch.distributed import distributed_c10d
@@ -33,7 +34,7 @@ MIXED_RPC = {1: {RPC_VERSION_OVERRIDE_ENV: "2"}}
 INSTALLED_C10D = distributed_c10d.__file__
 
 
-def _run_mixed_job(mutation: str | None) -> list[RankResult]:
+def _run_mixed_job(mutation: str | None, job: Callable[..., Any] = init_rank, mixed: Any = MIXED) -> list[RankResult]:
     """The mismatch scenario, with ``mutation`` served to every rank (None: as installed)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {}
@@ -42,7 +43,7 @@ def _run_mixed_job(mutation: str | None) -> list[RankResult]:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
         # Spawned ranks inherit the environment at start, before site runs.
         with mock.patch.dict(os.environ, env):
-            return spawn_ranks(init_rank, 2, args=(find_free_port(),), rank_env=MIXED, timeout=150)
+            return spawn_ranks(job, 2, args=(find_free_port(),), rank_env=mixed, timeout=150)
 
 
 class TestGuardrailMutation(TestCase):
@@ -78,13 +79,7 @@ class TestGuardrailMutation(TestCase):
 
 def _run_mixed_rpc_job(mutation: str | None) -> list[RankResult]:
     """Two RPC workers, worker 1 on RPC protocol version 2, ``mutation`` served to both."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {}
-        if mutation is not None:
-            paths = [sitecustomize_pythonpath(Path(tmp), mutation), os.environ.get("PYTHONPATH")]
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-        with mock.patch.dict(os.environ, env):
-            return spawn_ranks(rpc_rank, 2, args=(find_free_port(),), rank_env=MIXED_RPC, timeout=150)
+    return _run_mixed_job(mutation, rpc_rank, MIXED_RPC)
 
 
 class TestRpcGuardrailMutation(TestCase):

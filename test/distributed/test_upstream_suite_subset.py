@@ -1,9 +1,10 @@
 # Owner(s): ["oncall: distributed"]
-"""Upstream's distributed suite (a fixed subset) behaves the same with the hook.
+"""Upstream's distributed and RPC suites (fixed subsets) behave the same with the hooks.
 
-Runs ``tools/run_upstream_suite.py`` (default subset: initialisation, groups,
-barrier, the main collectives) against the patched ``.venv`` and the stock
-``.venv-stock`` at once and checks its verdict. The driver itself refuses to
+Runs ``tools/run_upstream_suite.py`` (default subsets: initialisation, groups,
+barrier and the main collectives of ``DistributedTest``; ``init_rpc``, calls,
+RRefs, shutdown and distributed autograd of the TensorPipe RPC suites) against
+the patched ``.venv`` and the stock ``.venv-stock`` at once and checks its verdict. The driver itself refuses to
 compare unless the patched torch has the hook and the stock one has not, so
 this fails if the hook is removed as well as if it breaks anything upstream
 tests. ``make upstream-suite`` runs the whole suite the same way.
@@ -23,12 +24,12 @@ from torch.testing._internal.distributed.protocol_version_utils import run_in_ow
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "tools" / "run_upstream_suite.py"
-# The driver kills its runs after 900s; this only guards against the driver itself.
-TIMEOUT_S = 1000.0
+# The driver kills each suite's runs after 900s; this only guards against the driver itself.
+TIMEOUT_S = 1900.0
 
 
 def run_driver(json_path: Path) -> subprocess.CompletedProcess[str]:
-    """Run the driver's default subset in its own session; kill it all on timeout."""
+    """Run the driver's default subsets in its own session; kill it all on timeout."""
     cmd = [sys.executable, str(DRIVER), "--json", str(json_path)]
     result, timed_out = run_in_own_session(cmd, TIMEOUT_S)
     if timed_out:
@@ -36,23 +37,31 @@ def run_driver(json_path: Path) -> subprocess.CompletedProcess[str]:
     return result
 
 
+# Tests at the heart of each subset, which must really run, not be skipped.
+CORE = {
+    "c10d": ["test_get_rank", "test_barrier", "test_all_reduce_sum", "test_broadcast"],
+    "rpc": ["test_init_rpc_twice", "test_add", "test_backward_simple"],
+}
+
+
 class UpstreamSuiteSubsetTest(TestCase):
-    def test_subset_matches_stock(self) -> None:
+    def test_subsets_match_stock(self) -> None:
         with tempfile.TemporaryDirectory(prefix="upstream-subset-") as tmp:
             json_path = Path(tmp) / "summary.json"
             result = run_driver(json_path)
             self.assertEqual(result.returncode, 0, result.stdout)
             summary = json.loads(json_path.read_text())
-        envs = summary["environments"]
-        patched, stock = envs["patched"], envs["stock"]
         self.assertEqual(summary["selection"], "subset")
-        self.assertEqual(patched["counts"], stock["counts"], result.stdout)
-        self.assertGreater(patched["counts"]["passed"], 0, result.stdout)
-        self.assertEqual(summary["patched_only_failures"], [], result.stdout)
-        self.assertEqual(patched["outcomes"], stock["outcomes"], result.stdout)
-        # The core of the subset must really run on gloo, not be skipped.
-        for name in ("test_get_rank", "test_barrier", "test_all_reduce_sum", "test_broadcast"):
-            self.assertEqual(patched["outcomes"].get(name), "passed", result.stdout)
+        self.assertEqual(sorted(summary["suites"]), sorted(CORE))
+        for name, suite in summary["suites"].items():
+            patched, stock = suite["environments"]["patched"], suite["environments"]["stock"]
+            self.assertEqual(patched["counts"], stock["counts"], result.stdout)
+            self.assertGreater(patched["counts"]["passed"], 0, result.stdout)
+            self.assertEqual(suite["patched_only_failures"], [], result.stdout)
+            self.assertEqual(patched["outcomes"], stock["outcomes"], result.stdout)
+            passed = {node.split("::")[-1] for node, outcome in patched["outcomes"].items() if outcome == "passed"}
+            for test in CORE[name]:
+                self.assertIn(test, passed, f"{name}: {result.stdout}")
 
 
 if __name__ == "__main__":

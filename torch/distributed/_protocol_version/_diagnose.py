@@ -72,13 +72,10 @@ def _went_ahead(check: Check, ranks: Sequence[int]) -> list[int]:
     return [ranks[i] for i in found]
 
 
-def await_payloads(check: Check, slots: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
-    """Rank 0, past its grace period: poll until every rank has published or gone
-    ahead without the check, or the deadline passes.
-
-    Returns ``(published, went_ahead, missing)``, ranks other than 0.
-    """
-    pending = _absent(check, {r: slots[r] for r in range(1, check.world_size)})
+def _await_accounted(check: Check, keys: dict[int, str]) -> tuple[list[int], list[int]]:
+    """Poll until each rank of ``keys`` has written its key or gone ahead without
+    the check, or the deadline passes. Returns ``(went_ahead, missing)``."""
+    pending = _absent(check, keys)
     went_ahead: list[int] = []
     while pending:
         went_ahead += _went_ahead(check, pending)
@@ -86,10 +83,20 @@ def await_payloads(check: Check, slots: Sequence[str]) -> tuple[list[int], list[
         if not pending or check.deadline.expired():
             break
         time.sleep(POLL_SECONDS)
-        pending = _absent(check, {r: slots[r] for r in pending})
-    silent = set(pending) | set(went_ahead)
+        pending = _absent(check, {r: keys[r] for r in pending})
+    return sorted(went_ahead), pending
+
+
+def await_payloads(check: Check, slots: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+    """Rank 0, past its grace period: poll until every rank has published or gone
+    ahead without the check, or the deadline passes.
+
+    Returns ``(published, went_ahead, missing)``, ranks other than 0.
+    """
+    went_ahead, missing = _await_accounted(check, {r: slots[r] for r in range(1, check.world_size)})
+    silent = set(missing) | set(went_ahead)
     published = [r for r in range(1, check.world_size) if r not in silent]
-    return published, sorted(went_ahead), pending
+    return published, went_ahead, missing
 
 
 def coordinator_timeout(check: Check, missing: Sequence[int], went_ahead: Sequence[int]) -> Verdict:
@@ -135,20 +142,13 @@ def _judge_without_coordinator(check: Check, epoch: int) -> Verdict:
     backend, and neither ever disappears, so all of them judge the same ranks.
     """
     marks = _marks(check, epoch)
-    pending = _absent(check, marks)
-    went_ahead = [0]
-    while pending:
-        went_ahead += _went_ahead(check, pending)
-        pending = [r for r in pending if r not in went_ahead]
-        if not pending or check.deadline.expired():
-            break
-        time.sleep(POLL_SECONDS)
-        pending = _absent(check, {r: marks[r] for r in pending})
+    others, pending = _await_accounted(check, marks)
+    went_ahead = [0, *others]
     if pending:
-        return coordinator_timeout(check, pending, sorted(went_ahead))
+        return coordinator_timeout(check, pending, went_ahead)
     marked = [r for r in marks if r not in went_ahead]
     raws = check.store.multi_get([marks[r] for r in marked])
-    return judge_payloads(check.family, dict(zip(marked, raws)), sorted(went_ahead), check.backend)
+    return judge_payloads(check.family, dict(zip(marked, raws)), went_ahead, check.backend)
 
 
 def _no_coordinator_timeout(check: Check, epoch: int) -> Verdict:
