@@ -146,11 +146,6 @@ def is_patched(source: str) -> bool:
     return BEGIN in source
 
 
-def patch_source(source: str, origin: str = "distributed_c10d.py") -> str:
-    """The collectives' hook alone, for the wheel tool (to be replaced by ``apply_hooks``)."""
-    return HOOKS[0].patch(source, origin)
-
-
 def find_torch_dir() -> Path:
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
