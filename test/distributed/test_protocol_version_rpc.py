@@ -23,6 +23,7 @@ from torch.distributed._protocol_version._families import RPC
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
+    env_init,
     RankResult,
     RankThreads,
     spawn_ranks,
@@ -128,6 +129,10 @@ class TestStaticGroup(RpcTestCase):
     def test_collectives_override_does_not_touch_rpc(self) -> None:
         results = spawn_ranks(static_worker, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
         self.assertEqual([r.value["version"] for r in results], [1, 1], results)
+
+    def test_rpc_override_does_not_touch_collectives(self) -> None:
+        results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env={1: {RPC_ENV: "2"}})
+        self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": 1}] * 2, results)
 
     def test_silent_worker_is_named(self) -> None:
         results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=90)
