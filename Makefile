@@ -14,7 +14,7 @@ STOCK_STAMP := .venv-stock/.installed
 CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
 PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked docs
+.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -59,3 +59,8 @@ upstream-suite: hooked $(STOCK_STAMP)
 
 wheel: hooked
 	$(PY) tools/build_patched_wheel.py
+
+# Three hosts made on this machine (needs root): a rolling update with real builds,
+# then the guardrail's own first rollout beside a stock torch host.
+cluster-demo: hooked $(STOCK_STAMP)
+	$(PY) tools/cluster_demo.py
