@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 from torch.testing._internal.distributed.protocol_version_builds import build_venvs
+from torch.testing._internal.distributed.protocol_version_utils import REPO_ROOT, STOCK_PYTHON
 from torch.testing._internal.distributed.protocol_version_cluster import (
     Cluster,
     Job,
@@ -37,9 +38,8 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
 )
 
 
-REPO = Path(__file__).resolve().parent.parent
-FORK = REPO / ".venv"
-STOCK = REPO / ".venv-stock"
+FORK = REPO_ROOT / ".venv"
+STOCK = STOCK_PYTHON.parents[1]
 NO_CHECK = "without the protocol version check"
 # How long a stock host that keeps waiting is watched in step 6.
 STOCK_BOUND_S = 45.0

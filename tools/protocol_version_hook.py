@@ -34,6 +34,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,6 +291,7 @@ DOC_PAGE = "docs/source/distributed.protocol_version.md"
 FORK_ONLY_FILES = (
     "test_protocol_version_packaging.py",
     "test_protocol_version_mutation.py",
+    "test_protocol_version_docs.py",  # builds this repo's docs/source; upstream builds its own
     "protocol_version_builds.py",
     "*cluster*",
 )
@@ -409,8 +411,15 @@ def _write_if_changed(path: Path, data: bytes, root: Path) -> str:
     return f"{state} {name}"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line too, like every other error of the tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["install", "revert", "status", "diff", "export"])
     parser.add_argument("--torch-dir", type=Path, help="a torch package directory")
     parser.add_argument("--checkout", type=Path, help="export: a PyTorch source checkout")
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(install(torch_dir) if args.command == "install" else revert(torch_dir))
         return 0
-    except (PatchError, OSError) as e:
+    except (PatchError, OSError, UnicodeDecodeError) as e:  # a target that is not text: not torch's
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -63,9 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import protocol_version_hook
+from protocol_version_hook import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-HOOK_TOOL = REPO / "tools" / "protocol_version_hook.py"
+
+HOOK_TOOL = Path(protocol_version_hook.__file__)
 DEFAULT_PATCHED = REPO / ".venv" / "bin" / "python"
 DEFAULT_STOCK = REPO / ".venv-stock" / "bin" / "python"
 

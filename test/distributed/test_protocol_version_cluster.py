@@ -51,13 +51,12 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
     run_job,
     unavailable_reason,
 )
-from torch.testing._internal.distributed.protocol_version_utils import MISMATCH
+from torch.testing._internal.distributed.protocol_version_utils import MISMATCH, STOCK_PYTHON
 
 
-REPO = Path(__file__).resolve().parents[2]
 # The fork as installed here (make test's .venv): the interpreter running this file.
 FORK = Path(sys.prefix)
-STOCK = REPO / ".venv-stock"
+STOCK = STOCK_PYTHON.parents[1]
 NNODES = 3
 # Bounds, generous for a shared 2-core machine: one torchrun takes 10-20 s there
 # (rendezvous, three interpreters importing torch at once).

@@ -33,9 +33,8 @@ from unittest import mock
 
 import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _exchange, _judge, _messages
+from torch.distributed._protocol_version import _exchange, _messages
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._settings import check_mode
 from torch.distributed._protocol_version import VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,

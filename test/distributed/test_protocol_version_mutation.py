@@ -24,10 +24,9 @@ from torch.testing._internal.common_utils import find_free_port, run_tests, Test
 
 from protocol_version_mutation import sitecustomize_pythonpath
 from protocol_version_probe import init_rank, rpc_rank
-from torch.testing._internal.distributed.protocol_version_utils import RankResult, spawn_ranks, versions_env
+from torch.testing._internal.distributed.protocol_version_utils import MISMATCH, RankResult, spawn_ranks, versions_env
 
 
-MISMATCH = "protocol version mismatch"
 # Rank 1 runs a build that speaks only version 2; rank 0 speaks only version 1.
 MIXED = versions_env({1: 2})
 MIXED_RPC = {1: {RPC_VERSION_OVERRIDE_ENV: "2"}}

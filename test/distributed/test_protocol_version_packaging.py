@@ -34,10 +34,10 @@ from wheel.wheelfile import WheelFile
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import PROTOCOL_VERSION
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
-from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS, MISMATCH
+from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS, MISMATCH, REPO_ROOT
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 sys.path.insert(0, str(REPO / "tools"))
 import build_patched_wheel as bw  # noqa: E402
 import protocol_version_hook as hook  # noqa: E402
@@ -484,6 +484,22 @@ class TestExportToCheckout(TestCase):
             self.assertFalse(hook.module_link(checkout / "torch").is_symlink())
             self.assertEqual(_sha(b"".join((REPO / n).read_bytes() for n in hook.exported_code())), repo_before)
 
+    def test_exported_docs_build_without_warnings(self) -> None:
+        """The exported pages, with the toctree entry export adds, build under Sphinx
+        and MyST with warnings as errors (a minimal conf.py stands in for PyTorch's)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = _scratch_checkout(Path(tmp) / "checkout")
+            self.assertEqual(_export(checkout)[0], 0)
+            source = checkout / "docs" / "source"
+            conf = (REPO / "docs" / "source" / "conf.py").read_text()
+            (source / "conf.py").write_text(conf.replace('root_doc = "index"', 'root_doc = "distributed"'))
+            build = subprocess.run(
+                [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(source), str(Path(tmp) / "html")],
+                capture_output=True, text=True, timeout=300,
+            )
+            self.assertEqual(build.returncode, 0, build.stderr)
+            self.assertTrue((Path(tmp) / "html" / "distributed.protocol_version.html").exists())
+
     def test_export_refuses_an_installed_torch(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _write_stock(Path(tmp) / "torch")
@@ -511,7 +527,7 @@ class TestExportToCheckout(TestCase):
 # The hook tool on a torch directory
 # --------------------------------------------------------------------------- #
 
-HOOK_TOOL = REPO / "tools" / "protocol_version_hook.py"
+HOOK_TOOL = Path(hook.__file__)
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -35,9 +35,11 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
     GUARDRAIL_ENVS,
     MISMATCH,
+    NO_STOCK_REASON,
     rank_info,
     RankThreads,
     run_in_own_session,
+    STOCK_PYTHON,
     VERSION_OVERRIDE_ENV,
 )
 
@@ -45,8 +47,6 @@ from torch.testing._internal.distributed.protocol_version_utils import (
 # The job imports only torch, so stock torch can run the file as a script.
 JOB = Path(protocol_version_job.__file__).resolve()
 PATCHED_PY = Path(sys.executable)
-# make test builds it beside .venv: the same pinned wheel without the hook.
-STOCK_PY = Path(__file__).resolve().parents[2] / ".venv-stock" / "bin" / "python"
 # Said of a rank that is present and waiting: never that it may have died.
 DIED = re.compile(r"died|may not have started")
 
@@ -70,11 +70,11 @@ class TestStockParity(TestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if not STOCK_PY.exists():
-            self.skipTest(f"no stock environment at {STOCK_PY} (make test creates it)")
+        if not STOCK_PYTHON.exists():
+            self.skipTest(NO_STOCK_REASON)
 
     def both(self, job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return run_job(PATCHED_PY, job)[0], run_job(STOCK_PY, job)[0]
+        return run_job(PATCHED_PY, job)[0], run_job(STOCK_PYTHON, job)[0]
 
     def test_rank_arriving_at_94_percent_of_the_timeout(self) -> None:
         # The others wait from their own arrival; rank 2 comes 9.4 s into a 10 s timeout.

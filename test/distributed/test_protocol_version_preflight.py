@@ -40,6 +40,9 @@ from torch.testing._internal.common_utils import find_free_port, run_tests, Test
 from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
     MISMATCH,
+    NO_STOCK_REASON,
+    ODD_RANK_ENV,
+    STOCK_PYTHON,
     rank_info,
     RankThreads,
     run_in_own_session,
@@ -258,7 +261,6 @@ invalid payload: rank 3""",
 # --------------------------------------------------------------------------- #
 
 NPROC = 4
-ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
 SILENT_RANK_ENV = "PV_TEST_SILENT_LOCAL_RANK"
 # The worker under torchrun: the odd local rank announces version 2, the silent
 # one never runs the preflight; every other rank runs the CLI and reports its code.
@@ -279,7 +281,6 @@ code = main(sys.argv[1:])
 os.write(1, f"preflight rank={{os.environ['RANK']}} exit={{code}}\\n".encode())
 sys.exit(code)
 '''
-STOCK_PY = Path(__file__).resolve().parents[2] / ".venv-stock" / "bin" / "python"
 # A rank of a job on stock torch: it builds its gloo group on the job's store.
 STOCK_RANK = """\
 import sys
@@ -407,11 +408,11 @@ class TestPreflightExplicitStore(TestCase):
         ]
 
     def test_a_rank_on_stock_torch_is_shown_without_the_check(self) -> None:
-        if not STOCK_PY.exists():
-            self.skipTest(f"no stock environment at {STOCK_PY} (make test creates it)")
+        if not STOCK_PYTHON.exists():
+            self.skipTest(NO_STOCK_REASON)
         port = find_free_port()
         commands = {rank: self.preflight_cmd(port, rank, 4) for rank in range(3)}
-        commands[3] = [str(STOCK_PY), "-c", STOCK_RANK, f"127.0.0.1:{port}", "3", "4"]
+        commands[3] = [str(STOCK_PYTHON), "-c", STOCK_RANK, f"127.0.0.1:{port}", "3", "4"]
         out = self.launch(commands)
         self.assertEqual([out[r][0] for r in range(3)], [0, 0, 0], out)
         table = masked_table(out[0][1])

@@ -19,7 +19,6 @@ from hypothesis import assume, given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import _exchange, _judge, _messages
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._settings import check_mode
 from torch.distributed._protocol_version import (
     CHECK_MODE_ENV,
     MIN_VERSION_OVERRIDE_ENV,

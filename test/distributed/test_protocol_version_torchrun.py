@@ -28,6 +28,7 @@ from torch.testing._internal.common_utils import (
 from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
     MISMATCH,
+    ODD_RANK_ENV,
     run_in_own_session,
 )
 
@@ -39,7 +40,6 @@ INIT_TIMEOUT_S = 120
 # Generous for a shared 2-core machine: one attempt takes ~10s there (three
 # interpreters importing torch), a hang takes at least INIT_TIMEOUT_S.
 ATTEMPT_BOUND_S = 75.0
-ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
 ODD_VERSION_ENV = "PV_TEST_ODD_VERSION"
 
 # The worker: the odd local rank (if any) pretends to run another build; every

@@ -19,11 +19,10 @@ import tempfile
 from pathlib import Path
 
 from torch.testing._internal.common_utils import run_tests, TestCase
-from torch.testing._internal.distributed.protocol_version_utils import run_in_own_session
+from torch.testing._internal.distributed.protocol_version_utils import REPO_ROOT, run_in_own_session
 
 
-REPO = Path(__file__).resolve().parents[2]
-DRIVER = REPO / "tools" / "run_upstream_suite.py"
+DRIVER = REPO_ROOT / "tools" / "run_upstream_suite.py"
 # The driver kills each suite's runs after 900s; this only guards against the driver itself.
 TIMEOUT_S = 1900.0
 

@@ -37,7 +37,8 @@ from torch.distributed._protocol_version._cli import main as _cli_main
 from torch.distributed._protocol_version._diagnose import backend_key_for
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._rpc import (
+# _check_rpc_protocol_version is the entry point of the hook in init_rpc.
+from torch.distributed._protocol_version._rpc import (  # noqa: F401
     check_rpc_protocol_version as _check_rpc_protocol_version,
     get_rpc_protocol_version,
 )

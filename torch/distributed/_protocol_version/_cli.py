@@ -8,12 +8,11 @@ import argparse
 import json
 import os
 import sys
-from datetime import timedelta
 from typing import Any, Sequence
 
-import torch
 from torch.distributed._protocol_version import _preflight
 from torch.distributed._protocol_version._families import C10D, RPC
+from torch.distributed._protocol_version._payload import torch_build
 from torch.distributed._protocol_version._settings import check_mode, overrides_set, SettingError, version_range
 
 
@@ -31,7 +30,7 @@ def describe_build() -> dict[str, Any]:
         "protocol_version": version,
         "min_protocol_version": minimum,
         "rpc": {"protocol_version": rpc_version, "min_protocol_version": rpc_minimum},
-        "torch_version": torch.__version__,
+        "torch_version": torch_build(),
         "check_mode": mode,
         "overrides": {name: os.environ[name] for family in (C10D, RPC) for name in overrides_set(family)},
     }
@@ -75,7 +74,7 @@ def _run_preflight(args: argparse.Namespace) -> int:
     endpoint = _endpoint(args)
     try:
         return _preflight.run(
-            endpoint, timedelta(seconds=args.timeout), args.backend, lambda r: _print_report(r, args.json)
+            endpoint, _preflight.timeout_from_seconds(args.timeout), args.backend, lambda r: _print_report(r, args.json)
         )
     except SettingError:
         raise

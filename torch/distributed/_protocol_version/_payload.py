@@ -8,6 +8,7 @@ each other's payloads and verdicts.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -92,6 +93,17 @@ def backend_versions() -> tuple[tuple[str, str], ...]:
     return (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)
 
 
+def torch_build() -> str:
+    """The installed torch distribution's version, where it says more than
+    ``torch.__version__``: builds of this fork that differ only in their protocol
+    versions share ``2.13.0+cpu`` and its commit, but are installed as
+    ``2.13.0+cpu.protocolv2``."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source build run in place
+        return torch.__version__
+
+
 def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo:
     """This rank's payload; raises ``SettingError`` on a bad override."""
     minimum, version = version_range(family)
@@ -99,7 +111,7 @@ def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo
         rank=rank,
         version=version,
         min_version=minimum,
-        torch_version=torch.__version__,
+        torch_version=torch_build(),
         hostname=socket.gethostname(),
         pid=os.getpid(),
         mode=mode,

@@ -36,7 +36,7 @@ from torch.distributed.rendezvous import _torchelastic_use_agent_store
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._diagnose import backend_key_for
 from torch.distributed._protocol_version._exchange import _parse_current, exchange
-from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, SettingError, version_range
 from torch.distributed._protocol_version._store import _is_timeout, find_present
@@ -52,6 +52,8 @@ STORE_PREFIX = "default_pg"
 GROUP_NAME = "0"
 # How long a rank waits for rank 0's exit code, and rank 0 for the others to read it.
 RESULT_WAIT_S = 30.0
+# The longest --timeout: a year, far inside what a store's millisecond timeout holds.
+_MAX_TIMEOUT_S = 365 * 24 * 3600.0
 # Rows of the text table before the rest is folded into one "and N more hosts" row.
 MAX_ROWS = 16
 EXIT_START, EXIT_NO_START, EXIT_BAD_SETTING = 0, 1, 2
@@ -66,6 +68,14 @@ class Endpoint:
     port: int
     rank: int
     world_size: int
+
+
+def timeout_from_seconds(seconds: float) -> timedelta:
+    """``--timeout``: positive, finite, and at most a year, which every store's
+    millisecond timeout holds; ``SettingError`` otherwise."""
+    if not 0 < seconds <= _MAX_TIMEOUT_S:  # also false for NaN
+        raise SettingError(f"--timeout {seconds:g} is not a number of seconds from 0 to {_MAX_TIMEOUT_S:g}.")
+    return timedelta(seconds=seconds)
 
 
 def _env_int(name: str) -> int:
@@ -418,9 +428,14 @@ def run(endpoint: Endpoint, timeout: timedelta, backend: str, emit: Callable[[Re
     is validated first, so a bad one fails before the store is touched."""
     check_mode()
     version_range(C10D)
+    version_range(RPC)  # the same settings the node check validates
     if endpoint.world_size < 1 or not 0 <= endpoint.rank < endpoint.world_size:
         raise SettingError(f"rank {endpoint.rank} is outside a world of size {endpoint.world_size}.")
-    if timeout.total_seconds() <= 0:
-        raise SettingError(f"the timeout must be positive, got {timeout.total_seconds():g}s.")
+    if not 0 < endpoint.port < 2**16:
+        raise SettingError(f"port {endpoint.port} is not a TCP port (1-65535).")
+    names = [part.rpartition(":")[2].strip().lower() for part in backend.split(",")]
+    if not all(name in dist.Backend.backend_list for name in names):
+        known = ", ".join(b for b in dist.Backend.backend_list if b != "undefined")
+        raise SettingError(f"--backend {backend[:40]!r} names no registered backend ({known}; or DEVICE:BACKEND,...).")
     store = connect(endpoint, timeout)
     return preflight(store, endpoint.rank, endpoint.world_size, timeout, backend, emit)

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,6 +47,14 @@ GUARDRAIL_ENVS = (
     RPC_VERSION_OVERRIDE_ENV,
     RPC_MIN_VERSION_OVERRIDE_ENV,
 )
+# The checkout this file belongs to (it is linked into the installed torch).
+REPO_ROOT = Path(__file__).resolve().parents[4]
+# The same pinned torch without the guardrail, which ``make test`` builds beside
+# ``.venv``: the baseline every off-the-happy-path test compares against.
+STOCK_PYTHON = REPO_ROOT / ".venv-stock" / "bin" / "python"
+NO_STOCK_REASON = f"no stock torch environment at {STOCK_PYTHON} to compare with"
+# torchrun tests: the local rank that runs another build.
+ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
 # What every mismatch message says (the first line names torch.distributed too).
 MISMATCH = "protocol version mismatch"
 # Slack for joining rank threads and for timed assertions: the reference box has
