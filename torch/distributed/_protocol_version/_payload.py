@@ -8,6 +8,7 @@ each other's payloads and verdicts.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -82,6 +83,7 @@ class RankInfo:
         )
 
 
+@functools.cache
 def backend_versions() -> tuple[tuple[str, str], ...]:
     """The versions of the backend libraries this build links, where they have one.
 
@@ -93,6 +95,7 @@ def backend_versions() -> tuple[tuple[str, str], ...]:
     return (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)
 
 
+@functools.cache
 def torch_build() -> str:
     """The installed torch distribution's version, where it says more than
     ``torch.__version__``: builds of this fork that differ only in their protocol
