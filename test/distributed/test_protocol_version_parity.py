@@ -83,6 +83,14 @@ class TestStockParity(TestCase):
         self.assertEqual([o["ok"] for o in stock], [True] * 3, stock)
         self.assertEqual(patched, [dict(o, seconds=p["seconds"]) for o, p in zip(stock, patched)])
 
+    def test_rank_arriving_at_98_percent_of_the_timeout(self) -> None:
+        # Near the deadline the slow path looks more often, and a rank whose
+        # deadline passes while the verdict on a complete job is in flight waits
+        # for it: the job runs, as on stock.
+        job = {"world_size": 3, "init": "tcpstore", "timeout": 10, "delays": {"2": 9.8}}
+        patched, _ = run_job(PATCHED_PY, job)
+        self.assertEqual([o.get("sum") for o in patched], [3.0] * 3, patched)
+
     def test_rank_0_late_on_env(self) -> None:
         job = {"world_size": 3, "init": "env", "timeout": 10, "delays": {"0": 3}}
         patched, stock = self.both(job)
@@ -192,6 +200,18 @@ class TestNamingTheRightRank(TestCase):
         for outcome in early.values():
             self.assertIsInstance(outcome.exception, dist.DistStoreError)
 
+    def test_second_call_on_a_reused_store_with_rank_0_late(self) -> None:
+        # Call 1 timed out naming rank 2; in call 2 rank 2 comes with rank 1 and
+        # rank 0 comes late: rank 1 already waits for the new check, so rank 2
+        # does not take call 1's verdict for its own.
+        store = dist.HashStore()
+        first = RankThreads(3, timeout_s=2.0).start({0: store, 1: store}).join()
+        self.assertTrue(all(isinstance(o.exception, dist.DistStoreError) for o in first.values()))
+        second = RankThreads(3, timeout_s=20.0).start({1: store, 2: store})
+        time.sleep(3.0)
+        outcomes = second.start({0: store}).join()
+        self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
+
     def test_no_false_warnings_about_acknowledgements(self) -> None:
         store = dist.HashStore()
         with self.assertNoLogs("torch.distributed.distributed_c10d", logging.WARNING):
@@ -296,6 +316,18 @@ class TestSettingsAndArguments(TestCase):
     def test_fake_backend_reads_no_setting(self) -> None:
         with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "bogus"}):
             pv._check_protocol_version(dist.HashStore(), 0, 2, timedelta(seconds=5), "fake")
+
+    def test_backend_this_build_cannot_make_fails_at_once(self) -> None:
+        # Stock refuses these before any peer is needed; the check must not wait first.
+        for backend, error in (("bogus", "Unknown backend type bogus"), ("nccl", "doesn't have NCCL built in")):
+            started = time.monotonic()
+            with self.assertRaisesRegex((AssertionError, RuntimeError), error):
+                dist.init_process_group(backend, store=dist.HashStore(), rank=1, world_size=2, timeout=timedelta(seconds=30))
+            self.assertLess(time.monotonic() - started, 5.0)
+
+    def test_helper_argument_types(self) -> None:
+        self.assertRaisesRegex(TypeError, "store must be", pv.check_protocol_version, None, 0, 2)
+        self.assertRaisesRegex(TypeError, "rank must be an int, got bool", pv.check_protocol_version, dist.HashStore(), True, 2)
 
     def test_timeout_must_be_a_timedelta(self) -> None:
         with self.assertRaisesRegex(TypeError, "timeout must be a datetime.timedelta, got int 5"):

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 from torch.distributed._protocol_version._cli import main as _cli_main
-from torch.distributed._protocol_version._diagnose import backend_key_for
+from torch.distributed._protocol_version._diagnose import backend_buildable, backend_key_for
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
 # _check_rpc_protocol_version is the entry point of the hook in init_rpc.
@@ -107,7 +107,12 @@ def get_min_protocol_version() -> int:
     return version_range(C10D)[0]
 
 
-def _validate_args(rank: int, world_size: int, timeout: timedelta) -> None:
+def _validate_args(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> None:
+    if not isinstance(store, dist.Store):
+        raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if type(value) is not int:  # bool is an int, and True is no rank
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
     if not isinstance(timeout, timedelta):
         raise TypeError(f"timeout must be a datetime.timedelta, got {type(timeout).__name__} {timeout!r:.40}")
     if world_size < 1:
@@ -124,7 +129,7 @@ def check_protocol_version(
     world_size: int,
     timeout: timedelta = timedelta(minutes=30),
     *,
-    backend: str = "unknown",
+    backend: str | None = "unknown",
 ) -> int:
     """Check that every rank speaks a common protocol version, through ``store``.
 
@@ -138,8 +143,8 @@ def check_protocol_version(
     ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: calling it is the decision to check.
     ``backend`` only names the backend in messages.
     """
-    _validate_args(rank, world_size, timeout)
-    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, "error")
+    _validate_args(store, rank, world_size, timeout)
+    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend or "unknown", "error")
     raise_on_failure(verdict, info, C10D)
     assert verdict.negotiated is not None  # a mismatch in "error" mode raised
     return verdict.negotiated
@@ -152,9 +157,9 @@ def _check_protocol_version(
 
     Skipped for the fake backend (its store records nothing) before anything is
     read, and when the check is off (no store traffic). Arguments that stock torch
-    rejects at once (a rank outside the world) are left to stock's own check,
-    which the backend runs next: a check here would wait for a rank that cannot
-    exist. MPI never reaches this call: it has no store. Records the negotiated
+    rejects at once (a rank outside the world, a backend this build cannot make)
+    are left to stock's own check, which comes next: a check here would wait for
+    peers first, and turn an instant error into a timeout. MPI never reaches this call: it has no store. Records the negotiated
     version for :func:`get_group_protocol_version`.
     """
     global _default_group_version, _default_group_note
@@ -170,6 +175,9 @@ def _check_protocol_version(
     if world_size < 1 or not 0 <= rank < world_size:
         _default_group_note = f"rank {rank} is outside a world of size {world_size}"
         return
+    if not backend_buildable(str(backend)):
+        _default_group_note = f"this build cannot make backend {backend}"
+        return  # stock refuses it next, at once
     # init_process_group named the default group just before calling this hook.
     group_name = str(dist.distributed_c10d._world.group_count - 1)
     started = time.monotonic()

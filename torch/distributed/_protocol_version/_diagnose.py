@@ -1,7 +1,8 @@
 """The slow path: what a rank does once a wait has outlasted its grace period.
 
 Nothing here runs while every rank arrives within the grace period. Past it, a
-waiting rank looks at the store every :data:`POLL_SECONDS` with calls that never
+waiting rank looks at the store every quarter second (more often near its
+deadline) with calls that never
 block, and can tell from what it finds:
 
 * which ranks never published (their slot is empty);
@@ -21,20 +22,45 @@ verdict. Costs grow with the number of silent ranks only: bisection with
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import torch.distributed as dist
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._judge import judge_payloads
 from torch.distributed._protocol_version._payload import Verdict
-from torch.distributed._protocol_version._store import Check, find_present, POLL_SECONDS
+from torch.distributed._protocol_version._store import Check, find_present
 
 
 # gloo's own key for a rank, under the device's prefix store (torch 2.13:
 # ProcessGroupGloo's full-mesh rendezvous, context 0). A test asserts it against a
 # real gloo group, so a torch that moves it fails loudly.
 _GLOO_RANK_KEY = "0/{rank}"
+
+
+# What stock torch asks before it builds each backend (distributed_c10d).
+_AVAILABLE = {
+    "gloo": dist.is_gloo_available,
+    "nccl": dist.is_nccl_available,
+    "mpi": dist.is_mpi_available,
+    "ucc": dist.is_ucc_available,
+    "xccl": dist.is_xccl_available,
+}
+
+
+def backend_buildable(backend: str) -> bool:
+    """Whether this build can make every backend ``backend`` names.
+
+    When it cannot (an unknown name, NCCL in a CPU build), stock torch refuses at
+    once in ``_new_process_group_helper``; the check then steps aside, because
+    waiting here for peers that are late or absent would turn that instant error
+    into a timeout. Backends registered by plugins are taken as buildable.
+    """
+    try:
+        device_map = dist.distributed_c10d.BackendConfig(dist.Backend(backend)).get_device_backend_map()
+    except (ValueError, RuntimeError, AssertionError):
+        return False
+    names = {str(name).lower() for name in device_map.values()}
+    return all(_AVAILABLE[n]() if n in _AVAILABLE else n in dist.Backend._plugins for n in names)
 
 
 def backend_key_for(backend: str, group_name: str) -> Callable[[int], str] | None:
@@ -82,7 +108,7 @@ def _await_accounted(check: Check, keys: dict[int, str]) -> tuple[list[int], lis
         pending = [r for r in pending if r not in went_ahead]
         if not pending or check.deadline.expired():
             break
-        time.sleep(POLL_SECONDS)
+        check.deadline.pause()
         pending = _absent(check, {r: keys[r] for r in pending})
     return sorted(went_ahead), pending
 
@@ -99,10 +125,23 @@ def await_payloads(check: Check, slots: Sequence[str]) -> tuple[list[int], list[
     return published, went_ahead, missing
 
 
-def coordinator_timeout(check: Check, missing: Sequence[int], went_ahead: Sequence[int]) -> Verdict:
-    """Rank 0's verdict when ranks never arrived within its timeout."""
+def coordinator_timeout(
+    check: Check, missing: Sequence[int], went_ahead: Sequence[int], epoch: int | None = None
+) -> Verdict:
+    """Rank 0's verdict when ranks did not publish within its timeout: those that
+    left a presence mark in ``epoch`` came, waited for rank 0 and gave up before
+    it opened the check; the others never arrived."""
     head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
-    lines = [f"{head}: {_messages.never_arrived(missing)}."]
+    gave_up: list[int] = []
+    if epoch is not None:
+        gave_up = [missing[i] for i in find_present(check.store, [check.key(epoch, "waiting", r) for r in missing])]
+    never = [r for r in missing if r not in gave_up]
+    lines = [f"{head}: {_messages.never_arrived(never, check.family)}." if never else f"{head}."]
+    if gave_up:
+        lines.append(
+            f"{_messages.sentence(_messages.ranks_phrase(gave_up, 'was', 'were'))} waiting for rank 0 to "
+            "open the check and reached their own timeout first (rank 0 came later than they did)."
+        )
     if went_ahead:
         lines.append(
             f"Meanwhile {_messages.ranks_phrase(went_ahead, 'runs', 'run')} "
@@ -127,7 +166,7 @@ def await_coordinator(check: Check, epoch: int, key: str) -> bytes | Verdict:
             return store.get(key)
         if _went_ahead(check, [0]):
             return _judge_without_coordinator(check, epoch)
-        time.sleep(POLL_SECONDS)
+        check.deadline.pause()
     return _no_coordinator_timeout(check, epoch)
 
 
@@ -163,7 +202,7 @@ def _no_coordinator_timeout(check: Check, epoch: int) -> Verdict:
         f"{_messages.ranks_phrase(waiting, 'is', 'are')} waiting for it."
     ]
     if never:
-        lines.append(_messages.sentence(f"{_messages.never_arrived(never)}."))
+        lines.append(_messages.sentence(f"{_messages.never_arrived(never, check.family)}."))
     if went_ahead:
         lines.append(
             _messages.sentence(f"{_messages.ranks_phrase(went_ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}.")
@@ -181,7 +220,7 @@ def verdict_timeout(check: Check, epoch: int) -> Verdict:
     if never:
         them = "it" if len(never) == 1 else "them"
         text = (
-            f"{_messages.never_arrived(never)}; rank 0 opened the check but has not "
+            f"{_messages.never_arrived(never, check.family)}; rank 0 opened the check but has not "
             f"delivered the verdict, which waits for {them}."
         )
     else:

@@ -34,6 +34,7 @@ from torch.distributed._protocol_version._store import (
     Check,
     Deadline,
     find_present,
+    is_timeout,
 )
 
 
@@ -46,6 +47,9 @@ _CLOSED = " closed"
 # on the timeout path its deadline has passed, so it grants them this floor.
 _ACK_GRACE_SECONDS = 30.0
 _ACK_FLOOR_SECONDS = 1.0
+# How long a non-zero rank waits past its deadline for a verdict that every rank's
+# payload is already in (see _verdict_in_flight).
+_VERDICT_IN_FLIGHT_SECONDS = 2.0
 # How long a rank that finds the last epoch judged waits for a new one before it
 # takes that epoch's timeout verdict as the one that gave up on it (see _late_verdict).
 _LATE_GRACE_SECONDS = 2.0
@@ -75,7 +79,7 @@ def _coordinate(check: Check) -> Verdict:
         if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED:
             store.set(stale, _SUPERSEDED)  # the legacy TCPStore server wakes no waiter on compare_set
     check.doing = "collecting payloads"
-    verdict, readers = _collect(check, slots)
+    verdict, readers = _collect(check, slots, epoch)
     check.doing = "publishing the verdict"
     # One write: whoever reads "current" from now on knows this epoch is judged.
     store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
@@ -85,7 +89,7 @@ def _coordinate(check: Check) -> Verdict:
     return verdict
 
 
-def _collect(check: Check, slots: list[str]) -> tuple[Verdict, list[int]]:
+def _collect(check: Check, slots: list[str], epoch: int) -> tuple[Verdict, list[int]]:
     """Read every payload and judge. Returns the verdict and the ranks that
     published (and so wait to read it)."""
     raws = blocking(check, check.grace, check.store.multi_get, slots[1:])
@@ -95,7 +99,7 @@ def _collect(check: Check, slots: list[str]) -> tuple[Verdict, list[int]]:
         return judge_payloads(check.family, payloads, [], check.backend), everyone
     published, went_ahead, missing = _diagnose.await_payloads(check, slots)
     if missing:
-        return _diagnose.coordinator_timeout(check, missing, went_ahead), published
+        return _diagnose.coordinator_timeout(check, missing, went_ahead, epoch), published
     raws = check.store.multi_get([slots[r] for r in published])
     payloads = {0: check.payload.encode(), **dict(zip(published, raws))}
     return judge_payloads(check.family, payloads, went_ahead, check.backend), published
@@ -142,9 +146,18 @@ def _await_open(check: Check, epoch: int, key: str) -> bytes | Verdict:
 
 
 def _late_verdict(check: Check, epoch: int) -> Verdict | None:
-    """The closed ``epoch``'s verdict, when it is a timeout and this rank never
-    published in it: rank 0 gave up on this rank before it arrived."""
+    """The closed ``epoch``'s verdict, when it is a timeout, this rank never
+    published in it, and no other rank already waits for the next epoch: rank 0
+    gave up on this rank before it arrived.
+
+    Another rank waiting for the next epoch means a new attempt (or a second
+    call) on a reused store, whose rank 0 has yet to come: then this rank waits
+    for it too, instead of taking the last attempt's verdict for its own.
+    """
     if check.store.check([check.key(epoch, "rank", check.rank)]):
+        return None
+    others = [r for r in range(check.world_size) if r != check.rank]
+    if find_present(check.store, [check.key(epoch + 1, "waiting", r) for r in others]):
         return None
     raw = check.store.get(check.key(epoch, "verdict"))
     if raw == _SUPERSEDED:
@@ -182,6 +195,8 @@ def _await_verdict(check: Check) -> Verdict:
         store.set(key(epoch, "rank", check.rank), check.payload)
         check.doing = "waiting for the verdict"
         raw = blocking(check, check.deadline.remaining(), store.get, key(epoch, "verdict"))
+        if raw is None:
+            raw = _verdict_in_flight(check, epoch)
         if raw != _SUPERSEDED:
             # A rank that gave up on its own still tells rank 0 it is done with the store.
             verdict = _diagnose.verdict_timeout(check, epoch) if raw is None else Verdict.from_json(raw)
@@ -189,6 +204,22 @@ def _await_verdict(check: Check) -> Verdict:
                 store.set(key(epoch, "ack", check.rank), "1")  # see _await_acks
             return verdict
         closed = True  # abandoned by a coordinator that died: move on
+
+
+def _verdict_in_flight(check: Check, epoch: int) -> bytes | None:
+    """At this rank's deadline: when every rank has published, rank 0 is judging
+    a complete job, which stock would have let through, so its verdict is given a
+    short moment more (a rank that arrived in the last moments of the timeout)."""
+    slots = [check.key(epoch, "rank", r) for r in range(check.world_size)]
+    if not check.store.check(slots):
+        return None
+    check.store.set_timeout(timedelta(seconds=_VERDICT_IN_FLIGHT_SECONDS))
+    try:
+        return check.store.get(check.key(epoch, "verdict"))
+    except RuntimeError as e:
+        if is_timeout(e):
+            return None
+        raise
 
 
 def _with_context(error: BaseException, text: str) -> RuntimeError:

@@ -196,11 +196,12 @@ def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
     return f"{family.title} check timed out after {timeout.total_seconds():g}s ({backend_text(backend)})"
 
 
-def never_arrived(ranks: Sequence[int]) -> str:
+def never_arrived(ranks: Sequence[int], family: Family) -> str:
     """Ranks with no payload and no backend key: nothing shows they ever started."""
     has = "has" if len(set(ranks)) == 1 else "have"
+    article = "an" if family.version_word[0] in "AEIOU" else "a"
     return (
-        f"{ranks_phrase(ranks)} never published a protocol version and {has} not started "
+        f"{ranks_phrase(ranks)} never published {article} {family.version_word} and {has} not started "
         "building the backend either (not started, still starting, or exited)"
     )
 

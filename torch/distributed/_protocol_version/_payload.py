@@ -173,6 +173,8 @@ def _load_object(raw: bytes, limit: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
         raise InvalidPayload(f"{len(raw)} bytes, over the {limit}-byte limit")
     try:
         obj = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # a RuntimeError: it must not pass for a store failure
+        raise InvalidPayload("JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidPayload(f"not valid JSON ({e})") from None
     if not isinstance(obj, dict):

@@ -39,7 +39,7 @@ from torch.distributed._protocol_version._exchange import _parse_current, exchan
 from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, SettingError, version_range
-from torch.distributed._protocol_version._store import _is_timeout, find_present
+from torch.distributed._protocol_version._store import is_timeout, find_present
 
 
 __all__ = ["Endpoint", "Report", "Roster", "endpoint_from_env", "preflight", "render_table", "run"]
@@ -336,7 +336,7 @@ def _release(store: dist.Store, epoch: int, code: int, found: Roster) -> None:
         try:
             store.wait([read], timedelta(seconds=RESULT_WAIT_S))
         except RuntimeError as e:
-            if not _is_timeout(e):
+            if not is_timeout(e):
                 raise
             logger.warning("%s preflight: not every rank read the exit code within %gs.", C10D.title, RESULT_WAIT_S)
 
@@ -367,7 +367,7 @@ def _follow(store: dist.Store, own_code: int) -> int:
     try:
         code, readers = _parse_result(store.get(result))
     except RuntimeError as e:
-        if not _is_timeout(e):
+        if not is_timeout(e):
             raise
         return own_code
     if store.add(done, 1) >= readers:

@@ -64,7 +64,7 @@ def _read_record(raw: bytes) -> tuple[int, RankInfo]:
     try:
         obj = json.loads(raw.decode("utf-8"))
         version, rank, founder = obj["version"], obj["rank"], obj["founder"]
-    except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as e:
         raise InvalidPayload(f"an unreadable dynamic group record ({e!r:.80})") from None
     if type(rank) is not int:
         raise InvalidPayload(f"a dynamic group record with an invalid rank {rank!r:.40}")
@@ -93,7 +93,7 @@ def _join(store: dist.Store, name: str, rank: int, mode: str) -> tuple[Verdict, 
         f"  this worker speaks {_messages.range_text(info.version, info.min_version, RPC.version_word)}\n"
         f"What to do: start this worker on a build that speaks {RPC.version_word} {version}, "
         "or restart the whole group on the new build. The group's members go on.\n"
-        f"{RPC.note}"
+        + "\n".join([RPC.note, *_messages.overrides_note([info])])
     )
     return Verdict("mismatch", detail, None, enforce=mode == "error"), info
 

@@ -18,8 +18,11 @@ from torch.distributed._protocol_version._payload import RankInfo
 # Store timeouts are whole milliseconds and some stores read 0 as "forever", and a
 # TCPStore logs two warning lines per timed-out call: never call with less left.
 MIN_CALL_SECONDS = 0.05
-# How often the slow path looks at the store again (check calls, which never block).
+# How often the slow path looks at the store again (check calls, which never block);
+# more often as the deadline nears, so that a rank arriving in the last moments of
+# the timeout is seen in time, as stock's own blocking waits would see it.
 POLL_SECONDS = 0.25
+_MIN_POLL_SECONDS = 0.02
 
 
 class Deadline:
@@ -34,6 +37,10 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining() < MIN_CALL_SECONDS
+
+    def pause(self) -> None:
+        """Sleep one poll interval of the slow path."""
+        time.sleep(min(POLL_SECONDS, max(self.remaining() / 8, _MIN_POLL_SECONDS)))
 
     def bounded(self, cap: float) -> timedelta:
         """The timeout for one blocking call: ``cap`` seconds, never past the deadline."""
@@ -63,7 +70,7 @@ class Check:
         return self.family.key(*parts)
 
 
-def _is_timeout(error: RuntimeError) -> bool:
+def is_timeout(error: RuntimeError) -> bool:
     if isinstance(error, dist.DistNetworkError):
         return False
     # TCPStore and HashStore raise DistStoreError; FileStore a RuntimeError that says so.
@@ -77,7 +84,7 @@ def blocking(check: Check, cap: float, fn: Callable[..., Any], *args: Any) -> An
     try:
         return fn(*args)
     except RuntimeError as e:
-        if _is_timeout(e):
+        if is_timeout(e):
             return None
         raise
 
