@@ -279,7 +279,8 @@ from torch.distributed._protocol_version._cli import main
 
 code = main(sys.argv[1:])
 os.write(1, f"preflight rank={{os.environ['RANK']}} exit={{code}}\\n".encode())
-sys.exit(code)
+sys.stdout.flush()
+os._exit(code)  # as python -m torch.distributed._protocol_version ends
 '''
 # A rank of a job on stock torch: it builds its gloo group on the job's store.
 STOCK_RANK = """\
@@ -360,6 +361,8 @@ The job would start.""",
         result = self.torchrun([str(self.worker)], "--timeout", "60", **{ODD_RANK_ENV: "3"})
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(exit_lines(result.stdout), dict.fromkeys(range(NPROC), 1), result.stdout[-4000:])
+        # What torchrun itself saw: every worker's own code, none stopped by its SIGTERM.
+        self.assertEqual(len(re.findall(r"exitcode\s*: 1 ", result.stdout)), NPROC, result.stdout[-4000:])
         table = masked_table(result.stdout)
         self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>", table)
         self.assertIn("<host> | 3 | 2 | 2.13.0+cpu | <commit> | <python>", table)

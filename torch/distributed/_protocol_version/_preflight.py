@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -352,6 +354,18 @@ def _parse_result(raw: bytes) -> tuple[int, int]:
     return code, readers
 
 
+def _exit_alike_when_stopped(code: int) -> None:
+    """Once this rank knows the job's exit code, a SIGTERM ends it with that code.
+
+    torchrun stops every worker with SIGTERM as soon as one exits non-zero; the
+    ranks leave within moments of each other, but the first one out would turn the
+    others' code into -15. Only in the main thread (the CLI), where a process ends
+    right after the preflight anyway.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+
+
 def _follow(store: dist.Store, own_code: int) -> int:
     """Any rank but 0: take rank 0's exit code, so that every rank exits alike.
 
@@ -370,8 +384,17 @@ def _follow(store: dist.Store, own_code: int) -> int:
         if not is_timeout(e):
             raise
         return own_code
+    _exit_alike_when_stopped(code)
     if store.add(done, 1) >= readers:
         store.set(read, "1")
+    else:
+        # Leave together with the others: torchrun stops every worker as soon as
+        # one exits non-zero, and would turn the slower ones' code into a SIGTERM.
+        try:
+            store.wait([read], timedelta(seconds=RESULT_WAIT_S))
+        except RuntimeError as e:
+            if not is_timeout(e):
+                raise
     return code
 
 
@@ -419,6 +442,7 @@ def preflight(
     }
     emit(Report(rank, code, f"{render_table(found, backend)}\n\n{text}", obj))
     if epoch is not None:
+        _exit_alike_when_stopped(code)
         _release(job_store, epoch, code, found)
     return code
 
