@@ -21,10 +21,12 @@ $(STAMP): requirements.txt
 	$(PY) $(PIP_INSTALL)
 	touch $(STAMP)
 
-# The stamp only says the packages are installed; the hook tool says whether the
-# hook and its links are in place, and install puts back what is missing.
+# The stamp only says the packages were installed once; the hook tool says whether
+# torch, the hooks and the links are in place now. When anything is missing, pip
+# puts back the pins (a no-op when they are there, torch itself when it was
+# uninstalled) and install puts back the hooks and the links.
 hooked: $(STAMP)
-	@$(PY) $(HOOK) status >/dev/null || $(PY) $(HOOK) install
+	@$(PY) $(HOOK) status >/dev/null 2>&1 || { $(PY) $(PIP_INSTALL) && $(PY) $(HOOK) install; }
 
 demo: hooked
 	$(PY) tools/demo.py
