@@ -39,6 +39,7 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     rank_info,
     RankThreads,
     run_in_own_session,
+    spawn_ranks,
     STOCK_PYTHON,
     VERSION_OVERRIDE_ENV,
 )
@@ -261,6 +262,27 @@ def named_absent(message: str) -> set[int]:
     if "rank 0, which collects every rank's version, has not opened the check" in message:
         named.add(0)
     return named
+
+
+def init_on_server(rank: int, world_size: int, port: int) -> bool:
+    """``init_process_group`` on a client of the test's own store server; destroy."""
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    dist.destroy_process_group()
+    return True
+
+
+class TestBackendLayout(TestCase):
+    def test_gloo_writes_the_key_the_slow_path_looks_for(self) -> None:
+        """Ranks without the check are seen by the key gloo writes for each rank as
+        it starts building. If a new torch moves that key, this fails loudly."""
+        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        results = spawn_ranks(init_on_server, 2, args=(server.port,))
+        self.assertTrue(all(r.ok for r in results), results)
+        key = _diagnose.backend_key_for("gloo", "0")
+        self.assertIsNotNone(key)
+        self.assertTrue(server.check([key(0), key(1)]), [key(0), key(1)])
+        self.assertIsNone(_diagnose.backend_key_for("nccl", "0"))  # NCCL writes no key per rank
 
 
 class TestSharedStore(TestCase):
