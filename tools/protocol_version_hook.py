@@ -71,16 +71,21 @@ class Hook:
     anchor_before: str
     anchor_at: str
     body: tuple[str, ...]
+    # Bodies earlier versions of this tool inserted: recognised as this tool's
+    # own, so that install upgrades them instead of refusing them as edited.
+    older_bodies: tuple[tuple[str, ...], ...] = ()
     indent: str = " " * 8
 
-    def block(self) -> str:
-        lines = [BEGIN, *self.body, END]
+    def block(self, body: tuple[str, ...] | None = None) -> str:
+        lines = [BEGIN, *(self.body if body is None else body), END]
         return "".join(f"{self.indent}{line}\n" if line else "\n" for line in lines) + "\n"
 
     def patch(self, source: str, origin: str) -> str:
-        """Return ``source`` with the hook inserted; unchanged if already there."""
-        if is_patched(source):
+        """Return ``source`` with the hook inserted; unchanged if already there,
+        upgraded if an earlier version of this tool inserted it."""
+        if self.block() in source:
             return source
+        source = self.unpatch(source, origin)
         anchor = self.anchor_before + self.anchor_at
         count = source.count(anchor)
         if count != 1:
@@ -100,7 +105,9 @@ class Hook:
         """
         if not is_patched(source):
             return source
-        stock = source.replace(self.block(), "", 1)
+        stock = source
+        for body in (self.body, *self.older_bodies):
+            stock = stock.replace(self.block(body), "", 1)
         if is_patched(stock):
             raise PatchError(
                 f"refusing to change {origin}: its marked block differs from the one this "
@@ -122,7 +129,14 @@ HOOKS = (
         body=(
             "from torch.distributed._protocol_version import _check_protocol_version",
             "",
-            "_check_protocol_version(store, rank, world_size, timeout, backend)",
+            "_check_protocol_version(store, rank, world_size, timeout, backend, group_name)",
+        ),
+        older_bodies=(
+            (
+                "from torch.distributed._protocol_version import _check_protocol_version",
+                "",
+                "_check_protocol_version(store, rank, world_size, timeout, backend)",
+            ),
         ),
     ),
     # init_rpc: the store is wrapped in PrefixStore("rpc_prefix_N"); distributed
@@ -246,13 +260,18 @@ def revert(torch_dir: Path) -> str:
     return f"reverted {len(HOOKS)} files in {torch_dir} to stock; removed the links"
 
 
+def _hook_state(hook: Hook, source: str) -> str:
+    if hook.block() in source:
+        return "present"
+    if any(hook.block(body) in source for body in hook.older_bodies):
+        return "outdated"  # install upgrades it
+    return "edited" if is_patched(source) else "absent"
+
+
 def status(torch_dir: Path) -> tuple[bool, str]:
     """Whether every hook (exactly as this tool inserts it) and every link are in
     place, and a one-line report."""
-    hooks = {
-        hook.function: "present" if hook.block() in source else "edited" if is_patched(source) else "absent"
-        for hook, _, source in _read_targets(torch_dir)
-    }
+    hooks = {hook.function: _hook_state(hook, source) for hook, _, source in _read_targets(torch_dir)}
     states = {rel: _link_state(torch_dir, rel) for rel in linked_paths()}
     wrong = [f"{rel} {state}" for rel, state in states.items() if state != "linked"]
     installed = set(hooks.values()) == {"present"} and not wrong

@@ -572,6 +572,18 @@ class TestHookTool(TestCase):
         self.assertEqual(status.returncode, 1)
         self.assertIn("hook in init_process_group edited", status.stdout)
 
+    def test_a_hook_an_earlier_tool_wrote_is_upgraded(self) -> None:
+        h = hook.HOOKS[0]
+        target = self.torch_dir / h.target
+        source = target.read_text()
+        at = source.index(h.anchor_before + h.anchor_at) + len(h.anchor_before)
+        target.write_text(source[:at] + h.block(h.older_bodies[0]) + source[at:])
+        status = _tool("status", "--torch-dir", str(self.torch_dir))
+        self.assertIn("hook in init_process_group outdated", status.stdout)
+        self.assertEqual(_tool("install", "--torch-dir", str(self.torch_dir)).returncode, 0)
+        self.assertEqual(target.read_text(), h.patch(source, h.target))
+        self.assertEqual(_tool("status", "--torch-dir", str(self.torch_dir)).returncode, 0)
+
     def test_unknown_init_rpc_is_refused_and_nothing_changes(self) -> None:
         (self.torch_dir / hook.HOOKS[1].target).write_text("def init_rpc(name): pass\n")
         before = _snapshot(self.torch_dir)

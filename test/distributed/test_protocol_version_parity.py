@@ -138,6 +138,16 @@ class TestModes(TestCase):
         self.assertEqual([o.get("sum") for o in outcomes], [2.0, 2.0], outcomes)
         self.assertIn("rank 0 runs a build without the protocol version check", log)
 
+    def test_off_rank_is_seen_when_the_group_is_named_by_a_hash(self) -> None:
+        # init_process_group(_ranks=...) names the default group by a hash: the
+        # hook passes the group's name, so the rank without the check is still seen.
+        job = {"world_size": 2, "init": "env", "timeout": 60, "private_ranks": True,
+               "env": {"0": {CHECK_MODE_ENV: "off"}}}
+        outcomes, log = run_job(PATCHED_PY, job)
+        self.assertEqual([o.get("sum") for o in outcomes], [2.0, 2.0], outcomes)
+        self.assertIn("rank 0 runs a build without the protocol version check", log)
+        self.assertLess(max(o["seconds"] for o in outcomes), 15.0)
+
     def test_off_beside_a_newer_minimum_is_refused(self) -> None:
         # Rank 1 requires version 2; rank 0 checks nothing, so it counts as version 1.
         job = {
@@ -147,6 +157,7 @@ class TestModes(TestCase):
         outcomes, _ = run_job(PATCHED_PY, job)
         self.assertEqual(outcomes[1]["error_type"], "RuntimeError", outcomes)
         self.assertIn("taken as version 1: rank 0", outcomes[1]["error"])
+        self.assertIn(f"If rank 0 runs such a build with {CHECK_MODE_ENV}=off, unset it there", outcomes[1]["error"])
         self.assertLess(outcomes[1]["seconds"], 10.0)
 
 

@@ -151,7 +151,12 @@ def check_protocol_version(
 
 
 def _check_protocol_version(
-    store: dist.Store, rank: int, world_size: int, timeout: timedelta, backend: object
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    timeout: timedelta,
+    backend: object,
+    group_name: str | None = None,
 ) -> None:
     """The hook ``init_process_group`` calls before it builds the backend.
 
@@ -178,11 +183,10 @@ def _check_protocol_version(
     if not backend_buildable(str(backend)):
         _default_group_note = f"this build cannot make backend {backend}"
         return  # stock refuses it next, at once
-    # init_process_group named the default group just before calling this hook.
-    group_name = str(dist.distributed_c10d._world.group_count - 1)
     started = time.monotonic()
     verdict, info = exchange(
-        store, C10D, rank, world_size, timeout, str(backend), mode, backend_key_for(str(backend), group_name)
+        store, C10D, rank, world_size, timeout, str(backend), mode,
+        backend_key_for(str(backend), group_name) if group_name else None,
     )
     elapsed = time.monotonic() - started
     if not verdict.ok and verdict.status == "mismatch" and not verdict.enforce:

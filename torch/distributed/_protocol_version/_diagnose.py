@@ -91,11 +91,19 @@ def _absent(check: Check, keys: dict[int, str]) -> list[int]:
 
 
 def _went_ahead(check: Check, ranks: Sequence[int]) -> list[int]:
-    """The ``ranks`` whose backend key exists: they run no check."""
+    """The ``ranks`` whose backend key exists: they run no check.
+
+    A rank that published in the previous check on this store runs the check: its
+    backend key is a leftover of that earlier group (``init_process_group`` after
+    ``destroy_process_group`` on the same store), not a sign of a build without it.
+    """
     if check.backend_key is None:
         return []
-    found = find_present(check.store, [check.backend_key(r) for r in ranks])
-    return [ranks[i] for i in found]
+    found = [ranks[i] for i in find_present(check.store, [check.backend_key(r) for r in ranks])]
+    if found and check.epoch > 1:
+        earlier = set(find_present(check.store, [check.key(check.epoch - 1, "rank", r) for r in found]))
+        found = [r for i, r in enumerate(found) if i not in earlier]
+    return found
 
 
 def _await_accounted(check: Check, keys: dict[int, str]) -> tuple[list[int], list[int]]:

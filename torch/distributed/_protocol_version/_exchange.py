@@ -66,7 +66,7 @@ def _coordinate(check: Check) -> Verdict:
     """Rank 0: open a fresh epoch, collect every payload, publish the verdict."""
     store, key = check.store, check.key
     check.doing = "opening the check"
-    epoch = store.add(key("counter"), 1)
+    epoch = check.epoch = store.add(key("counter"), 1)
     slots = [key(epoch, "rank", r) for r in range(check.world_size)]
     # Open this epoch (and the previous one, should its coordinator have died
     # between the counter and this call) so waiting ranks can move on to it.
@@ -191,6 +191,7 @@ def _await_verdict(check: Check) -> Verdict:
                 if isinstance(waited, Verdict):
                     return waited
             epoch += 1
+        check.epoch = epoch
         check.doing = "publishing this rank's version"
         store.set(key(epoch, "rank", check.rank), check.payload)
         check.doing = "waiting for the verdict"

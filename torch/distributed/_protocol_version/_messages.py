@@ -162,10 +162,23 @@ def mismatch_detail(
             f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks {word} "
             f"{required}, or roll {ranks_phrase(roll_back)} back to a build that "
             f"accepts {word} {lowest}; then restart the job.",
+            *_unchecked_note(infos, upgrade),
             *([family.note] if family.note else []),
             *overrides_note(infos),
         ]
     )
+
+
+def _unchecked_note(infos: Sequence[RankInfo], upgrade: Sequence[int]) -> list[str]:
+    """Ranks judged as version 1 because they ran no check may run a newer build
+    with the check off: say what fixes that case too."""
+    unchecked = [i.rank for i in infos if not i.checked and i.rank in upgrade]
+    if not unchecked:
+        return []
+    return [
+        f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, "
+        "unset it there instead: a rank that skips the check counts as version 1."
+    ]
 
 
 def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> str:

@@ -65,6 +65,8 @@ class Check:
     grace: float  # how long a wait blocks before the slow path starts
     # What the check is doing, for the message should the store fail meanwhile.
     doing: str = "starting"
+    # The epoch this rank takes part in, once known (0 before).
+    epoch: int = 0
 
     def key(self, *parts: object) -> str:
         return self.family.key(*parts)

@@ -8,7 +8,8 @@ is printed on the last line of stdout.
 
     {"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
      "init": "tcpstore" | "env" | "hashstore", "env": {"1": {"VAR": "value"}},
-     "rank_arg": {"0": 3}}  # optional: a wrong rank passed to init_process_group
+     "rank_arg": {"0": 3},  # optional: a wrong rank passed to init_process_group
+     "private_ranks": true}  # optional, env:// only: init_process_group(_ranks=...)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _init(job: dict[str, Any], rank: int, port: int) -> None:
     timeout = timedelta(seconds=job["timeout"])
     world_size = job["world_size"]
     rank_arg = int(job.get("rank_arg", {}).get(str(rank), rank))
+    # init_process_group's private _ranks names the default group by a hash.
+    extra = {"_ranks": list(range(world_size))} if job.get("private_ranks") else {}
     if job["init"] == "tcpstore":
         store = dist.TCPStore(
             "127.0.0.1", port, world_size, rank == 0, timeout=timeout, wait_for_workers=False
@@ -40,7 +43,9 @@ def _init(job: dict[str, Any], rank: int, port: int) -> None:
         )
     else:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", init_method="env://", rank=rank_arg, world_size=world_size, timeout=timeout)
+        dist.init_process_group(
+            "gloo", init_method="env://", rank=rank_arg, world_size=world_size, timeout=timeout, **extra
+        )
 
 
 def _rank(job: dict[str, Any], rank: int, port: int, results: Any) -> None:
