@@ -34,7 +34,7 @@ from torch.distributed._protocol_version._store import (
     Check,
     Deadline,
     find_present,
-    is_timeout,
+    timed,
 )
 
 
@@ -214,13 +214,8 @@ def _verdict_in_flight(check: Check, epoch: int) -> bytes | None:
     slots = [check.key(epoch, "rank", r) for r in range(check.world_size)]
     if not check.store.check(slots):
         return None
-    check.store.set_timeout(timedelta(seconds=_VERDICT_IN_FLIGHT_SECONDS))
-    try:
-        return check.store.get(check.key(epoch, "verdict"))
-    except RuntimeError as e:
-        if is_timeout(e):
-            return None
-        raise
+    wait = timedelta(seconds=_VERDICT_IN_FLIGHT_SECONDS)
+    return timed(check.store, wait, check.store.get, check.key(epoch, "verdict"))
 
 
 def _with_context(error: BaseException, text: str) -> RuntimeError:

@@ -41,7 +41,7 @@ from torch.distributed._protocol_version._exchange import _parse_current, exchan
 from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, SettingError, version_range
-from torch.distributed._protocol_version._store import is_timeout, find_present
+from torch.distributed._protocol_version._store import find_present, is_timeout, timed
 
 
 __all__ = ["Endpoint", "Report", "Roster", "endpoint_from_env", "preflight", "render_table", "run"]
@@ -377,24 +377,17 @@ def _follow(store: dist.Store, own_code: int) -> int:
         return own_code
     epoch, _ = _parse_current(store.get(current))
     result, done, read = _result_keys(epoch)
-    store.set_timeout(timedelta(seconds=RESULT_WAIT_S))
-    try:
-        code, readers = _parse_result(store.get(result))
-    except RuntimeError as e:
-        if not is_timeout(e):
-            raise
+    raw = timed(store, timedelta(seconds=RESULT_WAIT_S), store.get, result)
+    if raw is None:
         return own_code
+    code, readers = _parse_result(raw)
     _exit_alike_when_stopped(code)
     if store.add(done, 1) >= readers:
         store.set(read, "1")
     else:
         # Leave together with the others: torchrun stops every worker as soon as
         # one exits non-zero, and would turn the slower ones' code into a SIGTERM.
-        try:
-            store.wait([read], timedelta(seconds=RESULT_WAIT_S))
-        except RuntimeError as e:
-            if not is_timeout(e):
-                raise
+        timed(store, timedelta(seconds=RESULT_WAIT_S), store.wait, [read])
     return code
 
 

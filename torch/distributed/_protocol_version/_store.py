@@ -79,16 +79,21 @@ def is_timeout(error: RuntimeError) -> bool:
     return isinstance(error, dist.DistStoreError) or "timeout" in str(error).lower()
 
 
-def blocking(check: Check, cap: float, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run one blocking store call for at most ``cap`` seconds (never past the
-    deadline); ``None`` when it timed out. Any other store error propagates."""
-    check.store.set_timeout(check.deadline.bounded(cap))
+def timed(store: dist.Store, timeout: timedelta, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one blocking call of ``store`` for at most ``timeout``; ``None`` when it
+    timed out. Any other store error propagates."""
+    store.set_timeout(timeout)
     try:
         return fn(*args)
     except RuntimeError as e:
         if is_timeout(e):
             return None
         raise
+
+
+def blocking(check: Check, cap: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """:func:`timed` for at most ``cap`` seconds, never past the check's deadline."""
+    return timed(check.store, check.deadline.bounded(cap), fn, *args)
 
 
 def find_present(store: dist.Store, keys: Sequence[str]) -> list[int]:
