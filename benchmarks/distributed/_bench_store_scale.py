@@ -80,10 +80,12 @@ def check_traffic(store: dist.Store, rank: int, world_size: int, *, read_epoch: 
         store.multi_set(opened, [NAIVE_PAYLOAD, "1", "1", str(epoch)])
         store.multi_get(slots[1:])
         store.multi_set([f"{epoch}/verdict", "current"], [VERDICT, f"{epoch} closed"])
+        store.wait([f"{epoch}/ack/{r}" for r in range(1, world_size)])
         return
     epoch = int(store.get("current")) if read_epoch else 1
     store.set(f"{epoch}/rank/{rank}", NAIVE_PAYLOAD)
     store.get(f"{epoch}/verdict")
+    store.set(f"{epoch}/ack/{rank}", "1")
 
 
 Body = Callable[[dist.Store, int, int], None]

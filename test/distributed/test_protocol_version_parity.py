@@ -36,6 +36,7 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
     MISMATCH,
     NO_STOCK_REASON,
+    OLD_PAYLOAD,
     rank_info,
     RankThreads,
     run_in_own_session,
@@ -213,16 +214,66 @@ class TestNamingTheRightRank(TestCase):
             self.assertIsInstance(outcome.exception, dist.DistStoreError)
 
     def test_second_call_on_a_reused_store_with_rank_0_late(self) -> None:
-        # Call 1 timed out naming rank 2; in call 2 rank 2 comes with rank 1 and
-        # rank 0 comes late: rank 1 already waits for the new check, so rank 2
-        # does not take call 1's verdict for its own.
+        # Call 1 timed out naming rank 2; in call 2 rank 2 comes first, rank 1 a
+        # second later, rank 0 later still: rank 1 took part in call 1 and waits
+        # for a new check, so rank 2 does not take call 1's verdict for its own,
+        # although rank 1 came after it (its mark is left on arrival, not after
+        # its own two seconds).
         store = dist.HashStore()
         first = RankThreads(3, timeout_s=2.0).start({0: store, 1: store}).join()
         self.assertTrue(all(isinstance(o.exception, dist.DistStoreError) for o in first.values()))
-        second = RankThreads(3, timeout_s=20.0).start({1: store, 2: store})
-        time.sleep(3.0)
+        second = RankThreads(3, timeout_s=20.0).start({2: store})
+        time.sleep(1.0)
+        second.start({1: store})
+        time.sleep(2.5)
         outcomes = second.start({0: store}).join()
         self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
+
+    def test_ranks_late_for_the_same_check_do_not_hold_each_other(self) -> None:
+        # Rank 0 gave up on ranks 2 and 3; they come together afterwards and both
+        # report that verdict within the two seconds, neither waiting for a check
+        # that no rank of the job will open.
+        store = dist.HashStore()
+        threads = RankThreads(4, timeout_s=2.0)
+        early = threads.start({0: store, 1: store}).join()
+        started = time.monotonic()
+        late = threads.start({2: store, 3: store}).join()
+        # Their marks are gone: a check opened later does not count them as waiting.
+        self.assertFalse(any(store.check([C10D.key(2, "waiting", r)]) for r in (2, 3)))
+        for rank in (2, 3):
+            self.assertIsInstance(late[rank].exception, dist.DistStoreError, late[rank])
+            self.assertIn(f"Rank {rank} arrived after rank 0 had given up waiting for it.", str(late[rank].exception))
+            self.assertLess(late[rank].finished - started, 4.0)
+        self.assertTrue(all(isinstance(early[r].exception, dist.DistStoreError) for r in (0, 1)))
+
+    def test_rank_0_returns_a_pass_only_once_every_rank_has_read_it(self) -> None:
+        # Rank 0 usually hosts the store: were it to go on and exit at once (a bad
+        # argument stock rejects on every rank after the check), a rank that had
+        # not read the verdict yet would fail with a connection error, not its own.
+        store = dist.HashStore()
+
+        def rank_0_then_look(store: dist.Store, rank: int, world_size: int) -> Any:
+            version = pv.check_protocol_version(store, rank, world_size, timedelta(seconds=20))
+            if rank != 0:
+                return version
+            return version, store.check([C10D.key(1, "ack", r) for r in range(1, world_size)])
+
+        outcomes = RankThreads(3, 20.0, rank_0_then_look).start({r: store for r in range(3)}, together=True).join()
+        self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: (1, True), 1: 1, 2: 1}, outcomes)
+
+    def test_a_build_that_acknowledges_only_failures_does_not_hold_rank_0(self) -> None:
+        # Rank 1 runs an older build of the check: it reads a passing verdict and
+        # acknowledges nothing. Rank 0 goes on at once rather than waiting for it.
+        store = dist.HashStore()
+        threads = RankThreads(2, timeout_s=20.0).start({0: store})
+        epoch = int(store.get(C10D.key("current")))
+        store.set(C10D.key(epoch, "rank", 1), OLD_PAYLOAD)
+        store.set_timeout(timedelta(seconds=20))
+        self.assertEqual(Verdict.from_json(store.get(C10D.key(epoch, "verdict"))).negotiated, 1)
+        read = time.monotonic()
+        outcomes = threads.join()
+        self.assertEqual(outcomes[0].value, 1, outcomes)
+        self.assertLess(outcomes[0].finished - read, 2.0)
 
     def test_no_false_warnings_about_acknowledgements(self) -> None:
         store = dist.HashStore()

@@ -42,6 +42,7 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     MISMATCH,
     NO_STOCK_REASON,
     ODD_RANK_ENV,
+    OLD_PAYLOAD,
     STOCK_PYTHON,
     rank_info,
     RankThreads,
@@ -50,12 +51,6 @@ from torch.testing._internal.distributed.protocol_version_utils import (
 )
 
 
-# What RankInfo.to_payload wrote before build identity (commit 43e4c4c), byte for byte.
-OLD_PAYLOAD = (
-    b'{"family": "c10d", "hostname": "node-old", "min_protocol_version": 1, "mode": "error", '
-    b'"overrides": [], "pid": 4242, "protocol_version": 1, "schema": 1, '
-    b'"token": "00112233aabbccdd", "torch_version": "2.13.0+cpu"}'
-)
 # What the first build of the check wrote: no schema, family, mode or overrides.
 FIRST_PAYLOAD = (
     b'{"protocol_version": 1, "min_protocol_version": 1, "torch_version": "2.13.0+cpu", '

@@ -158,17 +158,21 @@ def coordinator_timeout(
     return Verdict("timeout", "\n".join(lines), None)
 
 
-def await_coordinator(check: Check, epoch: int, key: str) -> bytes | Verdict:
-    """A rank other than 0, past its grace period, waiting for rank 0 to open
-    ``epoch`` (``key`` appears when it does).
+def leave_mark(check: Check, epoch: int) -> None:
+    """Say that this rank waits for rank 0 to open ``epoch``; the mark holds its payload."""
+    check.store.set(check.key(epoch, "waiting", check.rank), check.payload)
 
-    Leaves this rank's presence mark, then polls. Returns ``key``'s value once it
-    exists; a verdict reached without rank 0 when rank 0 is seen building its
-    backend without the check; or, at the deadline, a timeout that says who is
-    waiting and who never arrived.
+
+def await_coordinator(check: Check, epoch: int, key: str) -> bytes | Verdict:
+    """A rank other than 0, past its grace period and with its presence mark left
+    (:func:`leave_mark`), waiting for rank 0 to open ``epoch`` (``key`` appears
+    when it does).
+
+    Polls. Returns ``key``'s value once it exists; a verdict reached without rank
+    0 when rank 0 is seen building its backend without the check; or, at the
+    deadline, a timeout that says who is waiting and who never arrived.
     """
     store = check.store
-    store.set(check.key(epoch, "waiting", check.rank), check.payload)
     while not check.deadline.expired():
         if store.check([key]):
             return store.get(key)

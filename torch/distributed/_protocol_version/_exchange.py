@@ -3,20 +3,21 @@
 Rank 0 coordinates. It opens a fresh *epoch* ``e`` (an atomic counter),
 publishes its own payload, reads every other rank's payload with one
 ``multi_get``, and publishes the verdict and marks the epoch closed in one
-``multi_set``. Every other rank reads the current epoch with one ``get`` (it
-blocks until rank 0 has opened one), publishes its payload with one ``set`` and
-blocks on the verdict with one ``get``: three calls whatever the world size (O(1)
-per rank, O(N) globally). A rank never joins a closed epoch, so an earlier
-attempt's verdict on a reused store is never taken for this one's.
+``multi_set``, then waits (one ``wait``) until every rank has acknowledged it.
+Every other rank reads the current epoch with one ``get`` (it blocks until rank
+0 has opened one), publishes its payload with one ``set``, blocks on the verdict
+with one ``get`` and acknowledges it with one ``set``: four calls whatever the
+world size (O(1) per rank, O(N) globally). A rank never joins a closed epoch, so
+an earlier attempt's verdict on a reused store is never taken for this one's.
 
 Each rank counts its timeout from its own arrival, as stock torch counts its own
 waits. A wait that outlasts a short grace period continues in
-:mod:`._diagnose` (the slow path); only a failing verdict costs one more key per
-rank, the acknowledgement rank 0 waits for before it raises.
+:mod:`._diagnose` (the slow path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from datetime import timedelta
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed._protocol_version import _diagnose, _messages
 from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._judge import judge, judge_payloads
-from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
+from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import (
     blocking,
@@ -79,41 +80,54 @@ def _coordinate(check: Check) -> Verdict:
         if store.compare_set(stale, "", _SUPERSEDED) == _SUPERSEDED:
             store.set(stale, _SUPERSEDED)  # the legacy TCPStore server wakes no waiter on compare_set
     check.doing = "collecting payloads"
-    verdict, readers = _collect(check, slots, epoch)
+    verdict, published = _collect(check, slots, epoch)
     check.doing = "publishing the verdict"
     # One write: whoever reads "current" from now on knows this epoch is judged.
     store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
-    if not verdict.ok:
-        check.doing = "waiting for the others to read the verdict"
-        _await_acks(check, epoch, readers)
+    check.doing = "waiting for the others to read the verdict"
+    _await_acks(check, epoch, _acknowledging(verdict, published))
     return verdict
 
 
-def _collect(check: Check, slots: list[str], epoch: int) -> tuple[Verdict, list[int]]:
-    """Read every payload and judge. Returns the verdict and the ranks that
-    published (and so wait to read it)."""
+def _collect(check: Check, slots: list[str], epoch: int) -> tuple[Verdict, dict[int, bytes]]:
+    """Read every payload and judge. Returns the verdict and the payloads of the
+    other ranks that published (they wait to read it)."""
     raws = blocking(check, check.grace, check.store.multi_get, slots[1:])
-    everyone = list(range(1, check.world_size))
     if raws is not None:
-        payloads = dict(enumerate([check.payload.encode(), *raws]))
-        return judge_payloads(check.family, payloads, [], check.backend), everyone
-    published, went_ahead, missing = _diagnose.await_payloads(check, slots)
+        published = dict(zip(range(1, check.world_size), raws))
+        return judge_payloads(check.family, {0: check.payload.encode(), **published}, [], check.backend), published
+    ranks, went_ahead, missing = _diagnose.await_payloads(check, slots)
+    published = dict(zip(ranks, check.store.multi_get([slots[r] for r in ranks])))
     if missing:
         return _diagnose.coordinator_timeout(check, missing, went_ahead, epoch), published
-    raws = check.store.multi_get([slots[r] for r in published])
-    payloads = {0: check.payload.encode(), **dict(zip(published, raws))}
+    payloads = {0: check.payload.encode(), **published}
     return judge_payloads(check.family, payloads, went_ahead, check.backend), published
+
+
+def _acknowledging(verdict: Verdict, published: dict[int, bytes]) -> list[int]:
+    """The ranks that will acknowledge ``verdict``: every rank that published, for
+    a failing one; for a pass, those whose build says it does (the builds before
+    it acknowledged only failures, and rank 0 would wait for them in vain). Every
+    payload parsed for a pass to be reached."""
+    if not verdict.ok:
+        return list(published)
+    return [rank for rank, raw in published.items() if parse_payload(rank, raw).acks_every_verdict]
 
 
 def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
     """Keep rank 0 here until every rank that published is done with the store:
-    it has read the failing verdict, or reached its own timeout.
+    it has read the verdict, or reached its own timeout.
 
     Rank 0 often hosts the store server (``env://``, ``tcp://``): if it raised at
-    once, its process could exit and take the server down before the others read
-    the verdict, and they would fail with a bare connection error instead. The
-    others are blocked on the verdict, so their reads take milliseconds.
+    once, or went on and failed at once after a pass (a bad argument that stock
+    rejects on every rank only once the check is behind it), its process could
+    exit and take the server down before the others read the verdict, and they
+    would fail with a bare connection error instead of their own. The others are
+    blocked on the verdict, so their reads take milliseconds; on the happy path
+    this costs one ``set`` per rank and one ``wait`` on rank 0.
     """
+    if not readers:
+        return
     acks = [check.key(epoch, "ack", r) for r in readers]
     grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
     try:
@@ -123,7 +137,7 @@ def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
         silent = [r for i, r in enumerate(readers) if i not in confirmed]
         if silent:
             logger.warning(
-                "%s check: within %.1fs, no word from %s that the failing verdict reached them.",
+                "%s check: within %.1fs, no word from %s that the verdict reached them.",
                 check.family.title, grace, _messages.ranks_phrase(silent),
             )
 
@@ -142,22 +156,30 @@ def _await_open(check: Check, epoch: int, key: str) -> bytes | Verdict:
     within the grace period, then the slow path."""
     check.doing = "waiting for rank 0 to open the check"
     raw = blocking(check, check.grace, check.store.get, key)
-    return _diagnose.await_coordinator(check, epoch, key) if raw is None else raw
+    if raw is not None:
+        return raw
+    _diagnose.leave_mark(check, epoch)
+    return _diagnose.await_coordinator(check, epoch, key)
 
 
 def _late_verdict(check: Check, epoch: int) -> Verdict | None:
     """The closed ``epoch``'s verdict, when it is a timeout, this rank never
-    published in it, and no other rank already waits for the next epoch: rank 0
-    gave up on this rank before it arrived.
+    published in it, and no rank that did already waits for the next epoch: rank
+    0 gave up on this rank before it arrived.
 
-    Another rank waiting for the next epoch means a new attempt (or a second
-    call) on a reused store, whose rank 0 has yet to come: then this rank waits
-    for it too, instead of taking the last attempt's verdict for its own.
+    A rank that took part in ``epoch`` and now waits for the next one is in a new
+    attempt (or a second call) on a reused store, whose rank 0 has yet to come:
+    then this rank waits for it too, instead of taking the last attempt's verdict
+    for its own. (A rank that never published in ``epoch`` may be as late for it
+    as this one, so its mark tells nothing.) Every rank that finds an epoch closed
+    leaves its mark at once (see :func:`_await_verdict`), so the ranks of a new
+    attempt see each other's marks however the grace period races between them.
     """
     if check.store.check([check.key(epoch, "rank", check.rank)]):
         return None
     others = [r for r in range(check.world_size) if r != check.rank]
-    if find_present(check.store, [check.key(epoch + 1, "waiting", r) for r in others]):
+    waiting = [others[i] for i in find_present(check.store, [check.key(epoch + 1, "waiting", r) for r in others])]
+    if find_present(check.store, [check.key(epoch, "rank", r) for r in waiting]):
         return None
     raw = check.store.get(check.key(epoch, "verdict"))
     if raw == _SUPERSEDED:
@@ -165,6 +187,11 @@ def _late_verdict(check: Check, epoch: int) -> Verdict | None:
     verdict = Verdict.from_json(raw)
     if verdict.status != "timeout":
         return None
+    # This rank waits for no next check after all: a rank 0 opening one must not
+    # count it among the ranks that came and gave up on it. (A store that cannot
+    # delete keeps the mark: then only that message would be off.)
+    with contextlib.suppress(RuntimeError):
+        check.store.delete_key(check.key(epoch + 1, "waiting", check.rank))
     return Verdict(
         "timeout",
         f"{verdict.detail}\nRank {check.rank} arrived after rank 0 had given up waiting for it.",
@@ -182,6 +209,7 @@ def _await_verdict(check: Check) -> Verdict:
     while True:
         if closed:
             check.doing = "waiting for rank 0 to open a new check"
+            _diagnose.leave_mark(check, epoch + 1)  # before the grace period: see _late_verdict
             late_grace = min(_LATE_GRACE_SECONDS, check.deadline.timeout.total_seconds() / 5)
             if blocking(check, late_grace, store.get, key(epoch + 1, "open")) is None:
                 late = _late_verdict(check, epoch)
@@ -201,8 +229,7 @@ def _await_verdict(check: Check) -> Verdict:
         if raw != _SUPERSEDED:
             # A rank that gave up on its own still tells rank 0 it is done with the store.
             verdict = _diagnose.verdict_timeout(check, epoch) if raw is None else Verdict.from_json(raw)
-            if not verdict.ok:
-                store.set(key(epoch, "ack", check.rank), "1")  # see _await_acks
+            store.set(key(epoch, "ack", check.rank), "1")  # see _await_acks
             return verdict
         closed = True  # abandoned by a coordinator that died: move on
 

@@ -59,6 +59,9 @@ class RankInfo:
     python_version: str = "unknown"
     backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version): see backend_versions()
     name: str = ""  # the member's own name where it has one (an RPC worker's name)
+    # Whether it acknowledges a passing verdict too, not only a failing one (see
+    # _exchange._await_acks): builds before that did not, and rank 0 must not wait for them.
+    acks_every_verdict: bool = True
 
     def to_payload(self, family: Family, token: str) -> str:
         """Serialise for the store; ``token`` makes this attempt's payload unique."""
@@ -78,6 +81,7 @@ class RankInfo:
                 "git_version": self.git_version,
                 "python_version": self.python_version,
                 "backend_versions": dict(self.backend_versions),
+                "acks_every_verdict": self.acks_every_verdict,
             },
             sort_keys=True,
         )
@@ -213,6 +217,7 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
         backend_versions=_as_backend_versions(obj),
         # c10d ranks send an empty name: "unknown" would name a worker that is not there.
         name=_as_text(obj, "name") if obj.get("name", "") != "" else "",
+        acks_every_verdict=obj.get("acks_every_verdict") is True,
     )
 
 

@@ -57,6 +57,14 @@ NO_STOCK_REASON = f"no stock torch environment at {STOCK_PYTHON} to compare with
 ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
 # What every mismatch message says (the first line names torch.distributed too).
 MISMATCH = "protocol version mismatch"
+# What RankInfo.to_payload wrote before build identity (commit 43e4c4c), byte for
+# byte: the payload of an older build of the check, which acknowledges only a
+# failing verdict.
+OLD_PAYLOAD = (
+    b'{"family": "c10d", "hostname": "node-old", "min_protocol_version": 1, "mode": "error", '
+    b'"overrides": [], "pid": 4242, "protocol_version": 1, "schema": 1, '
+    b'"token": "00112233aabbccdd", "torch_version": "2.13.0+cpu"}'
+)
 # Slack for joining rank threads and for timed assertions: the reference box has
 # 2 cores, shared with other test runs.
 SLACK_S = 15.0
