@@ -35,6 +35,7 @@ from torch.distributed._protocol_version._store import (
     Check,
     Deadline,
     find_present,
+    MIN_CALL_SECONDS,
     timed,
 )
 
@@ -85,7 +86,7 @@ def _coordinate(check: Check) -> Verdict:
     # One write: whoever reads "current" from now on knows this epoch is judged.
     store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
     check.doing = "waiting for the others to read the verdict"
-    _await_acks(check, epoch, _acknowledging(verdict, published))
+    _await_acks(check, epoch, _acknowledging(verdict, published), verdict.ok)
     return verdict
 
 
@@ -114,7 +115,7 @@ def _acknowledging(verdict: Verdict, published: dict[int, bytes]) -> list[int]:
     return [rank for rank, raw in published.items() if parse_payload(rank, raw).acks_every_verdict]
 
 
-def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
+def _await_acks(check: Check, epoch: int, readers: list[int], passed: bool) -> None:
     """Keep rank 0 here until every rank that published is done with the store:
     it has read the verdict, or reached its own timeout.
 
@@ -125,18 +126,26 @@ def _await_acks(check: Check, epoch: int, readers: list[int]) -> None:
     would fail with a bare connection error instead of their own. The others are
     blocked on the verdict, so their reads take milliseconds; on the happy path
     this costs one ``set`` per rank and one ``wait`` on rank 0.
+
+    After a pass rank 0 waits one grace period at most: a rank that died after
+    publishing is then left to the backend's own timeout, as stock leaves it,
+    instead of costing the job that timeout twice.
     """
     if not readers:
         return
     acks = [check.key(epoch, "ack", r) for r in readers]
-    grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
+    if passed:
+        grace = max(check.grace, MIN_CALL_SECONDS)
+    else:
+        grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
     try:
         check.store.wait(acks, timedelta(seconds=grace))
     except RuntimeError:
         confirmed = set(find_present(check.store, acks))
         silent = [r for i, r in enumerate(readers) if i not in confirmed]
         if silent:
-            logger.warning(
+            logger.log(
+                logging.INFO if passed else logging.WARNING,
                 "%s check: within %.1fs, no word from %s that the verdict reached them.",
                 check.family.title, grace, _messages.ranks_phrase(silent),
             )
