@@ -48,12 +48,15 @@ def _init(job: dict[str, Any], rank: int, port: int) -> None:
         )
 
 
-def _rank(job: dict[str, Any], rank: int, port: int, results: Any) -> None:
+def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any) -> None:
     os.environ.update(job.get("env", {}).get(str(rank), {}))
     import torch
     import torch.distributed as dist
 
-    # Delays count from the end of the import, which takes seconds on a busy machine.
+    # Delays count from the moment every started rank has imported torch, which
+    # takes seconds on a busy machine and differs from rank to rank by more than
+    # the margin a test near the timeout leaves.
+    imported.wait(timeout=float(job.get("wall", 120)))
     started = time.monotonic()
     time.sleep(float(job.get("delays", {}).get(str(rank), 0)))
     outcome: dict[str, Any] = {"rank": rank}
@@ -74,10 +77,9 @@ def main() -> None:
     port = int(sys.argv[2])
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank, args=(job, rank, port, results))
-        for rank in job.get("started", range(job["world_size"]))
-    ]
+    started = list(job.get("started", range(job["world_size"])))
+    imported = ctx.Barrier(len(started))
+    procs = [ctx.Process(target=_rank, args=(job, rank, port, results, imported)) for rank in started]
     for proc in procs:
         proc.start()
     outcomes = []
