@@ -86,7 +86,7 @@ def _coordinate(check: Check) -> Verdict:
     # One write: whoever reads "current" from now on knows this epoch is judged.
     store.multi_set([key(epoch, "verdict"), key("current")], [verdict.to_json(), f"{epoch}{_CLOSED}"])
     check.doing = "waiting for the others to read the verdict"
-    _await_acks(check, epoch, _acknowledging(verdict, published), verdict.ok)
+    _await_acks(check, epoch, verdict, published)
     return verdict
 
 
@@ -105,17 +105,7 @@ def _collect(check: Check, slots: list[str], epoch: int) -> tuple[Verdict, dict[
     return judge_payloads(check.family, payloads, went_ahead, check.backend), published
 
 
-def _acknowledging(verdict: Verdict, published: dict[int, bytes]) -> list[int]:
-    """The ranks that will acknowledge ``verdict``: every rank that published, for
-    a failing one; for a pass, those whose build says it does (the builds before
-    it acknowledged only failures, and rank 0 would wait for them in vain). Every
-    payload parsed for a pass to be reached."""
-    if not verdict.ok:
-        return list(published)
-    return [rank for rank, raw in published.items() if parse_payload(rank, raw).acks_every_verdict]
-
-
-def _await_acks(check: Check, epoch: int, readers: list[int], passed: bool) -> None:
+def _await_acks(check: Check, epoch: int, verdict: Verdict, published: dict[int, bytes]) -> None:
     """Keep rank 0 here until every rank that published is done with the store:
     it has read the verdict, or reached its own timeout.
 
@@ -127,17 +117,21 @@ def _await_acks(check: Check, epoch: int, readers: list[int], passed: bool) -> N
     blocked on the verdict, so their reads take milliseconds; on the happy path
     this costs one ``set`` per rank and one ``wait`` on rank 0.
 
-    After a pass rank 0 waits one grace period at most: a rank that died after
-    publishing is then left to the backend's own timeout, as stock leaves it,
-    instead of costing the job that timeout twice.
+    Every build acknowledges a failing verdict; a pass, only the builds whose
+    payload says so (every payload parsed, for a pass to be reached), so that an
+    older build never holds rank 0. After a pass rank 0 waits one grace period at
+    most: a rank that died after publishing is then left to the backend's own
+    timeout, as stock leaves it, instead of costing the job that timeout twice.
     """
+    if verdict.ok:
+        readers = [rank for rank, raw in published.items() if parse_payload(rank, raw).acks_every_verdict]
+        grace = max(check.grace, MIN_CALL_SECONDS)
+    else:
+        readers = list(published)
+        grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
     if not readers:
         return
     acks = [check.key(epoch, "ack", r) for r in readers]
-    if passed:
-        grace = max(check.grace, MIN_CALL_SECONDS)
-    else:
-        grace = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_GRACE_SECONDS)
     try:
         check.store.wait(acks, timedelta(seconds=grace))
     except RuntimeError:
@@ -145,7 +139,7 @@ def _await_acks(check: Check, epoch: int, readers: list[int], passed: bool) -> N
         silent = [r for i, r in enumerate(readers) if i not in confirmed]
         if silent:
             logger.log(
-                logging.INFO if passed else logging.WARNING,
+                logging.INFO if verdict.ok else logging.WARNING,
                 "%s check: within %.1fs, no word from %s that the verdict reached them.",
                 check.family.title, grace, _messages.ranks_phrase(silent),
             )
