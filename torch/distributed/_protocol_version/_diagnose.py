@@ -47,6 +47,15 @@ _AVAILABLE = {
 }
 
 
+def _device_backend_map(backend: str) -> dict[str, str] | None:
+    """The device -> backend map stock torch builds for ``backend`` (its
+    ``BackendConfig``), or None for a name it cannot read."""
+    try:
+        return dist.distributed_c10d.BackendConfig(dist.Backend(backend)).get_device_backend_map()
+    except (ValueError, RuntimeError, AssertionError):
+        return None
+
+
 def backend_buildable(backend: str) -> bool:
     """Whether this build can make every backend ``backend`` names.
 
@@ -55,9 +64,8 @@ def backend_buildable(backend: str) -> bool:
     waiting here for peers that are late or absent would turn that instant error
     into a timeout. Backends registered by plugins are taken as buildable.
     """
-    try:
-        device_map = dist.distributed_c10d.BackendConfig(dist.Backend(backend)).get_device_backend_map()
-    except (ValueError, RuntimeError, AssertionError):
+    device_map = _device_backend_map(backend)
+    if device_map is None:
         return False
     names = {str(name).lower() for name in device_map.values()}
     return all(_AVAILABLE[n]() if n in _AVAILABLE else n in dist.Backend._plugins for n in names)
@@ -72,9 +80,8 @@ def backend_key_for(backend: str, group_name: str) -> Callable[[int], str] | Non
     Only gloo writes a key per rank at once; NCCL's rank 0 writes one unique id,
     lazily, and its other ranks write nothing, so only gloo is probed.
     """
-    try:
-        device_map = dist.distributed_c10d.BackendConfig(dist.Backend(backend)).get_device_backend_map()
-    except (ValueError, RuntimeError):
+    device_map = _device_backend_map(backend)
+    if device_map is None:
         return None
     devices = [device for device, name in device_map.items() if str(name) == "gloo"]
     if not devices:
