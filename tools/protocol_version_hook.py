@@ -2,11 +2,13 @@
 """Insert the protocol version guardrail into an installed torch, or take it out.
 
 The fork ships no copy of PyTorch's source. Instead this tool edits the installed
-torch in place: each entry of ``HOOKS`` adds a few marked lines to one function
-that call our package (``init_process_group`` right before the default group's
-backend is built, ``init_rpc`` right before the RPC backend is), and it links the files of ``LINKED`` (the package, and the helpers
-that the tests, the demo and the benchmarks share) from this repo into the
-installed torch, so edits to the repo take effect without a reinstall.
+torch in place: each row of ``HOOKS`` adds a few marked lines at one place that
+call our package (in ``_new_process_group_helper`` right before each kind of
+backend is constructed, after stock has validated the arguments; in ``init_rpc``
+right before the RPC backend is built), and it links the files of ``LINKED``
+(the package, and the helpers that the tests, the demo and the benchmarks share)
+from this repo into the installed torch, so edits to the repo take effect
+without a reinstall.
 Everything it inserts sits between two marker comments, which is how ``revert``
 and ``diff`` find it again.
 
@@ -71,21 +73,20 @@ class Hook:
     anchor_before: str
     anchor_at: str
     body: tuple[str, ...]
-    # Bodies earlier versions of this tool inserted: recognised as this tool's
-    # own, so that install upgrades them instead of refusing them as edited.
-    older_bodies: tuple[tuple[str, ...], ...] = ()
-    indent: str = " " * 8
+    indent: str = " " * 12
 
-    def block(self, body: tuple[str, ...] | None = None) -> str:
-        lines = [BEGIN, *(self.body if body is None else body), END]
+    def block(self) -> str:
+        lines = [BEGIN, *self.body, END]
         return "".join(f"{self.indent}{line}\n" if line else "\n" for line in lines) + "\n"
 
+    def placed(self) -> str:
+        """The block between its anchors, as it stands in a hooked source."""
+        return self.anchor_before + self.block() + self.anchor_at
+
     def patch(self, source: str, origin: str) -> str:
-        """Return ``source`` with the hook inserted; unchanged if already there,
-        upgraded if an earlier version of this tool inserted it."""
-        if self.block() in source:
+        """Return ``source`` with the hook inserted; unchanged if already there."""
+        if self.placed() in source:
             return source
-        source = self.unpatch(source, origin)
         anchor = self.anchor_before + self.anchor_at
         count = source.count(anchor)
         if count != 1:
@@ -97,47 +98,59 @@ class Hook:
         at = source.index(anchor) + len(self.anchor_before)
         return source[:at] + self.block() + source[at:]
 
-    def unpatch(self, source: str, origin: str) -> str:
-        """Return ``source`` with the hook block removed (stock text).
 
-        Only the exact block that ``patch`` inserts is removed: a block edited by
-        hand is refused rather than left half in place.
-        """
-        if not is_patched(source):
-            return source
-        stock = source
-        for body in (self.body, *self.older_bodies):
-            stock = stock.replace(self.block(body), "", 1)
-        if is_patched(stock):
-            raise PatchError(
-                f"refusing to change {origin}: its marked block differs from the one this "
-                "tool inserts (edited by hand?); restore the block or reinstall torch"
-            )
-        return stock
+# The call every backend row of _new_process_group_helper makes, with the names
+# that function has in scope there.
+_C10D_CALL = (
+    "from torch.distributed._protocol_version import _check_protocol_version",
+    "",
+    "_check_protocol_version(",
+    "    store, prefix_store, group_rank, group_size, timeout, backend_str, device, group_name, is_default_group",
+    ")",
+)
+
+
+def _c10d_hook(place: str, anchor_before: str, anchor_at: str) -> Hook:
+    """A row of _new_process_group_helper: the backend loop has validated this
+    backend (and stock every argument before the loop); it is constructed next."""
+    return Hook("distributed/distributed_c10d.py", "_new_process_group_helper", place, anchor_before, anchor_at, _C10D_CALL)
 
 
 HOOKS = (
-    # init_process_group, non-MPI branch: the store is final (the caller's, or the
-    # rendezvous store wrapped in PrefixStore("default_pg")) and the backend is
-    # built by the very next statement.
-    Hook(
-        target="distributed/distributed_c10d.py",
-        function="init_process_group",
-        place='where the default store is wrapped in PrefixStore("default_pg", ...) right before the backend is built',
-        anchor_before='            store = PrefixStore("default_pg", store)\n\n',
-        anchor_at="        default_pg, _ = _new_process_group_helper(\n            world_size,\n",
-        body=(
-            "from torch.distributed._protocol_version import _check_protocol_version",
-            "",
-            "_check_protocol_version(store, rank, world_size, timeout, backend, group_name)",
-        ),
-        older_bodies=(
-            (
-                "from torch.distributed._protocol_version import _check_protocol_version",
-                "",
-                "_check_protocol_version(store, rank, world_size, timeout, backend)",
-            ),
-        ),
+    _c10d_hook(
+        "before a TorchComms backend is made",
+        "            # rendezvous store on rapid re-binds).\n",
+        "            comm = new_comm(\n",
+    ),
+    _c10d_hook(
+        "before ProcessGroupGloo is constructed",
+        '                raise RuntimeError("Distributed package doesn\'t have Gloo built in")\n',
+        "            backend_class = ProcessGroupGloo(\n",
+    ),
+    _c10d_hook(
+        "before ProcessGroupNCCL is constructed",
+        "                backend_options.split_color = _process_group_color(\n"
+        "                    global_ranks_in_group\n                )\n"
+        "            backend_options.global_ranks_in_group = global_ranks_in_group\n"
+        "            backend_options.group_name = group_name\n",
+        "            backend_class = ProcessGroupNCCL(\n",
+    ),
+    _c10d_hook(
+        "before ProcessGroupUCC is constructed",
+        "            # is_ucc_available() from above elif-condition and raise\n"
+        "            # RuntimeError if is_ucc_available() returns false.\n\n",
+        "            backend_class = ProcessGroupUCC(\n",
+    ),
+    _c10d_hook(
+        "before ProcessGroupXCCL is constructed",
+        "            # pyrefly: ignore [bad-argument-type]\n"
+        "            backend_options._timeout = timeout\n",
+        "            backend_class = ProcessGroupXCCL(\n",
+    ),
+    _c10d_hook(
+        "before a registered plugin backend is created",
+        "            backend_type = ProcessGroup.BackendType.CUSTOM\n\n",
+        "            if not extended_api:\n",
     ),
     # init_rpc: the store is wrapped in PrefixStore("rpc_prefix_N"); distributed
     # autograd and then the RPC backend (which builds a ProcessGroupGloo on that
@@ -149,16 +162,37 @@ HOOKS = (
         anchor_before="            _init_counter += 1\n\n",
         anchor_at="        # Initialize autograd before RPC since _init_rpc_backend guarantees all\n",
         body=(
-            "from torch.distributed._protocol_version import _check_rpc_protocol_version",
+            "from torch.distributed._protocol_version._rpc import check_rpc_protocol_version",
             "",
-            "_check_rpc_protocol_version(store, name, rank, world_size, rpc_backend_options)",
+            "check_rpc_protocol_version(store, name, rank, world_size, rpc_backend_options)",
         ),
+        indent=" " * 8,
     ),
 )
+TARGETS = tuple(dict.fromkeys(hook.target for hook in HOOKS))
 
 
 def is_patched(source: str) -> bool:
     return BEGIN in source
+
+
+def unpatch(target: str, source: str, origin: str) -> str:
+    """Return ``source`` (the text of ``target``) with every hook block removed.
+
+    Only the exact blocks that ``patch`` inserts are removed: a block edited by
+    hand is refused rather than left half in place.
+    """
+    stock = source
+    for hook in HOOKS:
+        if hook.target == target:
+            stock = stock.replace(hook.placed(), hook.anchor_before + hook.anchor_at, 1)
+    if is_patched(stock):
+        raise PatchError(
+            f"refusing to change {origin}: a marked block differs from the ones this "
+            "tool inserts (edited by hand, or by another version of this tool); "
+            "reinstall torch (make clean-venv) and install again"
+        )
+    return stock
 
 
 def find_torch_dir() -> Path:
@@ -172,15 +206,15 @@ def module_link(torch_dir: Path) -> Path:
     return torch_dir / PACKAGE
 
 
-def _read_targets(torch_dir: Path) -> list[tuple[Hook, Path, str]]:
-    """Each hook with its target file and text; a clear error when ``torch_dir``
-    is not torch. Everything is read before anything is written."""
-    targets = []
-    for hook in HOOKS:
-        target = torch_dir / hook.target
+def _read_targets(torch_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Each hooked file's path and text; a clear error when ``torch_dir`` is not
+    torch. Everything is read before anything is written."""
+    targets = {}
+    for rel in TARGETS:
+        target = torch_dir / rel
         if not target.is_file():
-            raise PatchError(f"{torch_dir} is not a torch package directory: it has no {hook.target}")
-        targets.append((hook, target, target.read_text()))
+            raise PatchError(f"{torch_dir} is not a torch package directory: it has no {rel}")
+        targets[rel] = (target, target.read_text())
     return targets
 
 
@@ -189,9 +223,11 @@ def apply_hooks(torch_dir: Path) -> list[Path]:
     torch, an unpacked wheel, a checkout's ``torch/``); refuse, changing nothing,
     a source this tool does not know. Returns the files it changed."""
     planned = []
-    for hook, target, source in _read_targets(torch_dir):
-        hook.unpatch(source, str(target))  # refuses a block edited by hand
-        patched = hook.patch(source, str(target))
+    for rel, (target, source) in _read_targets(torch_dir).items():
+        patched = unpatch(rel, source, str(target))  # refuses a block edited by hand
+        for hook in HOOKS:
+            if hook.target == rel:
+                patched = hook.patch(patched, str(target))
         if patched != source:
             planned.append((target, patched))
     for target, patched in planned:
@@ -223,13 +259,6 @@ def _link_state(torch_dir: Path, rel: Path) -> str:
     return "not a link" if link.exists() else "missing"
 
 
-def _remove_stale_module_file(torch_dir: Path) -> None:
-    """An install made before the module became a package linked a single file."""
-    stale = torch_dir / "distributed" / "_protocol_version.py"
-    if stale.is_symlink():
-        stale.unlink()
-
-
 def install(torch_dir: Path) -> str:
     _read_targets(torch_dir)  # not torch: refuse before linking anything
     linked = linked_paths()
@@ -237,59 +266,59 @@ def install(torch_dir: Path) -> str:
     if blocked:
         raise PatchError(f"refusing to install: {', '.join(blocked)} in {torch_dir} exist and are not links")
     changed = apply_hooks(torch_dir)
-    _remove_stale_module_file(torch_dir)
     for link in _installed_links(torch_dir):  # links to files since removed go too
         link.unlink()
     for rel in linked:
         (torch_dir / rel).symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
     hooks = f"installed the hooks in {', '.join(map(str, changed))}" if changed else "hooks already installed"
-    return f"{hooks} ({len(HOOKS)} in {torch_dir}); linked {len(linked)} paths to {REPO / 'torch'}"
+    return f"{hooks} ({len(HOOKS)} in {len(TARGETS)} files under {torch_dir}); linked {len(linked)} paths to {REPO / 'torch'}"
 
 
 def revert(torch_dir: Path) -> str:
     """Remove the hooks and the links, then check that none is left."""
-    stock = [(target, hook.unpatch(source, str(target))) for hook, target, source in _read_targets(torch_dir)]
+    stock = [(target, unpatch(rel, source, str(target))) for rel, (target, source) in _read_targets(torch_dir).items()]
     for target, text in stock:
         target.write_text(text)
     for link in _installed_links(torch_dir):
         link.unlink()
     left = [str(link) for link in _installed_links(torch_dir)]
-    patched = [hook.target for hook, _, source in _read_targets(torch_dir) if is_patched(source)]
+    patched = [rel for rel, (_, source) in _read_targets(torch_dir).items() if is_patched(source)]
     if patched or left:
         raise PatchError(f"revert did not take in {torch_dir}: hooks in {patched} or links {left} remain")
-    return f"reverted {len(HOOKS)} files in {torch_dir} to stock; removed the links"
+    return f"reverted {len(TARGETS)} files in {torch_dir} to stock; removed the links"
 
 
 def _hook_state(hook: Hook, source: str) -> str:
-    if hook.block() in source:
+    if hook.placed() in source:
         return "present"
-    if any(hook.block(body) in source for body in hook.older_bodies):
-        return "outdated"  # install upgrades it
     return "edited" if is_patched(source) else "absent"
 
 
 def status(torch_dir: Path) -> tuple[bool, str]:
     """Whether every hook (exactly as this tool inserts it) and every link are in
     place, and a one-line report."""
-    hooks = {hook.function: _hook_state(hook, source) for hook, _, source in _read_targets(torch_dir)}
+    sources = _read_targets(torch_dir)
+    hooks = [(hook, _hook_state(hook, sources[hook.target][1])) for hook in HOOKS]
     states = {rel: _link_state(torch_dir, rel) for rel in linked_paths()}
     wrong = [f"{rel} {state}" for rel, state in states.items() if state != "linked"]
-    installed = set(hooks.values()) == {"present"} and not wrong
+    installed = all(state == "present" for _, state in hooks) and not wrong
     links = ", ".join(wrong) if wrong else f"all {len(states)} links in place"
-    return installed, f"{', '.join(f'hook in {f} {state}' for f, state in hooks.items())}; {links}"
+    counts = {state: sum(1 for _, s in hooks if s == state) for _, state in hooks}
+    report = ", ".join(f"{n} {state}" for state, n in counts.items())
+    return installed, f"hooks: {report} (of {len(HOOKS)}); {links}"
 
 
 def diff(torch_dir: Path) -> str:
     """The change every hook makes, as one unified diff."""
     parts = []
-    for hook, target, patched in _read_targets(torch_dir):
+    for rel, (target, patched) in _read_targets(torch_dir).items():
         if not is_patched(patched):
-            raise PatchError(f"the hook is not installed in {target}")
+            raise PatchError(f"the hooks are not installed in {target}")
         parts += difflib.unified_diff(
-            hook.unpatch(patched, str(target)).splitlines(keepends=True),
+            unpatch(rel, patched, str(target)).splitlines(keepends=True),
             patched.splitlines(keepends=True),
-            f"a/torch/{hook.target}",
-            f"b/torch/{hook.target}",
+            f"a/torch/{rel}",
+            f"b/torch/{rel}",
         )
     return "".join(parts)
 
@@ -400,10 +429,13 @@ def export(checkout: Path) -> list[str]:
             f"checkout (it has no {', '.join(missing)})"
         )
     # Bytes, not text mode: the checkout's line endings stay as they are.
-    planned = {
-        target: hook.patch(target.read_bytes().decode(), str(target)).encode()
-        for hook, target, _ in _read_targets(checkout / "torch")
-    }
+    planned = {}
+    for rel, (target, _) in _read_targets(checkout / "torch").items():
+        source = target.read_bytes().decode()
+        for hook in HOOKS:
+            if hook.target == rel:
+                source = hook.patch(source, str(target))
+        planned[target] = source.encode()
     for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
     pages = exported_pages()

@@ -1,21 +1,20 @@
 """Protocol version guardrail for ``torch.distributed``.
 
 Every build declares the range of c10d wire protocol versions it speaks:
-``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. ``init_process_group`` calls
-:func:`_check_protocol_version` after the rendezvous store exists and before any
-backend is built, so a job that mixes incompatible builds (a rolling update gone
-wrong) fails early, on every rank, with one message that names the ranks, hosts
-and builds, instead of hanging in backend setup or corrupting data.
+``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. While ``init_process_group`` builds
+the default group, once its arguments have passed every check of
+``_new_process_group_helper`` and right before the first backend is constructed,
+it calls :func:`_check_protocol_version`: a job that mixes incompatible builds
+fails there, on every rank, with one message that names the ranks, hosts and
+builds, instead of hanging in backend setup or corrupting data.
 
-The package, one concern a file: ``_versions`` (the numbers a maintainer bumps),
-``_families`` (each versioned wire as data), ``_settings`` (environment),
-``_payload`` (what is written to the store, parsed strictly), ``_judge`` (the
-rule, the negotiated version, the advice), ``_messages`` (every sentence),
-``_store`` (deadlines and bounded store calls), ``_exchange`` (the store
-protocol), ``_diagnose`` (the slow path: late, missing and unchecked ranks),
-``_rpc`` (the RPC family's hook, static and dynamic groups), ``_preflight`` (the
-check of a whole job without a backend) and ``_cli``
-(``python -m torch.distributed._protocol_version``).
+One concern a file: ``_versions`` (the numbers a maintainer bumps), ``_families``
+(each versioned wire as data), ``_settings`` (environment), ``_payload`` (what
+is written to the store, parsed strictly), ``_judge`` (the rule), ``_messages``
+(every sentence), ``_store`` (deadlines and bounded waits), ``_exchange`` (the
+store protocol) and ``_diagnose`` (late, missing and unchecked ranks) are what
+``init_process_group`` loads. ``_rpc`` (the ``init_rpc`` hook), ``_preflight``
+and ``_cli`` (``python -m torch.distributed._protocol_version``) load when used.
 
 Environment variables (read on every check, validated before any store traffic):
 
@@ -29,19 +28,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from datetime import timedelta
-from typing import Sequence
+from typing import Any
 
 import torch.distributed as dist
-from torch.distributed._protocol_version._cli import main as _cli_main
-from torch.distributed._protocol_version._diagnose import backend_buildable, backend_key_for
-from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
+from torch.distributed._protocol_version._diagnose import gloo_key
+from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-# _check_rpc_protocol_version is the entry point of the hook in init_rpc.
-from torch.distributed._protocol_version._rpc import (  # noqa: F401
-    check_rpc_protocol_version as _check_rpc_protocol_version,
-    get_rpc_protocol_version,
-)
 from torch.distributed._protocol_version._settings import (
     CHECK_MODE_ENV,
     CHECK_MODES,
@@ -64,6 +58,7 @@ __all__ = [
     "MIN_RPC_PROTOCOL_VERSION",
     "MIN_VERSION_OVERRIDE_ENV",
     "PROTOCOL_VERSION",
+    "ProtocolVersionError",
     "RPC_MIN_VERSION_OVERRIDE_ENV",
     "RPC_PROTOCOL_VERSION",
     "RPC_VERSION_OVERRIDE_ENV",
@@ -81,28 +76,38 @@ MIN_VERSION_OVERRIDE_ENV = C10D.min_version_env
 RPC_VERSION_OVERRIDE_ENV = RPC.version_env
 RPC_MIN_VERSION_OVERRIDE_ENV = RPC.min_version_env
 
-# The c10d logger: the outcome lands beside init_process_group's own log lines.
-logger = logging.getLogger("torch.distributed.distributed_c10d")
+logger = logging.getLogger(__name__)
 
-# Negotiated version of the default group, recorded by the last check that
-# init_process_group ran; None when none was negotiated, and the note says why.
-_default_group_version: int | None = None
-_default_group_note: str = "init_process_group has not run the protocol version check"
+# The version each checked default group negotiated (None: checked, none
+# negotiated), keyed by the store the group is registered with in
+# ``_world.pg_map``: the entry lives and dies with its group, so
+# ``destroy_process_group`` resets it, and each thread of the threaded test
+# process group has its own.
+_negotiated: weakref.WeakKeyDictionary[dist.Store, int | None] = weakref.WeakKeyDictionary()
 
 
 def get_protocol_version() -> int:
-    """Return the protocol version this rank announces: :data:`PROTOCOL_VERSION`,
-    or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``. Raises ``RuntimeError``
-    (a :class:`SettingError`) on an invalid override."""
+    """Return the protocol version this rank announces.
+
+    Returns:
+        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
+    """
     return version_range(C10D)[1]
 
 
 def get_min_protocol_version() -> int:
     """Return the oldest protocol version this rank accepts from its peers.
 
-    ``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE`` wins when set; a version
-    override alone means "exactly this version"; otherwise
-    :data:`MIN_PROTOCOL_VERSION`.
+    Returns:
+        ``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE`` when set; the version
+        override when only that is set ("exactly this version"); otherwise
+        :data:`MIN_PROTOCOL_VERSION`.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
     """
     return version_range(C10D)[0]
 
@@ -129,22 +134,37 @@ def check_protocol_version(
     world_size: int,
     timeout: timedelta = timedelta(minutes=30),
     *,
-    backend: str | None = "unknown",
+    backend: str = "unknown",
 ) -> int:
     """Check that every rank speaks a common protocol version, through ``store``.
 
     For frameworks that build process groups without ``init_process_group`` (for
-    example ``ProcessGroupGloo`` constructed directly on a store): call it on every
-    rank with the same store, before building the group. Every rank returns the
-    negotiated version (the highest version all ranks speak), or every rank
-    raises: ``RuntimeError`` on a mismatch, ``DistStoreError`` on a timeout, the
-    store's own error type if the store fails. Safe to call again on the same
-    store; each call judges only the ranks of that call. Ignores
-    ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: calling it is the decision to check.
-    ``backend`` only names the backend in messages.
+    example ``ProcessGroupGloo`` constructed directly on a store): call it on
+    every rank with the same store, before building the group. Safe to call
+    again on the same store: each call judges only the ranks of that call.
+    Ignores ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: calling it is the decision to
+    check.
+
+    Args:
+        store: the store every rank shares; only ``set``, ``get`` and ``wait``
+            are needed (``check`` too, to name late ranks early).
+        rank: this rank, in ``[0, world_size)``.
+        world_size: the number of ranks.
+        timeout: how long this rank waits for the others, from its arrival.
+        backend: names the backend in messages.
+
+    Returns:
+        The negotiated version: the highest version every rank speaks.
+
+    Raises:
+        ProtocolVersionError: the ranks share no protocol version, or one of them
+            published an invalid payload.
+        DistStoreError: a rank did not publish within ``timeout``.
+        SettingError: an override variable holds an invalid value.
+        TypeError, ValueError: an invalid argument.
     """
     _validate_args(store, rank, world_size, timeout)
-    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend or "unknown", "error")
+    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, "error")
     raise_on_failure(verdict, info, C10D)
     assert verdict.negotiated is not None  # a mismatch in "error" mode raised
     return verdict.negotiated
@@ -152,50 +172,37 @@ def check_protocol_version(
 
 def _check_protocol_version(
     store: dist.Store,
+    group_store: dist.Store,
     rank: int,
     world_size: int,
     timeout: timedelta,
-    backend: object,
-    group_name: str | None = None,
+    backend: str,
+    device: str,
+    group_name: str,
+    default_group: bool,
 ) -> None:
-    """The hook ``init_process_group`` calls before it builds the backend.
+    """The hook ``_new_process_group_helper`` calls right before it constructs a backend.
 
-    Skipped for the fake backend (its store records nothing) before anything is
-    read, and when the check is off (no store traffic). Arguments that stock torch
-    rejects at once (a rank outside the world, a backend this build cannot make)
-    are left to stock's own check, which comes next: a check here would wait for
-    peers first, and turn an instant error into a timeout. MPI never reaches this call: it has no store. Records the negotiated
-    version for :func:`get_group_protocol_version`.
+    Stock has validated every argument by then. Only the default group is
+    checked (every later group has the same ranks), once, before its first
+    backend; the fake backend has no store to check through.
     """
-    global _default_group_version, _default_group_note
-    _default_group_version = None
-    if str(backend) == "fake":
-        _default_group_note = "the fake backend has no store to check through"
+    if not default_group or group_store in _negotiated or backend == "fake":
         return
+    _negotiated[group_store] = None
     mode = check_mode()
     version_range(C10D)  # a bad override is an error in every mode
-    if mode == "off":
-        _default_group_note = f"the check was off ({CHECK_MODE_ENV}=off)"
+    if mode == "off" or not 0 <= rank < world_size:  # the backend refuses such a rank next
         return
-    if world_size < 1 or not 0 <= rank < world_size:
-        _default_group_note = f"rank {rank} is outside a world of size {world_size}"
-        return
-    if not backend_buildable(str(backend)):
-        _default_group_note = f"this build cannot make backend {backend}"
-        return  # stock refuses it next, at once
+    backend_key = gloo_key(group_name, device) if backend == "gloo" else None
     started = time.monotonic()
-    verdict, info = exchange(
-        store, C10D, rank, world_size, timeout, str(backend), mode,
-        backend_key_for(str(backend), group_name) if group_name else None,
-    )
+    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, mode, backend_key)
     elapsed = time.monotonic() - started
-    if not verdict.ok and verdict.status == "mismatch" and not verdict.enforce:
-        _default_group_note = f"the ranks share no protocol version (every rank runs {CHECK_MODE_ENV}=warn)"
-    elif not verdict.ok:
+    if not verdict.ok and verdict.enforce:
         logger.error("Rank %s: protocol version check failed after %.3fs.", rank, elapsed)
     raise_on_failure(verdict, info, C10D)
     if verdict.ok:
-        _default_group_version = verdict.negotiated
+        _negotiated[group_store] = verdict.negotiated
         logger.info(
             "Rank %s: protocol version check passed in %.3fs: world size %s, "
             "negotiated protocol version %s (this rank speaks %s-%s).",
@@ -207,23 +214,36 @@ def get_group_protocol_version() -> int:
     """Return the protocol version the default process group negotiated.
 
     Code that changes the wire protocol branches on this: new behaviour switches
-    on only once every rank speaks the new version. Raises ``RuntimeError`` when
-    there is no default group, or when its init did not negotiate a version
-    (check off, mismatch downgraded to a warning, MPI or fake backend).
+    on only once every rank speaks the new version.
+
+    Returns:
+        The highest version every rank of the default group speaks.
+
+    Raises:
+        RuntimeError: there is no default group, or its init negotiated no
+            version (the check was off, a mismatch was downgraded to a warning,
+            or its backend has no store: MPI, fake).
     """
     if not dist.is_initialized():
         raise RuntimeError(
             "get_group_protocol_version() needs the default process group: call "
             "torch.distributed.init_process_group() first."
         )
-    backend = str(dist.get_backend())
-    if backend in ("mpi", "fake"):
-        raise RuntimeError(f"the {backend} backend does not negotiate a protocol version")
-    if _default_group_version is None:
-        raise RuntimeError(f"no protocol version was negotiated: {_default_group_note}")
-    return _default_group_version
+    group_store = dist.distributed_c10d._get_process_group_store(dist.distributed_c10d._get_default_group())
+    version = _negotiated.get(group_store)
+    if version is None:
+        raise RuntimeError(
+            f"the default process group negotiated no protocol version: the check was off "
+            f"({CHECK_MODE_ENV}=off), a mismatch was only warned about, or the backend "
+            f"({dist.get_backend()}) has no store to check through."
+        )
+    return version
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m torch.distributed._protocol_version``: see :mod:`._cli`."""
-    return _cli_main(argv)
+def __getattr__(name: str) -> Any:
+    """The RPC family loads with ``init_rpc``, not with every ``init_process_group``."""
+    if name == "get_rpc_protocol_version":
+        from torch.distributed._protocol_version._rpc import get_rpc_protocol_version
+
+        return get_rpc_protocol_version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -210,13 +210,9 @@ def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
 
 
 def never_arrived(ranks: Sequence[int], family: Family) -> str:
-    """Ranks with no payload and no backend key: nothing shows they ever started."""
-    has = "has" if len(set(ranks)) == 1 else "have"
+    """Ranks with no payload: not started, still starting, or exited."""
     article = "an" if family.version_word[0] in "AEIOU" else "a"
-    return (
-        f"{ranks_phrase(ranks)} never published {article} {family.version_word} and {has} not started "
-        "building the backend either (not started, still starting, or exited)"
-    )
+    return f"{ranks_phrase(ranks)} never published {article} {family.version_word} (not started, still starting, or exited)"
 
 
 def error_message(verdict_detail: str, info: RankInfo, family: Family) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
-import os
 import platform
 import socket
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ class RankInfo:
     min_version: int
     torch_version: str = "unknown"
     hostname: str = "unknown"
-    pid: int | None = None
     mode: str = "error"  # the rank's own check mode: "error" or "warn"
     overrides: tuple[str, ...] = ()  # test-only override variables it had set
     checked: bool = True  # False: it went ahead without the check (see no_check_info)
@@ -59,9 +57,6 @@ class RankInfo:
     python_version: str = "unknown"
     backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version): see backend_versions()
     name: str = ""  # the member's own name where it has one (an RPC worker's name)
-    # Whether it acknowledges a passing verdict too, not only a failing one (see
-    # _exchange._await_acks): builds before that did not, and rank 0 must not wait for them.
-    acks_every_verdict: bool = True
 
     def to_payload(self, family: Family, token: str) -> str:
         """Serialise for the store; ``token`` makes this attempt's payload unique."""
@@ -73,7 +68,6 @@ class RankInfo:
                 "min_protocol_version": self.min_version,
                 "torch_version": self.torch_version,
                 "hostname": self.hostname,
-                "pid": self.pid,
                 "mode": self.mode,
                 "overrides": list(self.overrides),
                 "name": self.name,
@@ -81,7 +75,6 @@ class RankInfo:
                 "git_version": self.git_version,
                 "python_version": self.python_version,
                 "backend_versions": dict(self.backend_versions),
-                "acks_every_verdict": self.acks_every_verdict,
             },
             sort_keys=True,
         )
@@ -120,7 +113,6 @@ def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo
         min_version=minimum,
         torch_version=torch_build(),
         hostname=socket.gethostname(),
-        pid=os.getpid(),
         mode=mode,
         overrides=overrides_set(family),
         git_version=torch.version.git_version,
@@ -202,14 +194,12 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
     mode = obj.get("mode", "error")
     if mode not in ("error", "warn"):
         raise InvalidPayload(f"'mode' must be 'error' or 'warn', got {mode!r:.40}")
-    pid = obj.get("pid")
     return RankInfo(
         rank=rank,
         version=version,
         min_version=min_version,
         torch_version=_as_text(obj, "torch_version"),
         hostname=_as_text(obj, "hostname"),
-        pid=pid if type(pid) is int else None,
         mode=mode,
         overrides=_as_overrides(obj),
         git_version=_as_text(obj, "git_version"),
@@ -217,7 +207,6 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
         backend_versions=_as_backend_versions(obj),
         # c10d ranks send an empty name: "unknown" would name a worker that is not there.
         name=_as_text(obj, "name") if obj.get("name", "") != "" else "",
-        acks_every_verdict=obj.get("acks_every_verdict") is True,
     )
 
 
@@ -250,16 +239,17 @@ class Verdict:
         )
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Verdict:
+    def from_json(cls, key: str, raw: bytes) -> Verdict:
+        """Parse the verdict read from ``key``; raises :class:`InvalidPayload` naming it."""
         try:
-            obj = _load_object(raw, limit=4 * MAX_PAYLOAD_BYTES)
+            obj = _load_object(raw)
         except InvalidPayload as e:
-            raise InvalidPayload(f"an unreadable verdict ({e})") from None
+            raise InvalidPayload(f"the key {key} holds an unreadable verdict ({e})") from None
         status, detail, negotiated = obj.get("status"), obj.get("detail"), obj.get("negotiated")
         if status not in _VERDICT_STATUSES or not isinstance(detail, str):
-            raise InvalidPayload(f"a verdict with an unknown status {status!r:.40}")
+            raise InvalidPayload(f"the key {key} holds a verdict with an unknown status {status!r:.40}")
         if status == "ok" and type(negotiated) is not int:
-            raise InvalidPayload("an 'ok' verdict without a negotiated version")
+            raise InvalidPayload(f"the key {key} holds an 'ok' verdict without a negotiated version")
         # A verdict of the first build has no "enforce": it always enforced.
         enforce = obj.get("enforce", True) is not False
         return cls(status, detail, negotiated if status == "ok" else None, enforce)

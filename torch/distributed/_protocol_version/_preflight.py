@@ -46,7 +46,7 @@ from torch.distributed._protocol_version._store import find_present, is_timeout,
 
 __all__ = ["Endpoint", "Report", "Roster", "endpoint_from_env", "preflight", "render_table", "run"]
 
-logger = logging.getLogger("torch.distributed.distributed_c10d")
+logger = logging.getLogger(__name__)
 
 # The prefix init_process_group puts over a rendezvous store, and the name of the
 # first default group: where a job's check and its gloo keys live.

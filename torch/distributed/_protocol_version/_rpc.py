@@ -31,7 +31,7 @@ from torch.distributed._protocol_version._payload import InvalidPayload, local_i
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, version_range
 
 
-logger = logging.getLogger("torch.distributed.distributed_c10d")
+logger = logging.getLogger(__name__)
 
 _BACKEND = "tensorpipe"
 # init_rpc's own default when the options carry no positive timeout.
