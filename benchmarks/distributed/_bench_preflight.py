@@ -3,9 +3,10 @@
 The same set-up as benchmark 1 (:mod:`_bench_store_scale`): N simulated ranks are
 threads, each with its own TCPStore client of one libuv server, released together;
 the time runs to the last thread's return. The preflight is the real
-:func:`torch.distributed._protocol_version._preflight.preflight`: the exchange of
-``init_process_group``, then rank 0 reading every payload back, rendering the
-table and handing out the exit code (printing is left out: ``emit`` drops the
+:func:`torch.distributed._protocol_version._preflight.preflight` as it runs when
+rank 0 hosts the store: the exchange of ``init_process_group``, then rank 0
+reading every payload back and rendering the table, and staying until every
+other rank has read the verdict (printing is left out: ``emit`` drops the
 report). Variants are interleaved per repetition on fresh key prefixes.
 """
 

@@ -78,12 +78,29 @@ def ready_key(tag: str, rank: int) -> str:
     return f"test/{tag}/ready/{rank}"
 
 
+def current_check(store: dist.Store) -> tuple[str, bool] | None:
+    """``(token, closed)`` of the check rank 0 opened last, or None."""
+    current = C10D.key("current")
+    return _exchange.parse_current(current, store.get(current)) if store.check([current]) else None
+
+
+def wait_published(store: dist.Store, rank: int, timeout_s: float = SLACK_S, closed: str | None = None) -> str:
+    """Poll until ``rank``'s payload is in the check rank 0 opened last, which is
+    not ``closed`` (a check over before this one); return its token."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check = current_check(store)
+        if check is not None and check[0] != closed and store.check([C10D.key(check[0], "rank", rank)]):
+            return check[0]
+        time.sleep(0.02)
+    raise AssertionError(f"rank {rank} never published in a new check")
+
+
 def inject_payload(store: dist.Store, rank: int, payload: bytes) -> None:
-    """Play a hostile rank: write ``payload`` into ``rank``'s slot of the epoch rank
+    """Play a hostile rank: write ``payload`` into ``rank``'s slot of the check rank
     0 opened, exactly where a real rank would publish its own."""
-    epoch, closed = _exchange._parse_current(store.get(C10D.key("current")))
-    assert not closed, "the epoch was judged before the hostile rank could publish"
-    store.set(C10D.key(epoch, "rank", rank), payload)
+    token = wait_published(store, 0)
+    store.set(C10D.key(token, "rank", rank), payload)
 
 
 def mask_host(message: str) -> str:
@@ -107,7 +124,6 @@ def start_staged(
     stores: Mapping[int, dist.Store],
     observer: dist.Store,
     versions: Mapping[int, int | None],
-    epoch: int = 1,
 ) -> None:
     """Start rank threads one by one, in order, each under its own version override.
 
@@ -117,9 +133,11 @@ def start_staged(
     a connection of its own: a TCPStore client runs one call at a time.
     """
     for rank, version in versions.items():
+        check = current_check(observer)
+        closed = check[0] if check is not None and check[1] else None
         with mock.patch.dict(os.environ, {} if version is None else {VERSION_OVERRIDE_ENV: str(version)}):
             threads.start({rank: stores[rank]})
-            wait_for_key(observer, C10D.key(epoch, "rank", rank))
+            wait_published(observer, rank, closed=closed)
 
 
 # --------------------------------------------------------------------------- #
@@ -180,14 +198,9 @@ def publish_then_die(rank: int, world_size: int, port: int, timeout_s: float) ->
         args=(store, rank, world_size, timedelta(seconds=timeout_s)),
         daemon=True,
     ).start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if observer.check([C10D.key("current")]):
-            slot = C10D.key(int(observer.get(C10D.key("current"))), "rank", rank)
-            # The pid tells this process's payload from an earlier attempt's.
-            if observer.check([slot]) and json.loads(observer.get(slot))["pid"] == os.getpid():
-                os._exit(DIED)
-        time.sleep(0.01)
+    before = current_check(observer)  # a check of an earlier attempt, or None
+    wait_published(observer, rank, timeout_s, closed=before[0] if before else None)
+    os._exit(DIED)
 
 
 def check_after_ready(rank: int, world_size: int, port: int, timeout_s: float, tag: str) -> int:
@@ -246,7 +259,7 @@ class TestStoreServerDies(GuardrailEnvTestCase):
             observer = tcp_client(port)
             threads = RankThreads(3, self.TIMEOUT_S).start({r: tcp_client(port) for r in present})
             if 0 in present:
-                wait_for_key(observer, C10D.key(1, "rank", 1))
+                wait_published(observer, 1)
             time.sleep(1.0)  # let every rank enter its blocking call
             server.kill()
             killed = time.monotonic()
@@ -255,7 +268,7 @@ class TestStoreServerDies(GuardrailEnvTestCase):
             error = outcomes[rank].error
             self.assertIsNotNone(error)
             self.assertIn(
-                f"protocol version check on rank {rank}: the rendezvous store failed while {what}: ",
+                f"protocol version check on rank {rank}: the store failed while {what}: ",
                 error,
             )
             # The store's own reason: a blocked call sees the socket closed, a poll a reset.
@@ -271,7 +284,7 @@ class TestStoreServerDies(GuardrailEnvTestCase):
                 env_init, 3, (port, "gloo", self.TIMEOUT_S), ranks=[0, 1],
                 common_env={"TORCHELASTIC_USE_AGENT_STORE": "True"}, timeout=self.TIMEOUT_S + 60,
             )
-            wait_for_key(observer, C10D.key(1, "rank", 1), timeout_s=60)
+            wait_published(observer, 1, timeout_s=60)
             time.sleep(1.0)
             server.kill()
             killed = time.time()
@@ -281,7 +294,7 @@ class TestStoreServerDies(GuardrailEnvTestCase):
             # The store's own error type, which elastic agents catch, with the check's context.
             self.assertEqual(result.error_type, "DistNetworkError", result.error)
             self.assertIn(
-                f"protocol version check on rank {result.rank}: the rendezvous store failed while {what}",
+                f"protocol version check on rank {result.rank}: the store failed while {what}",
                 result.error,
             )
             self.assertLess(result.finished - killed, self.TIMEOUT_S / 2)
@@ -289,7 +302,7 @@ class TestStoreServerDies(GuardrailEnvTestCase):
 
 class TestRankCrashes(GuardrailEnvTestCase):
     def test_coordinator_dies_after_publishing(self) -> None:
-        """Rank 0 opens the epoch, publishes and dies: the others time out with a
+        """Rank 0 opens the check, publishes and dies: the others time out with a
         message that names rank 0 and says how far it got."""
         server = tcp_server()
         (died,) = spawn_ranks(publish_then_die, 3, (server.port, 60.0), ranks=[0], timeout=90)
@@ -319,7 +332,7 @@ This rank (rank 1, host <host>) runs protocol version 1.""",
         wait_for_key(server, ready_key("die", 2), timeout_s=60)
         started = time.monotonic()
         threads = RankThreads(3, timeout_s).start({0: tcp_client(server.port)})
-        dying.join()  # rank 2 claimed its slot in rank 0's epoch and is gone
+        dying.join()  # rank 2 claimed its slot in rank 0's check and is gone
         self.assertEqual(died[0].exitcode, DIED, died[0].error)
         threads.start({1: tcp_client(server.port)})
         outcomes = threads.join()
@@ -434,30 +447,36 @@ This rank (rank 0, host <host>) runs protocol version 1.""",
         self.assertAllPass(outcomes, [0, 1])
 
 
+    def test_a_foreign_value_in_current_gives_every_rank_one_account(self) -> None:
+        """Every rank reads ``current`` first (rank 0 to chain the new check to the
+        last one): a value this check never writes fails every rank at once, with
+        one message that names the key."""
+        store = dist.HashStore()
+        store.set(C10D.key("current"), b"1; rm -rf /")
+        threads = RankThreads(3, timeout_s=30.0).start({r: store for r in range(3)})
+        outcomes = threads.join()
+        self.assertAllFail(outcomes, "the key protocol_version/current holds '1; rm -rf /', which this check did not write")
+        self.assertEqual(len({o.error.rsplit("\n", 1)[0] for o in outcomes.values()}), 1, outcomes)
+        self.assertTrue(all(isinstance(o.exception, pv.ProtocolVersionError) for o in outcomes.values()))
+        self.assertLess(max(o.finished for o in outcomes.values()) - threads.released_wall, 10.0)
+
     @parametrize(
-        "key,value,reason",
+        "value,reason",
         [
-            subtest(("current", b"1; rm -rf /", "not an integer"), name="epoch_not_an_integer"),
-            subtest(("verdict", b'["ok", 1]', "unreadable verdict"), name="verdict_not_an_object"),
-            subtest(
-                ("verdict", b'{"status": "fine", "detail": "", "negotiated": 1}', "unknown status 'fine'"),
-                name="verdict_unknown_status",
-            ),
-            subtest(
-                ("verdict", b'{"status": "ok", "detail": "", "negotiated": "1"}', "without a negotiated version"),
-                name="ok_verdict_without_a_version",
-            ),
+            subtest((b'["ok", 1]', "unreadable verdict"), name="not_an_object"),
+            subtest((b'{"status": "fine", "detail": "", "negotiated": 1}', "unknown status 'fine'"), name="unknown_status"),
+            subtest((b'{"status": "ok", "detail": "", "negotiated": "1"}', "without a negotiated version"), name="ok_without_a_version"),
         ],
     )
-    def test_hostile_coordinator_keys_are_refused(self, key: str, value: bytes, reason: str) -> None:
-        """What the other ranks read from rank 0 (the epoch, the verdict) is
-        parsed as strictly as a payload, and the error blames rank 0."""
+    def test_hostile_verdicts_are_refused(self, value: bytes, reason: str) -> None:
+        """What the other ranks read from rank 0 is parsed as strictly as a
+        payload, and the error names the key."""
         store = dist.HashStore()
-        store.set(C10D.key("current"), value if key == "current" else b"1")
-        if key == "verdict":
-            store.set(C10D.key(1, "verdict"), value)
+        token = "0123456789abcdef"
+        store.set(C10D.key("current"), token)
+        store.set(C10D.key(token, "verdict"), value)
         outcomes = RankThreads(2, self.TIMEOUT_S).start({1: store}).join()
-        self.assertAllFail(outcomes, "protocol version check: rank 0 published ", reason)
+        self.assertAllFail(outcomes, f"the key protocol_version/{token}/verdict holds", reason)
 
 
 class TestSharedStoreServer(GuardrailEnvTestCase):
@@ -506,7 +525,7 @@ class TestRestartOnTheSameStore(GuardrailEnvTestCase):
 
     def assertRestartPasses(self, attempt_1: str, rank_0: str, use_libuv: bool = True) -> None:
         """With ``rank_0="last"`` the other ranks of attempt 2 first find attempt
-        1's epoch (and, unless attempt 1's rank 0 never came, their slots in it)."""
+        1's check (and, unless attempt 1's rank 0 never came, their slots in it)."""
         server = tcp_server(use_libuv)
         self.run_attempt_1(attempt_1, server.port)
         first, then = ([0], [1, 2]) if rank_0 == "first" else ([1, 2], [0])
@@ -521,19 +540,18 @@ class TestRestartOnTheSameStore(GuardrailEnvTestCase):
         self.assertRestartPasses(attempt_1, rank_0)
 
     def test_restart_after_a_dead_coordinator_on_the_legacy_server(self) -> None:
-        """Attempt 2's ranks 1-2 publish in attempt 1's unjudged epoch and wait for
-        its verdict until attempt 2's rank 0 supersedes it. The legacy (non-libuv)
-        TCPStore server wakes no waiter on ``compare_set``, so the superseding
-        verdict must reach them another way."""
+        """Attempt 2's ranks 1-2 publish in attempt 1's unjudged check and wait for
+        its verdict until attempt 2's rank 0 opens the next one, on the legacy
+        (non-libuv) TCPStore server too."""
         self.assertRestartPasses("rank_0_died", "last", use_libuv=False)
 
     def test_restart_with_more_ranks(self) -> None:
         """Attempt 1 passed with 2 ranks; attempt 2 has 3 and its new rank 2 comes
-        first: it must wait for attempt 2's epoch, not return attempt 1's verdict."""
+        first: it must wait for attempt 2's check, not return attempt 1's verdict."""
         server = tcp_server()
         self.assertAllPass(run_threads(server.port, [0, 1], 2, timeout_s=30), [0, 1])
         threads = RankThreads(3, timeout_s=30).start({2: tcp_client(server.port)})
-        time.sleep(1.0)  # rank 2 reaches the store while attempt 1's epoch is current
+        time.sleep(1.0)  # rank 2 reaches the store while attempt 1's check is current
         threads.start({r: tcp_client(server.port) for r in (0, 1)})
         self.assertAllPass(threads.join(), [0, 1, 2])
 
@@ -552,7 +570,7 @@ class TestRestartOnTheSameStore(GuardrailEnvTestCase):
         threads.start({0: tcp_client(server.port)})
         other_build.join()
         self.assertAllFail(threads.join(), MISMATCH, "protocol version 2: rank 2")
-        self.assertEqual(results[0].error_type, "RuntimeError", results[0].error)
+        self.assertEqual(results[0].error_type, "ProtocolVersionError", results[0].error)
         self.assertIn("protocol version 2: rank 2", results[0].error)
 
 
@@ -592,9 +610,9 @@ class TestStoreKinds(GuardrailEnvTestCase):
         runs = []
         with tempfile.TemporaryDirectory() as tmp:
             stores, observer = self.open_stores(kind, tmp)
-            for epoch, versions in ((1, {0: None, 1: None}), (2, {0: None, 1: 2})):
+            for versions in ({0: None, 1: None}, {0: None, 1: 2}):
                 threads = RankThreads(2, timeout_s=30)
-                start_staged(threads, stores, observer, versions, epoch)
+                start_staged(threads, stores, observer, versions)
                 runs.append(threads.join())
         self.assertAllPass(runs[0], [0, 1])
         self.assertAllFail(runs[1], MISMATCH, "protocol version 2: rank 1")

@@ -1,21 +1,24 @@
 # Owner(s): ["oncall: distributed"]
-"""Build identity in the payload, and the cluster preflight.
+"""Build identity in the payload and the node CLI, and the cluster preflight.
 
-Two builds of a fork share a version string (``2.13.0+cpu``); the payload now
-carries the torch commit, the Python version and the backend libraries' versions,
-older payloads without them are still judged, and messages show the commit where
-it is what tells two builds apart.
+Two builds can share a version string (``2.13.0+cpu``); the payload carries the
+torch commit, the Python version and the backend libraries' versions, older
+payloads without them are still judged, messages show the commit where it is
+what tells two builds apart, and ``python -m torch.distributed._protocol_version``
+shows them for one node.
 
 ``python -m torch.distributed._protocol_version --preflight`` runs the check of
 ``init_process_group`` across a job without building a backend: under a real
 ``torchrun`` with four workers (matching, one odd rank, a silent rank), and with
-an explicit ``--store`` where one rank runs stock torch (``.venv-stock``) and
-starts a real gloo group instead. The table's own layout is tested on plain data.
+an explicit ``--store`` where rank 0 hosts the store, or where one rank runs a
+torch without the check (``.venv-stock``) and starts a real gloo group instead.
+The table's own layout is tested on plain data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,9 +36,17 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
-from torch.distributed._protocol_version import _exchange, _judge, _messages, _preflight
+from torch.distributed._protocol_version import _cli, _exchange, _judge, _messages, _preflight
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo
+from torch.distributed._protocol_version._payload import (
+    backend_versions,
+    InvalidPayload,
+    local_info,
+    parse_payload,
+    RankInfo,
+    Verdict,
+)
+from torch.distributed._protocol_version._settings import SettingError
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
@@ -105,11 +116,12 @@ class TestBuildIdentity(TestCase):
         guardrail build writes, where such a rank would."""
         store = dist.HashStore()
         threads = RankThreads(4, timeout_s=30.0).start({0: store, 1: store})
-        store.set_timeout(timedelta(seconds=30))
-        epoch, closed = _exchange._parse_current(store.get(C10D.key("current")))
+        current = C10D.key("current")
+        store.wait([current], timedelta(seconds=30))
+        token, closed = _exchange.parse_current(current, store.get(current))
         self.assertFalse(closed)
         for rank, raw in ((2, OLD_PAYLOAD), (3, FIRST_PAYLOAD)):
-            store.set(C10D.key(epoch, "rank", rank), raw)
+            store.set(C10D.key(token, "rank", rank), raw)
         outcomes = threads.join()
         self.assertEqual({rank: o.result for rank, o in outcomes.items()}, {0: 1, 1: 1})
 
@@ -204,35 +216,34 @@ node-a  0-2    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
 node-b  3      2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7""",
         )
 
-    def test_a_thousand_ranks_fold_into_sixteen_rows(self) -> None:
-        """125 hosts of 8 ranks, host 77 on another build: its row is shown, the
-        rest folds into "and N more hosts"."""
-        infos = infos_on_hosts(125, 8, odd_host=77)
-        roster = _preflight.Roster(1000, tuple(infos))
+    def test_every_host_gets_a_row(self) -> None:
+        """17 hosts of 4 ranks, host 9 on another build: one row each, none folded
+        away, rank lists compressed."""
+        infos = infos_on_hosts(17, 4, odd_host=9)
         self.assertExpectedInline(
-            _preflight.render_table(roster, "gloo"),
+            _preflight.render_table(_preflight.Roster(68, tuple(infos)), "gloo"),
             """\
-torch.distributed protocol version preflight (backend gloo): 1000 ranks, 1000 with the check on 125 hosts
-host                ranks            protocol  torch       commit        python
-------------------  ---------------  --------  ----------  ------------  ------
-node-000            0-7              1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-001            8-15             1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-002            16-23            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-003            24-31            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-004            32-39            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-005            40-47            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-006            48-55            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-007            56-63            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-008            64-71            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-009            72-79            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-010            80-87            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-011            88-95            1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-012            96-103           1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-013            104-111          1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
-node-077            616-623          2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7
-and 110 more hosts  112-615,624-999  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7""",
+torch.distributed protocol version preflight (backend gloo): 68 ranks, 68 with the check on 17 hosts
+host      ranks  protocol  torch       commit        python
+--------  -----  --------  ----------  ------------  ------
+node-000  0-3    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-001  4-7    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-002  8-11   1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-003  12-15  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-004  16-19  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-005  20-23  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-006  24-27  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-007  28-31  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-008  32-35  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-009  36-39  2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7
+node-010  40-43  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-011  44-47  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-012  48-51  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-013  52-55  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-014  56-59  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-015  60-63  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
+node-016  64-67  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7""",
         )
-        self.assertEqual(len(_preflight.roster_json(roster)["hosts"]), 125)  # tooling gets every row
 
     def test_ranks_without_the_check_silent_and_invalid(self) -> None:
         raws = {r: payload(built(rank_info(r, 1))) for r in range(3)}
@@ -252,32 +263,35 @@ invalid payload: rank 3""",
 
 
 # --------------------------------------------------------------------------- #
-# Real processes: torchrun, and an explicit store with a stock rank
+# Real processes: the node CLI, torchrun, and an explicit store
 # --------------------------------------------------------------------------- #
 
 NPROC = 4
 SILENT_RANK_ENV = "PV_TEST_SILENT_LOCAL_RANK"
-# The worker under torchrun: the odd local rank announces version 2, the silent
-# one never runs the preflight; every other rank runs the CLI and reports its code.
+LINGER_RANK_ENV = "PV_TEST_LINGER_LOCAL_RANK"
+# The worker under torchrun: the odd local rank announces version 2; the silent
+# one never runs the preflight and waits to be stopped; every other rank runs the
+# CLI and reports its code, and the lingering one then waits to be stopped too.
 WORKER_SCRIPT = f'''\
 import os
+import signal
 import sys
-import time
 
 local_rank = os.environ["LOCAL_RANK"]
 if local_rank == os.environ.get("{ODD_RANK_ENV}"):
     os.environ["{VERSION_OVERRIDE_ENV}"] = "2"
 if local_rank == os.environ.get("{SILENT_RANK_ENV}"):
-    time.sleep(600)
-    sys.exit(0)
+    signal.pause()
 from torch.distributed._protocol_version._cli import main
 
 code = main(sys.argv[1:])
 os.write(1, f"preflight rank={{os.environ['RANK']}} exit={{code}}\\n".encode())
+if local_rank == os.environ.get("{LINGER_RANK_ENV}"):
+    signal.pause()  # until torchrun stops it, once another worker exits non-zero
 sys.stdout.flush()
 os._exit(code)  # as python -m torch.distributed._protocol_version ends
 '''
-# A rank of a job on stock torch: it builds its gloo group on the job's store.
+# A rank of a job on torch without the check: it builds its gloo group on the job's store.
 STOCK_RANK = """\
 import sys
 from datetime import timedelta
@@ -319,6 +333,64 @@ def exit_lines(output: str) -> dict[int, int]:
     return {int(m[1]): int(m[2]) for m in re.finditer(r"preflight rank=(\d+) exit=(\d+)", output)}
 
 
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed._protocol_version", *args]
+    return subprocess.run(cmd, env=clean_env(**env), capture_output=True, text=True, timeout=BOUND_S)
+
+
+class TestNodeCli(TestCase):
+    def test_json_names_the_build(self) -> None:
+        out = run_cli("--json")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        obj = json.loads(out.stdout)
+        identity = {k: obj[k] for k in ("torch_version", "git_version", "python_version", "backend_versions")}
+        self.assertEqual(
+            identity,
+            {
+                "torch_version": importlib.metadata.version("torch"),
+                "git_version": torch.version.git_version,
+                "python_version": platform.python_version(),
+                "backend_versions": dict(backend_versions()),
+            },
+        )
+
+    def test_text_names_the_build(self) -> None:
+        out = run_cli()
+        self.assertEqual(out.returncode, 0, out.stderr)
+        libraries = ", ".join(f"{name} {v}" for name, v in backend_versions()) or "none reported"
+        masked = (
+            out.stdout.replace(importlib.metadata.version("torch"), "<torch>")
+            .replace(torch.version.git_version, "<commit>")
+            .replace(platform.python_version(), "<python>")
+            .replace(libraries, "<libraries>")
+        )
+        self.assertExpectedInline(masked, """\
+protocol version:     1
+minimum accepted:     1
+RPC protocol version: 1
+RPC minimum accepted: 1
+torch version:        <torch>
+torch commit:         <commit>
+python version:       <python>
+backend libraries:    <libraries>
+check mode:           error
+overrides in effect:  none
+""")
+
+    def test_timeout_zero_is_refused_with_a_true_range(self) -> None:
+        out = run_cli("--preflight", "--timeout", "0", "--store", "127.0.0.1:1", "--rank", "0", "--world-size", "2")
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertExpectedInline(out.stderr, """\
+error: --timeout 0 is not a number of seconds above 0 and at most 31536000 (a year).
+""")
+        # The range the message states is the one applied.
+        self.assertEqual(_cli._timeout(0.001), timedelta(milliseconds=1))
+        self.assertEqual(_cli._timeout(31536000), timedelta(days=365))
+        for refused in (-1.0, 31536000.5, float("nan"), float("inf")):
+            with self.assertRaisesRegex(SettingError, "above 0 and at most 31536000"):
+                _cli._timeout(refused)
+
+
 class TestPreflightTorchrun(TestCase):
     def setUp(self) -> None:
         super().setUp()
@@ -340,6 +412,8 @@ class TestPreflightTorchrun(TestCase):
         result = self.torchrun(["-m", "torch.distributed._protocol_version"], "--timeout", "60")
         self.assertEqual(result.returncode, 0, result.stdout[-4000:])  # every worker exited 0
         self.assertEqual(result.stdout.count(f"{C10D.title} preflight"), 1)  # rank 0 alone prints it
+        # The agent hosts the store (TORCHELASTIC_USE_AGENT_STORE): rank 0 is a client and binds nothing.
+        self.assertNotIn("failed to bind", result.stdout)
         self.assertExpectedInline(
             masked_table(result.stdout),
             """\
@@ -353,10 +427,12 @@ The job would start.""",
         )
 
     def test_one_odd_rank_fails_every_rank(self) -> None:
-        result = self.torchrun([str(self.worker)], "--timeout", "60", **{ODD_RANK_ENV: "3"})
+        """Rank 2 stays on after its verdict until torchrun stops it with SIGTERM
+        (rank 0 exited 1): it still ends with the verdict's code."""
+        result = self.torchrun([str(self.worker)], "--timeout", "60", **{ODD_RANK_ENV: "3", LINGER_RANK_ENV: "2"})
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(exit_lines(result.stdout), dict.fromkeys(range(NPROC), 1), result.stdout[-4000:])
-        # What torchrun itself saw: every worker's own code, none stopped by its SIGTERM.
+        # What torchrun itself saw: every worker's own code, none turned into -15 by its SIGTERM.
         self.assertEqual(len(re.findall(r"exitcode\s*: 1 ", result.stdout)), NPROC, result.stdout[-4000:])
         table = masked_table(result.stdout)
         self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>", table)
@@ -377,16 +453,24 @@ The job would start.""",
         self.assertLess(time.monotonic() - started, BOUND_S)
 
 
+def kill_session(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class TestPreflightExplicitStore(TestCase):
-    def launch(self, commands: dict[int, list[str]]) -> dict[int, tuple[int | None, str]]:
-        """Start one process per rank, each in its own session; return each rank's
-        exit code (``None`` if it had to be killed) and its output."""
-        procs = {}
-        for rank, cmd in commands.items():
-            procs[rank] = subprocess.Popen(
-                cmd, env=clean_env(), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            )
+    def start(self, cmd: list[str]) -> subprocess.Popen[str]:
+        """Start one rank in its own session, killed with it when the test ends."""
+        proc = subprocess.Popen(
+            cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self.addCleanup(kill_session, proc)
+        return proc
+
+    def finish(self, procs: dict[int, subprocess.Popen[str]]) -> dict[int, tuple[int | None, str]]:
+        """Each rank's exit code (``None`` if it had to be killed) and its output."""
         out = {}
         deadline = time.monotonic() + BOUND_S
         for rank, proc in procs.items():
@@ -394,9 +478,12 @@ class TestPreflightExplicitStore(TestCase):
                 output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
                 out[rank] = (proc.returncode, output)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_session(proc)
                 out[rank] = (None, proc.communicate()[0])
         return out
+
+    def launch(self, commands: dict[int, list[str]]) -> dict[int, tuple[int | None, str]]:
+        return self.finish({rank: self.start(cmd) for rank, cmd in commands.items()})
 
     def preflight_cmd(self, port: int, rank: int, world_size: int, *args: str) -> list[str]:
         return [
@@ -427,6 +514,29 @@ class TestPreflightExplicitStore(TestCase):
         self.assertEqual(obj["hosts"][0]["ranks"], [0, 1])
         self.assertEqual(obj["hosts"][0]["git_version"], torch.version.git_version)
         self.assertNotIn("{", out[1][1])
+
+    def test_rank_0_keeps_the_store_until_every_rank_read_the_verdict(self) -> None:
+        """Rank 0 hosts the store. Rank 1 is stopped once it has published; after
+        rank 2 has come and gone with the verdict, rank 0 still serves the store,
+        so rank 1 reads the verdict once it goes on."""
+        port = find_free_port()
+        procs = {rank: self.start(self.preflight_cmd(port, rank, 3)) for rank in range(2)}
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=BOUND_S))
+        job = dist.PrefixStore(_preflight.STORE_PREFIX, client)
+        current = C10D.key("current")
+        job.wait([current])
+        token, _ = _exchange.parse_current(current, job.get(current))
+        job.wait([C10D.key(token, "rank", 1)])
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        procs[2] = self.start(self.preflight_cmd(port, 2, 3))
+        self.assertEqual(procs[2].wait(BOUND_S), 0)
+        verdict_key = C10D.key(token, "verdict")
+        self.assertEqual(Verdict.from_json(verdict_key, job.get(verdict_key)).status, "ok")
+        with self.assertRaises(subprocess.TimeoutExpired):  # without its wait, rank 0 is gone at once
+            procs[0].wait(timeout=3)
+        os.kill(procs[1].pid, signal.SIGCONT)
+        out = self.finish(procs)
+        self.assertEqual({rank: code for rank, (code, _) in out.items()}, {0: 0, 1: 0, 2: 0}, out)
 
     def test_bad_settings_exit_2_with_one_line(self) -> None:
         cli = [sys.executable, "-m", "torch.distributed._protocol_version", "--preflight"]

@@ -71,12 +71,13 @@ def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -
     return sorted(went_ahead), pending
 
 
-def _timeout(check: Check, first: str, never: Sequence[int], went_ahead: Sequence[int], where: str = "") -> Verdict:
-    """A timeout verdict: ``first`` (or who never arrived), then who runs no check."""
+def _timeout(
+    check: Check, never: Sequence[int], went_ahead: Sequence[int], where: str = "", first: str = ""
+) -> Verdict:
+    """A timeout verdict: ``first``, who never published, who runs no check."""
     head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend) + where
-    lines = [f"{head}: {first or _messages.never_arrived(never, check.family)}."]
-    if first and never:
-        lines.append(_messages.sentence(f"{_messages.never_arrived(never, check.family)}."))
+    never_text = _messages.never_arrived(never, check.family) if never else ""
+    lines = [f"{head}: {'; '.join(part for part in (first, never_text) if part)}."]
     if went_ahead:
         lines.append(_messages.sentence(
             f"{_messages.ranks_phrase(went_ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}."
@@ -94,7 +95,7 @@ def collect(check: Check, slots: Sequence[str], previous: str | None) -> tuple[V
     silent = set(went_ahead) | set(missing)
     published = [r for r in range(1, check.world_size) if r not in silent]
     if missing:
-        return _timeout(check, "", missing, went_ahead), published
+        return _timeout(check, missing, went_ahead), published
     raws = dict(zip([0, *published], check.store.multi_get([slots[r] for r in [0, *published]])))
     return judge_payloads(check.family, raws, went_ahead, check.backend), published
 
@@ -128,7 +129,7 @@ def await_open(check: Check, announce: str, closed: str | None) -> Verdict | Non
         f"rank 0, which collects every rank's version, has not opened {new}; "
         f"{_messages.ranks_phrase(waiting, 'is', 'are')} waiting for it"
     )
-    return _timeout(check, text, [r for r in missing if r not in went_ahead], went_ahead)
+    return _timeout(check, [r for r in missing if r not in went_ahead], went_ahead, first=text)
 
 
 def _judge_without_coordinator(check: Check, marks: dict[int, str], closed: str | None) -> Verdict:
@@ -140,7 +141,7 @@ def _judge_without_coordinator(check: Check, marks: dict[int, str], closed: str 
     others, pending = _await_accounted(check, marks, closed)
     went_ahead = [0, *others]
     if pending:
-        return _timeout(check, "", pending, went_ahead)
+        return _timeout(check, pending, went_ahead)
     marked = [r for r in marks if r not in went_ahead]
     raws = check.store.multi_get([marks[r] for r in marked])
     return judge_payloads(check.family, dict(zip(marked, raws)), went_ahead, check.backend)
@@ -161,9 +162,9 @@ def await_verdict(check: Check, token: str) -> bytes | Verdict | None:
             return None
         check.deadline.pause()
     missing = _absent(check, {r: check.key(token, "rank", r) for r in range(check.world_size)})
+    where = f" on rank {check.rank}"
     if missing:
         them = "it" if len(missing) == 1 else "them"
-        text = f"rank 0 opened the check but has not delivered the verdict, which waits for {them}"
-        return _timeout(check, text, missing, [], where=f" on rank {check.rank}")
+        return _timeout(check, missing, [], where, f"rank 0 opened the check but has not delivered the verdict, which waits for {them}")
     text = "every rank has published its version, but rank 0, which collects them, has not delivered the verdict"
-    return _timeout(check, text, [], [], where=f" on rank {check.rank}")
+    return _timeout(check, [], [], where, text)

@@ -164,10 +164,8 @@ def _participate(check: Check) -> Verdict:
         if raw is None:  # rank 0 died, and a new rank 0 opened the next check
             closed = token
             continue
-        if isinstance(raw, Verdict):
-            return raw
-        verdict = Verdict.from_json(verdict_key, raw)
-        if not verdict.ok:
+        verdict = raw if isinstance(raw, Verdict) else Verdict.from_json(verdict_key, raw)
+        if not verdict.ok:  # a rank that gave up on its own is done with the store too
             store.set(key(token, "ack", check.rank), "1")  # see _await_acks
         return verdict
 
@@ -233,7 +231,7 @@ def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
     """Act on a verdict: raise what a failure means, log what a pass must say.
 
     Raises:
-        DistStoreError: the check timed out, as stock's own init timeouts do.
+        DistStoreError: the check timed out, as ``init_process_group``'s own waits do.
         ProtocolVersionError: a mismatch or an invalid payload, unless every
             checking rank runs ``warn`` (then a mismatch is logged instead).
     """

@@ -98,8 +98,8 @@ def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -
     """One line per distinct build: its range, ranks, hosts and torch version.
 
     A build is its protocol range, torch version and commit. Where builds share
-    a version string but not a commit (a fork's builds are all ``2.13.0+cpu``),
-    the commit is what tells them apart, so their lines show it.
+    a version string but not a commit (nightlies, local builds), the commit is
+    what tells them apart, so their lines show it.
     """
     groups: dict[tuple[bool, int, int, str, str], list[RankInfo]] = {}
     for info in infos:

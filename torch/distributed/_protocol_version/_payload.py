@@ -95,9 +95,9 @@ def backend_versions() -> tuple[tuple[str, str], ...]:
 @functools.cache
 def torch_build() -> str:
     """The installed torch distribution's version, where it says more than
-    ``torch.__version__``: builds of this fork that differ only in their protocol
-    versions share ``2.13.0+cpu`` and its commit, but are installed as
-    ``2.13.0+cpu.protocolv2``."""
+    ``torch.__version__``: a build repackaged with a local version label (say,
+    ``2.13.0+cpu.protocolv2``) shares ``torch.__version__`` and the commit with
+    the build it came from."""
     try:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:  # a source build run in place
@@ -212,7 +212,7 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One epoch's outcome, computed by the coordinator and read by everyone.
+    """One check's outcome, computed by the coordinator and read by everyone.
 
     ``enforce`` is False only for a mismatch on which every checking rank runs in
     ``warn`` mode: the strictest mode present decides for all ranks, so no rank

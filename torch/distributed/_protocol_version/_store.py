@@ -31,7 +31,7 @@ _MIN_POLL_SECONDS = 0.02
 
 
 class Deadline:
-    """One check's timeout, counted from this rank's arrival, as stock counts its own waits."""
+    """One check's timeout, counted from this rank's arrival, as the store counts its own waits."""
 
     def __init__(self, timeout: timedelta) -> None:
         self.timeout = timeout

@@ -9,7 +9,9 @@ is printed on the last line of stdout.
     {"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
      "init": "tcpstore" | "env" | "hashstore", "env": {"1": {"VAR": "value"}},
      "rank_arg": {"0": 3},  # optional: a wrong rank passed to init_process_group
-     "private_ranks": true}  # optional, env:// only: init_process_group(_ranks=...)
+     "private_ranks": true,  # optional, env:// only: init_process_group(_ranks=...)
+     "backend": "nccl", "kwargs": {"device_id": "cpu"}}  # optional: other arguments
+                                    # (a string device_id is made a torch.device)
 """
 
 from __future__ import annotations
@@ -25,27 +27,28 @@ from typing import Any
 
 
 def _init(job: dict[str, Any], rank: int, port: int) -> None:
+    import torch
     import torch.distributed as dist
 
     timeout = timedelta(seconds=job["timeout"])
     world_size = job["world_size"]
     rank_arg = int(job.get("rank_arg", {}).get(str(rank), rank))
-    # init_process_group's private _ranks names the default group by a hash.
-    extra = {"_ranks": list(range(world_size))} if job.get("private_ranks") else {}
+    backend = job.get("backend", "gloo")
+    extra = {"timeout": timeout, **job.get("kwargs", {})}
+    if isinstance(extra.get("device_id"), str):
+        extra["device_id"] = torch.device(extra["device_id"])
+    if job.get("private_ranks"):  # init_process_group's private _ranks names the default group by a hash
+        extra["_ranks"] = list(range(world_size))
     if job["init"] == "tcpstore":
         store = dist.TCPStore(
             "127.0.0.1", port, world_size, rank == 0, timeout=timeout, wait_for_workers=False
         )
-        dist.init_process_group("gloo", store=store, rank=rank_arg, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank_arg, world_size=world_size, **extra)
     elif job["init"] == "hashstore":
-        dist.init_process_group(
-            "gloo", store=dist.HashStore(), rank=rank_arg, world_size=world_size, timeout=timeout
-        )
+        dist.init_process_group(backend, store=dist.HashStore(), rank=rank_arg, world_size=world_size, **extra)
     else:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group(
-            "gloo", init_method="env://", rank=rank_arg, world_size=world_size, timeout=timeout, **extra
-        )
+        dist.init_process_group(backend, init_method="env://", rank=rank_arg, world_size=world_size, **extra)
 
 
 def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any) -> None:

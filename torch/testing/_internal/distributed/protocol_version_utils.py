@@ -217,7 +217,6 @@ def rank_info(
         min_version=version if min_version is None else min_version,
         torch_version="2.13.0+cpu",
         hostname=host,
-        pid=1000 + rank,
     )
 
 
@@ -298,6 +297,10 @@ class RankThreads:
             outcome.exception = e
         outcome.finished = time.monotonic()
         self.outcomes[rank] = outcome
+
+    def done(self) -> bool:
+        """Whether every started rank has returned or raised."""
+        return not any(thread.is_alive() for thread in self._threads)
 
     def join(self) -> dict[int, ThreadOutcome]:
         """Wait for every started rank, ordered by rank; none may outlive its
