@@ -195,6 +195,14 @@ def unpatch(target: str, source: str, origin: str) -> str:
     return stock
 
 
+def patch_file(target: str, source: str, origin: str) -> str:
+    """Return ``source`` (the text of ``target``) with every hook of that file in place."""
+    for hook in HOOKS:
+        if hook.target == target:
+            source = hook.patch(source, origin)
+    return source
+
+
 def find_torch_dir() -> Path:
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
@@ -224,10 +232,8 @@ def apply_hooks(torch_dir: Path) -> list[Path]:
     a source this tool does not know. Returns the files it changed."""
     planned = []
     for rel, (target, source) in _read_targets(torch_dir).items():
-        patched = unpatch(rel, source, str(target))  # refuses a block edited by hand
-        for hook in HOOKS:
-            if hook.target == rel:
-                patched = hook.patch(patched, str(target))
+        # unpatch first: refuses a block edited by hand
+        patched = patch_file(rel, unpatch(rel, source, str(target)), str(target))
         if patched != source:
             planned.append((target, patched))
     for target, patched in planned:
@@ -431,11 +437,7 @@ def export(checkout: Path) -> list[str]:
     # Bytes, not text mode: the checkout's line endings stay as they are.
     planned = {}
     for rel, (target, _) in _read_targets(checkout / "torch").items():
-        source = target.read_bytes().decode()
-        for hook in HOOKS:
-            if hook.target == rel:
-                source = hook.patch(source, str(target))
-        planned[target] = source.encode()
+        planned[target] = patch_file(rel, target.read_bytes().decode(), str(target)).encode()
     for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
     pages = exported_pages()

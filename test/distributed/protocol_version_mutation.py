@@ -33,7 +33,7 @@ from types import ModuleType
 from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from protocol_version_hook import Hook, HOOKS, is_patched  # noqa: E402
+from protocol_version_hook import is_patched, TARGETS, unpatch  # noqa: E402
 
 
 MARKER = "__protocol_version_mutation__"
@@ -45,11 +45,11 @@ def _check_protocol_version(*args: object) -> None:
 '''
 
 
-def _unhook(hook: Hook) -> Callable[[str], str]:
+def _unhook(target: str) -> Callable[[str], str]:
     def unhook(source: str) -> str:
         if not is_patched(source):
-            raise RuntimeError(f"{hook.target} has no hook to take out: run `make` first")
-        return hook.unpatch(source, hook.target)
+            raise RuntimeError(f"{target} has no hook to take out: run `make` first")
+        return unpatch(target, source, target)
 
     return unhook
 
@@ -59,8 +59,8 @@ def _noop(source: str) -> str:
 
 
 MUTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "unhook": ("torch.distributed.distributed_c10d", _unhook(HOOKS[0])),
-    "unhook_rpc": ("torch.distributed.rpc", _unhook(HOOKS[1])),
+    "unhook": ("torch.distributed.distributed_c10d", _unhook(TARGETS[0])),
+    "unhook_rpc": ("torch.distributed.rpc", _unhook(TARGETS[1])),
     "noop": ("torch.distributed._protocol_version", _noop),
 }
 

@@ -49,7 +49,7 @@ class TestGuardrailMutation(TestCase):
     def assert_every_rank_refuses(self, results: list[RankResult]) -> None:
         """What the mismatch tests demand: every rank raises the mismatch error."""
         for result in results:
-            self.assertEqual(result.error_type, "RuntimeError", result)
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
             self.assertIn(MISMATCH, result.error)
 
     def assert_mismatch_went_through(self, results: list[RankResult], mutation: str, hook: bool) -> None:
@@ -86,7 +86,7 @@ class TestRpcGuardrailMutation(TestCase):
 
     def test_guardrail_installed_every_worker_refuses(self) -> None:
         for result in _run_mixed_rpc_job(None):
-            self.assertEqual(result.error_type, "RuntimeError", result)
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
             self.assertIn("rpc protocol version mismatch", result.error)
 
     def test_without_hook_rpc_mismatch_goes_through(self) -> None:

@@ -52,7 +52,7 @@ def _stock_sources() -> dict[str, str]:
     """Every hooked file as stock torch has it, from the installed (patched) ones:
     nothing of PyTorch's is committed."""
     torch_dir = Path(distributed_c10d.__file__).parents[1]
-    return {h.target: h.unpatch((torch_dir / h.target).read_text(), h.target) for h in hook.HOOKS}
+    return {rel: hook.unpatch(rel, (torch_dir / rel).read_text(), rel) for rel in hook.TARGETS}
 
 
 def _write_stock(torch_dir: Path) -> None:
@@ -196,8 +196,8 @@ class TestWheelRecipe(TestCase):
                     sorted(["torch/__init__.py", *(f"torch/{rel}" for rel in stock), "torch/lib/libfake.so",
                             *linked, NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"]),
                 )
-                for h in hook.HOOKS:
-                    self.assertEqual(_sha(wheel.read(f"torch/{h.target}")), _sha(h.patch(stock[h.target], h.target)))
+                for rel in hook.TARGETS:
+                    self.assertEqual(_sha(wheel.read(f"torch/{rel}")), _sha(hook.patch_file(rel, stock[rel], rel)))
                 for name, digest in linked.items():
                     self.assertEqual(_sha(wheel.read(name)), digest, name)
                 metadata = wheel.read(NEW_INFO + "METADATA").decode()
@@ -233,7 +233,7 @@ class TestWheelRecipe(TestCase):
 
     def test_failed_build_leaves_no_wheel(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            broken = {**_stock_sources(), hook.HOOKS[0].target: "def init_process_group(): pass\n"}
+            broken = {**_stock_sources(), hook.TARGETS[0]: "def init_process_group(): pass\n"}
             upstream = _small_upstream(Path(tmp), broken)
             with self.assertRaisesRegex(hook.PatchError, "refusing to patch"):
                 bw.build_wheel(upstream, Path(tmp) / "out", "protocolv1")
@@ -348,7 +348,7 @@ class TestPatchedWheelInstall(TestCase):
         results = self.probe("job", json.dumps({1: PROTOCOL_VERSION + 1}), "2", str(find_free_port()))
         self.assertEqual(len(results), 2)
         for result in results:
-            self.assertEqual(result["error_type"], "RuntimeError", result)
+            self.assertEqual(result["error_type"], "ProtocolVersionError", result)
             self.assertIn(MISMATCH, result["error"])
 
 
@@ -406,15 +406,15 @@ class TestExportToCheckout(TestCase):
             self.assertEqual(
                 first.splitlines(),
                 [
-                    *(f"updated torch/{h.target}" for h in hook.HOOKS),
+                    *(f"updated torch/{rel}" for rel in hook.TARGETS),
                     *(f"created {name}" for name in (*hook.exported_code(), *pages)),
                     f"updated {hook.TOCTREE_PAGE}",
                 ],
             )
-            for h in hook.HOOKS:
+            for rel in hook.TARGETS:
                 self.assertEqual(
-                    _sha((checkout / "torch" / h.target).read_bytes()),
-                    _sha(h.patch(_stock_sources()[h.target], h.target)),
+                    _sha((checkout / "torch" / rel).read_bytes()),
+                    _sha(hook.patch_file(rel, _stock_sources()[rel], rel)),
                 )
             for name in hook.exported_code():
                 self.assertFalse((checkout / name).is_symlink(), name)
@@ -515,7 +515,7 @@ class TestExportToCheckout(TestCase):
     def test_export_refuses_an_unknown_c10d_and_writes_nothing(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkout = _scratch_checkout(Path(tmp))
-            (checkout / "torch" / hook.HOOKS[0].target).write_text("def init_process_group(): pass\n")
+            (checkout / "torch" / hook.TARGETS[0]).write_text("def init_process_group(): pass\n")
             before = _snapshot(checkout)
             code, _, err = _export(checkout)
             self.assertEqual(code, 2)
@@ -560,7 +560,7 @@ class TestHookTool(TestCase):
     def test_edited_block_is_refused_and_nothing_changes(self) -> None:
         target = ["--torch-dir", str(self.torch_dir)]
         self.assertEqual(_tool("install", *target).returncode, 0)
-        c10d = self.torch_dir / hook.HOOKS[0].target
+        c10d = self.torch_dir / hook.TARGETS[0]
         c10d.write_text(c10d.read_text().replace(hook.END, hook.END + " (edited)"))
         before = _snapshot(self.torch_dir)
         for command in ("revert", "install"):
@@ -570,22 +570,19 @@ class TestHookTool(TestCase):
             self.assertEqual(_snapshot(self.torch_dir), before)
         status = _tool("status", *target)
         self.assertEqual(status.returncode, 1)
-        self.assertIn("hook in init_process_group edited", status.stdout)
+        self.assertIn("6 edited", status.stdout)
 
-    def test_a_hook_an_earlier_tool_wrote_is_upgraded(self) -> None:
-        h = hook.HOOKS[0]
-        target = self.torch_dir / h.target
-        source = target.read_text()
-        at = source.index(h.anchor_before + h.anchor_at) + len(h.anchor_before)
-        target.write_text(source[:at] + h.block(h.older_bodies[0]) + source[at:])
-        status = _tool("status", "--torch-dir", str(self.torch_dir))
-        self.assertIn("hook in init_process_group outdated", status.stdout)
-        self.assertEqual(_tool("install", "--torch-dir", str(self.torch_dir)).returncode, 0)
-        self.assertEqual(target.read_text(), h.patch(source, h.target))
-        self.assertEqual(_tool("status", "--torch-dir", str(self.torch_dir)).returncode, 0)
+    def test_a_block_another_version_of_the_tool_wrote_is_refused_with_advice(self) -> None:
+        target = self.torch_dir / hook.TARGETS[0]
+        target.write_text(target.read_text() + f"{hook.BEGIN}\ncall_something_else()\n{hook.END}\n")
+        before = _snapshot(self.torch_dir)
+        result = _tool("install", "--torch-dir", str(self.torch_dir))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("reinstall torch (make clean-venv)", result.stderr)
+        self.assertEqual(_snapshot(self.torch_dir), before)
 
     def test_unknown_init_rpc_is_refused_and_nothing_changes(self) -> None:
-        (self.torch_dir / hook.HOOKS[1].target).write_text("def init_rpc(name): pass\n")
+        (self.torch_dir / hook.TARGETS[-1]).write_text("def init_rpc(name): pass\n")
         before = _snapshot(self.torch_dir)
         result = _tool("install", "--torch-dir", str(self.torch_dir))
         self.assertEqual(result.returncode, 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -194,7 +195,7 @@ class TestRangesMultiProcess(TestCase):
     def test_disjoint_ranges_fail_everywhere(self) -> None:
         results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env=_ranges_env({0: (1, 1), 1: (2, 3)}))
         for result in results:
-            self.assertEqual(result.error_type, "RuntimeError", str(result))
+            self.assertEqual(result.error_type, "ProtocolVersionError", str(result))
             self.assertIn("protocol versions 2-3: rank 1", result.error)
             self.assertIn("upgrade rank 0 to a build that speaks protocol version 2", result.error)
 
@@ -210,7 +211,7 @@ class TestRangesMultiProcess(TestCase):
             rank_env={1: {VERSION_OVERRIDE_ENV: "2"}}, common_env={CHECK_MODE_ENV: "off"},
         )
         for result in results:
-            self.assertEqual(result.error_type, "RuntimeError", str(result))
+            self.assertEqual(result.error_type, "ProtocolVersionError", str(result))
             self.assertIn(MISMATCH, result.error)
 
 
@@ -231,14 +232,21 @@ class TestCli(TestCase):
     def test_text(self) -> None:
         out = _cli()
         self.assertEqual(out.returncode, 0, out.stderr)
+        identity = {torch.__version__: "<torch>", torch.version.git_version: "<commit>", platform.python_version(): "<python>"}
+        text = out.stdout
+        for value, mask in identity.items():
+            text = text.replace(value, mask)
         self.assertExpectedInline(
-            out.stdout.replace(torch.__version__, "<torch>"),
+            text,
             """\
 protocol version:     1
 minimum accepted:     1
 RPC protocol version: 1
 RPC minimum accepted: 1
 torch version:        <torch>
+torch commit:         <commit>
+python version:       <python>
+backend libraries:    none reported
 check mode:           error
 overrides in effect:  none
 """,
@@ -256,6 +264,9 @@ overrides in effect:  none
                 # The RPC family has its own versions; a collectives' override leaves them.
                 "rpc": {"protocol_version": 3, "min_protocol_version": 3},
                 "torch_version": torch.__version__,
+                "git_version": torch.version.git_version,
+                "python_version": platform.python_version(),
+                "backend_versions": {},
                 "check_mode": "warn",
                 "overrides": {VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", rpc_env: "3"},
             },

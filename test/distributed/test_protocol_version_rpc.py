@@ -100,7 +100,7 @@ def dynamic_worker(rank: int, world_size: int, port: int, stay_s: float) -> dict
 class RpcTestCase(TestCase):
     def assert_every_worker_raised(self, results: list[RankResult], *fragments: str) -> None:
         for result in results:
-            self.assertEqual(result.error_type, "RuntimeError", f"rank {result.rank}: {result}")
+            self.assertEqual(result.error_type, "ProtocolVersionError", f"rank {result.rank}: {result}")
             for fragment in (RPC_MISMATCH, *fragments):
                 self.assertIn(fragment, result.error)
 
@@ -140,7 +140,7 @@ class TestStaticGroup(RpcTestCase):
         # reaches the check, and it names the worker that never came.
         results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=40)
         self.assertEqual(results[1].error_type, "DistStoreError", results[1])
-        self.assertIn("Rank 2 never published", results[1].error)
+        self.assertIn("rank 2 never published", results[1].error)
         self.assertIn(results[0].error_type, ("NoReport", "DistStoreError"), results[0])
 
     def test_reinit_after_shutdown_three_times(self) -> None:
@@ -164,7 +164,7 @@ class TestDynamicGroup(RpcTestCase):
         results = spawn_ranks(dynamic_worker, 3, args=(find_free_port(), 12.0), rank_env={1: {RPC_ENV: "2"}}, timeout=120)
         self.assertTrue(results[0].ok and results[2].ok, results)
         self.assertEqual(results[2].value, {"version": 1, "sum": 2.0})  # a later compatible joiner still joins
-        self.assertEqual(results[1].error_type, "RuntimeError", results[1])
+        self.assertEqual(results[1].error_type, "ProtocolVersionError", results[1])
         self.assertIn("worker worker1 (rank 1) cannot join the dynamic RPC group", results[1].error)
         self.assertIn("set by its first worker worker0 (rank 0", results[1].error)
 
@@ -174,8 +174,11 @@ class TestStoreData(TestCase):
 
     def test_hostile_payload_is_named(self) -> None:
         store = dist.HashStore()
-        store.set(RPC.key(1, "rank", 1), b"\x80\x04K\x01.")  # a pickle
-        verdict, _ = _exchange.exchange(store, RPC, 0, 2, timedelta(seconds=2), "tensorpipe", "error")
+        body = lambda s, r, n: _exchange.exchange(s, RPC, r, n, timedelta(seconds=20), "tensorpipe", "error")  # noqa: E731
+        rank_0 = RankThreads(2, 20.0, body).start({0: store})
+        store.wait([RPC.key("current")], timedelta(seconds=20))
+        store.set(RPC.key(store.get(RPC.key("current")).decode(), "rank", 1), b"\x80\x04K\x01.")  # a pickle
+        verdict, _ = rank_0.join()[0].value
         self.assertEqual(verdict.status, "invalid")
         self.assertIn("rank 1: not valid JSON", verdict.detail)
 
@@ -193,7 +196,7 @@ class TestStoreData(TestCase):
         outcomes = RankThreads(3, 20.0, body).start({r: store for r in range(3)}).join()
         self.assertEqual({o.value[0].negotiated for o in outcomes.values()}, {pv.RPC_PROTOCOL_VERSION})
         self.assertEqual([o.value[1].name for o in outcomes.values()], ["w0", "w1", "w2"])
-        self.assertTrue(store.check([RPC.key("counter")]) and not store.check([pv._families.C10D.key("counter")]))
+        self.assertTrue(store.check([RPC.key("current")]) and not store.check([pv._families.C10D.key("current")]))
 
 
 if __name__ == "__main__":
