@@ -4,7 +4,7 @@ MyST, as upstream's docs are built, and warnings are errors (``-W``), so a broke
 the build (and ``make test``, through test_protocol_version_docs.py)."""
 
 project = "torch.distributed protocol version guardrail"
-extensions = ["myst_parser", "sphinx.ext.autodoc"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -26,9 +27,8 @@ from unittest import mock
 import torch.distributed as dist
 from hypothesis import given, HealthCheck, settings, strategies as st
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _diagnose, _judge, _messages, _store
+from torch.distributed._protocol_version import _diagnose, _judge, _store
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._payload import Verdict
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed import protocol_version_job
 from torch.testing._internal.distributed.protocol_version_utils import (
@@ -440,6 +440,197 @@ class TestMessageSize(TestCase):
         verdict = _judge.judge(C10D, infos, "gloo")
         self.assertEqual(verdict.status, "mismatch")
         self.assertLess(len(verdict.detail), 4096)
+
+
+# --------------------------------------------------------------------------- #
+# Any backend, any store, any earlier attempt
+# --------------------------------------------------------------------------- #
+
+
+def _gloo_under_its_own_prefix(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
+    """A plugin backend: gloo under a prefix of its own, so it leaves no key where
+    the check looks for gloo's (like NCCL, which leaves none at init)."""
+    return dist.ProcessGroupGloo(dist.PrefixStore("plugin", store), rank, size, timeout)
+
+
+def init_plugin_backend(rank: int, world_size: int, port: int) -> float:
+    """``init_process_group`` on a backend registered by a plugin, then all_reduce."""
+    import torch
+
+    dist.Backend.register_backend("pvplugin", _gloo_under_its_own_prefix, devices=["cpu"])
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("pvplugin", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+        return tensor.item()
+    finally:
+        dist.destroy_process_group()
+
+
+class TestPluginBackend(TestCase):
+    def test_a_plugin_backend_is_checked_like_gloo(self) -> None:
+        mixed = spawn_ranks(init_plugin_backend, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        for result in mixed:
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
+            self.assertIn("(backend pvplugin)", result.error)
+        matching = spawn_ranks(init_plugin_backend, 2, args=(find_free_port(),))
+        self.assertEqual([r.value for r in matching], [2.0, 2.0], matching)
+
+
+class MinimalStore(dist.Store):
+    """A store in Python with only what ``init_process_group`` needs of one on
+    gloo: ``set``, ``get`` and ``wait`` (no ``check``, ``add``, ``compare_set``),
+    over a real store that the ranks share."""
+
+    def __init__(self, inner: dist.Store) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def set(self, key: str, value: Any) -> None:
+        self._inner.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._inner.get(key)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self._inner.wait(keys, timeout) if timeout is not None else self._inner.wait(keys)
+
+
+def init_on_a_minimal_store(rank: int, world_size: int, port: int) -> float:
+    import torch
+
+    inner = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=MinimalStore(inner), rank=rank, world_size=world_size)
+    try:
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+        return tensor.item()
+    finally:
+        dist.destroy_process_group()
+
+
+class TestAnyStore(TestCase):
+    def test_a_store_with_only_set_get_and_wait(self) -> None:
+        # Checks one after another on one such store, the way a framework calls
+        # the helper before each group it builds: each is judged on its own.
+        store = MinimalStore(dist.HashStore())
+        for _ in range(3):
+            outcomes = RankThreads(3, timeout_s=20.0).start({r: store for r in range(3)}).join()
+            self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
+        late = RankThreads(3, timeout_s=3.0).start({0: store, 1: store}).join()
+        for outcome in late.values():
+            self.assertIsInstance(outcome.exception, dist.DistStoreError, outcome)
+            self.assertIn("rank 2 never published", outcome.error)
+
+    def test_init_process_group_on_a_store_with_only_set_get_and_wait(self) -> None:
+        mixed = spawn_ranks(init_on_a_minimal_store, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        self.assertEqual([r.error_type for r in mixed], ["ProtocolVersionError"] * 2, mixed)
+        matching = spawn_ranks(init_on_a_minimal_store, 2, args=(find_free_port(),))
+        self.assertEqual([r.value for r in matching], [2.0, 2.0], matching)
+
+
+def _leave_behind(store: dist.Store, attempt: str) -> None:
+    """What an earlier attempt of a 3-rank job leaves on ``store``."""
+    if attempt == "passed":
+        outcomes = RankThreads(3, timeout_s=10.0).start({r: store for r in range(3)}).join()
+    elif attempt in ("rank_2_absent", "rank_0_absent"):
+        present = (0, 1) if attempt == "rank_2_absent" else (1, 2)
+        outcomes = RankThreads(3, timeout_s=0.3).start({r: store for r in present}).join()
+    else:  # rank 0 opened a check, rank 1 published, and both died before a verdict
+        token = secrets.token_hex(8)
+        payload = rank_info(0, 1).to_payload(C10D)
+        store.multi_set([C10D.key(token, "rank", 0), C10D.key(token, "rank", 1), C10D.key("current")], [payload, payload, token])
+        return
+    assert all(o.exception is None for o in outcomes.values()) == (attempt == "passed"), outcomes
+
+
+def _arrive_after(delays: dict[int, float]) -> Any:
+    def body(store: dist.Store, rank: int, world_size: int) -> int:
+        time.sleep(delays[rank])  # the arrival itself, not a synchronisation
+        return pv.check_protocol_version(store, rank, world_size, timedelta(seconds=20))
+
+    return body
+
+
+class TestLongLivedStore(TestCase):
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        earlier=st.lists(st.sampled_from(["passed", "rank_2_absent", "rank_0_absent", "coordinator_died"]), max_size=3),
+        delays=st.lists(st.floats(0.0, 2.5), min_size=3, max_size=3),
+    )
+    def test_a_new_attempt_passes_whatever_earlier_attempts_left(self, earlier: list[str], delays: list[float]) -> None:
+        """Earlier attempts of the job passed, timed out or died mid-check on this
+        store; every rank of the new one arrives within the timeout, in any order:
+        every rank passes, none takes an earlier verdict for its own."""
+        store = dist.HashStore()
+        for attempt in earlier:
+            _leave_behind(store, attempt)
+        threads = RankThreads(3, timeout_s=20.0, body=_arrive_after(dict(enumerate(delays))))
+        outcomes = threads.start({r: store for r in range(3)}).join()
+        self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
+
+
+def reinit_on_one_store(rank: int, world_size: int, port: int) -> list[str]:
+    """init and destroy on a client of the test's store server; once every rank is
+    done, init again on the same store with rank 0 three seconds late. Returns what
+    the check logged; the second group's backend may fail, as on stock (gloo's
+    keys of the first group are still there)."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("torch.distributed._protocol_version")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=20))
+    dist.destroy_process_group()
+    store.add("test/first_done", 1)
+    store.wait(["test/first_done_all"])
+    time.sleep(3.0 if rank == 0 else 0.0)  # the late arrival under test
+    try:
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=5))
+        dist.destroy_process_group()
+    except RuntimeError as e:
+        records.append(f"backend: {type(e).__name__}")
+    return records
+
+
+class TestReinitOnOneStore(TestCase):
+    def test_rank_0_late_for_a_second_init_is_not_taken_for_a_rank_without_the_check(self) -> None:
+        # Rank 0's gloo key of the first group is still in the store: ranks 1-2
+        # must wait for rank 0's check, not take that key for a build without one.
+        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        results: list[Any] = []
+        thread = threading.Thread(target=lambda: results.extend(spawn_ranks(reinit_on_one_store, 3, args=(server.port,))))
+        thread.start()
+        while server.add("test/first_done", 0) < 3 and thread.is_alive():
+            time.sleep(0.05)
+        server.set("test/first_done_all", "1")
+        thread.join()
+        for result in results:
+            self.assertTrue(result.ok, result)
+            passed = [line for line in result.value if "protocol version check passed" in line]
+            self.assertEqual(len(passed), 2, result.value)
+            self.assertFalse([line for line in result.value if "without the protocol version check" in line])
+
+
+class TestCoreImports(TestCase):
+    def test_init_process_group_loads_only_the_core(self) -> None:
+        script = (
+            "import sys, torch.distributed\n"
+            "before = set(sys.modules)\n"
+            "import torch.distributed._protocol_version\n"
+            "new = sorted(set(sys.modules) - before)\n"
+            "files = [sys.modules[m].__file__ for m in new if m.startswith('torch.distributed._protocol_version')]\n"
+            "print(new)\n"
+            "print(sum(sum(1 for _ in open(f)) for f in files))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+        modules, lines = proc.stdout.strip().splitlines()[-2:]
+        for heavy in ("_preflight", "_cli", "_rpc", "torch.distributed.elastic", "torch.distributed.rpc"):
+            self.assertNotIn(heavy, modules)
+        self.assertLessEqual(int(lines), 1300)
 
 
 if __name__ == "__main__":

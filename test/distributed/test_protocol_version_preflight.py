@@ -76,12 +76,12 @@ def built(info: RankInfo, commit: str = COMMIT_A, python: str = "3.11.7") -> Ran
 
 
 def payload(info: RankInfo) -> bytes:
-    return info.to_payload(C10D, "0" * 16).encode()
+    return info.to_payload(C10D).encode()
 
 
 class TestBuildIdentity(TestCase):
     def test_payload_names_the_build(self) -> None:
-        obj = json.loads(local_info(0, C10D, "error").to_payload(C10D, "0" * 16))
+        obj = json.loads(local_info(0, C10D, "error").to_payload(C10D))
         nccl = {"nccl": ".".join(map(str, torch.cuda.nccl.version()))} if dist.is_nccl_available() else {}
         self.assertEqual(obj["git_version"], torch.version.git_version)
         self.assertEqual(obj["python_version"], platform.python_version())

@@ -1,27 +1,18 @@
 """Protocol version guardrail for ``torch.distributed``.
 
-Every build declares the range of c10d wire protocol versions it speaks:
-``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. While ``init_process_group`` builds
-the default group, once its arguments have passed every check of
-``_new_process_group_helper`` and right before the first backend is constructed,
-it calls :func:`_check_protocol_version`: a job that mixes incompatible builds
-fails there, on every rank, with one message that names the ranks, hosts and
-builds, instead of hanging in backend setup or corrupting data.
+Every build declares the range of c10d wire protocol versions it speaks,
+``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. ``_new_process_group_helper``
+calls :func:`_check_protocol_version` for the default group once stock has
+validated its arguments and right before the first backend is constructed: a
+job that mixes incompatible builds fails there, on every rank, with one message
+that names the ranks, hosts and builds.
 
-One concern a file: ``_versions`` (the numbers a maintainer bumps), ``_families``
-(each versioned wire as data), ``_settings`` (environment), ``_payload`` (what
-is written to the store, parsed strictly), ``_judge`` (the rule), ``_messages``
-(every sentence), ``_store`` (deadlines and bounded waits), ``_exchange`` (the
-store protocol) and ``_diagnose`` (late, missing and unchecked ranks) are what
-``init_process_group`` loads. ``_rpc`` (the ``init_rpc`` hook), ``_preflight``
-and ``_cli`` (``python -m torch.distributed._protocol_version``) load when used.
-
-Environment variables (read on every check, validated before any store traffic):
-
-* ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: ``error`` (default), ``warn`` or ``off``.
-* ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE`` and
-  ``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE``: announce another range,
-  to simulate other builds in tests; never for production.
+This module and what it imports are what every ``init_process_group`` loads;
+``_rpc`` loads with ``init_rpc``, ``_preflight`` and ``_cli`` with
+``python -m torch.distributed._protocol_version``. Environment variables:
+``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` (``error``, ``warn`` or ``off``), and
+``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE`` and
+``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE`` to simulate other builds in tests.
 """
 
 from __future__ import annotations
@@ -36,39 +27,18 @@ import torch.distributed as dist
 from torch.distributed._protocol_version._diagnose import gloo_key
 from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import (
-    CHECK_MODE_ENV,
-    CHECK_MODES,
-    check_mode,
-    SettingError,
-    version_range,
-)
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, check_mode, SettingError, version_range
 from torch.distributed._protocol_version._versions import (
-    MIN_PROTOCOL_VERSION,
-    MIN_RPC_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
-    RPC_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
 )
 
 
 __all__ = [
-    "CHECK_MODE_ENV",
-    "CHECK_MODES",
-    "MIN_PROTOCOL_VERSION",
-    "MIN_RPC_PROTOCOL_VERSION",
-    "MIN_VERSION_OVERRIDE_ENV",
-    "PROTOCOL_VERSION",
-    "ProtocolVersionError",
-    "RPC_MIN_VERSION_OVERRIDE_ENV",
-    "RPC_PROTOCOL_VERSION",
-    "RPC_VERSION_OVERRIDE_ENV",
-    "SettingError",
-    "VERSION_OVERRIDE_ENV",
-    "check_protocol_version",
-    "get_group_protocol_version",
-    "get_min_protocol_version",
-    "get_protocol_version",
-    "get_rpc_protocol_version",
+    "CHECK_MODE_ENV", "CHECK_MODES", "MIN_PROTOCOL_VERSION", "MIN_RPC_PROTOCOL_VERSION",
+    "MIN_VERSION_OVERRIDE_ENV", "PROTOCOL_VERSION", "ProtocolVersionError", "RPC_MIN_VERSION_OVERRIDE_ENV",
+    "RPC_PROTOCOL_VERSION", "RPC_VERSION_OVERRIDE_ENV", "SettingError", "VERSION_OVERRIDE_ENV",
+    "check_protocol_version", "get_group_protocol_version", "get_min_protocol_version",
+    "get_protocol_version", "get_rpc_protocol_version",
 ]
 
 VERSION_OVERRIDE_ENV = C10D.version_env
@@ -78,19 +48,14 @@ RPC_MIN_VERSION_OVERRIDE_ENV = RPC.min_version_env
 
 logger = logging.getLogger(__name__)
 
-# The version each checked default group negotiated (None: checked, none
-# negotiated), keyed by the store the group is registered with in
-# ``_world.pg_map``: the entry lives and dies with its group, so
-# ``destroy_process_group`` resets it, and each thread of the threaded test
-# process group has its own.
+# The version each checked default group negotiated (None: none), keyed by the
+# store the group is registered with in ``_world.pg_map``: the entry lives and
+# dies with its group, and each thread of the threaded test group has its own.
 _negotiated: weakref.WeakKeyDictionary[dist.Store, int | None] = weakref.WeakKeyDictionary()
 
 
 def get_protocol_version() -> int:
-    """Return the protocol version this rank announces.
-
-    Returns:
-        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
+    """Return :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
 
     Raises:
         SettingError: an override variable holds an invalid value.
@@ -99,12 +64,8 @@ def get_protocol_version() -> int:
 
 
 def get_min_protocol_version() -> int:
-    """Return the oldest protocol version this rank accepts from its peers.
-
-    Returns:
-        ``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE`` when set; the version
-        override when only that is set ("exactly this version"); otherwise
-        :data:`MIN_PROTOCOL_VERSION`.
+    """Return the oldest protocol version this rank accepts: the minimum override,
+    else the version override ("exactly this version"), else :data:`MIN_PROTOCOL_VERSION`.
 
     Raises:
         SettingError: an override variable holds an invalid value.
@@ -129,21 +90,14 @@ def _validate_args(store: dist.Store, rank: int, world_size: int, timeout: timed
 
 
 def check_protocol_version(
-    store: dist.Store,
-    rank: int,
-    world_size: int,
-    timeout: timedelta = timedelta(minutes=30),
-    *,
-    backend: str = "unknown",
+    store: dist.Store, rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30), *, backend: str = "unknown"
 ) -> int:
     """Check that every rank speaks a common protocol version, through ``store``.
 
-    For frameworks that build process groups without ``init_process_group`` (for
-    example ``ProcessGroupGloo`` constructed directly on a store): call it on
-    every rank with the same store, before building the group. Safe to call
-    again on the same store: each call judges only the ranks of that call.
-    Ignores ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: calling it is the decision to
-    check.
+    For frameworks that build process groups without ``init_process_group``: call
+    it on every rank with the same store before building the group. Each call
+    judges only its own ranks. Ignores ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``:
+    calling it is the decision to check.
 
     Args:
         store: the store every rank shares; only ``set``, ``get`` and ``wait``
@@ -171,22 +125,12 @@ def check_protocol_version(
 
 
 def _check_protocol_version(
-    store: dist.Store,
-    group_store: dist.Store,
-    rank: int,
-    world_size: int,
-    timeout: timedelta,
-    backend: str,
-    device: str,
-    group_name: str,
-    default_group: bool,
+    store: dist.Store, group_store: dist.Store, rank: int, world_size: int, timeout: timedelta,
+    backend: str, device: str, group_name: str, default_group: bool,
 ) -> None:
-    """The hook ``_new_process_group_helper`` calls right before it constructs a backend.
-
-    Stock has validated every argument by then. Only the default group is
-    checked (every later group has the same ranks), once, before its first
-    backend; the fake backend has no store to check through.
-    """
+    """The hook ``_new_process_group_helper`` calls right before it constructs a
+    backend, all arguments validated. Checks the default group once (later groups
+    have the same ranks); the fake backend has no store to check through."""
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None

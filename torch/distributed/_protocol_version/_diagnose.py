@@ -1,22 +1,14 @@
 """The slow path: what a rank does once a wait has outlasted its grace period.
 
-Nothing here runs while every rank arrives within the grace period. Past it, a
-waiting rank looks at the store every quarter second (more often near its
-deadline) with presence tests that never block, and can tell:
-
-* which ranks never published (their slot is empty);
-* which of those went ahead into building the backend without the check: a
-  build without the guardrail, or one with the check off. Each gloo rank writes
-  its own key as soon as it starts building, so such a rank is seen within a
-  poll, and judged as protocol version 1, the wire of the torch this check was
-  introduced on. A key left by a rank that took part in the last check on this
-  store belongs to that earlier group and is not taken for one;
-* which ranks wait for rank 0 to open a check: each leaves a *mark* holding its
-  payload, so that when rank 0 itself runs no check the waiting ranks judge from
-  the same marks and keys and all reach the same verdict.
-
-Costs grow with the number of silent ranks only: bisection finds ``m`` absent
-keys among ``n`` in O(m log n) presence tests.
+A waiting rank then looks at the store every quarter second (more often near
+its deadline) with presence tests and tells ranks that never published from
+ranks that went ahead into the backend without the check: gloo writes a key per
+rank as it starts building, so such a rank is seen within a poll and judged as
+protocol version 1 (a key left by a rank that took part in the last check on
+this store belongs to that earlier group and is not taken for one). Ranks that
+wait for rank 0 leave a *mark* holding their payload, so that when rank 0 runs
+no check they all judge from the same marks and keys. Costs grow with the
+number of silent ranks only.
 """
 
 from __future__ import annotations
@@ -30,11 +22,9 @@ from torch.distributed._protocol_version._store import Check, find_present, pres
 
 
 def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
-    """Where ``ProcessGroupGloo`` marks a rank that started building it, relative
-    to the store ``_new_process_group_helper`` receives: that function wraps the
-    store as ``PrefixStore(f"{group_name}/")``, then ``PrefixStore(f"{device}/")``
-    (a ``PrefixStore`` joins with ``/``), and gloo's full-mesh rendezvous writes
-    ``0/<rank>`` there. A test asserts it against a real gloo group."""
+    """Where ``ProcessGroupGloo`` marks a rank that started building it, relative to
+    the store ``_new_process_group_helper`` wraps as ``PrefixStore(f"{group_name}/")``
+    and ``PrefixStore(f"{device}/")``; a test asserts it against real gloo."""
     return lambda rank: f"{group_name}//{device}//0/{rank}"
 
 
@@ -79,18 +69,13 @@ def _timeout(
     never_text = _messages.never_arrived(never, check.family) if never else ""
     lines = [f"{head}: {'; '.join(part for part in (first, never_text) if part)}."]
     if went_ahead:
-        lines.append(_messages.sentence(
-            f"{_messages.ranks_phrase(went_ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}."
-        ))
+        lines.append(f"Meanwhile {_messages.ranks_phrase(went_ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}.")
     return Verdict("timeout", "\n".join(lines), None)
 
 
 def collect(check: Check, slots: Sequence[str], previous: str | None) -> tuple[Verdict, list[int]]:
-    """Rank 0, past its grace period: wait until every rank has published or gone
-    ahead without the check, then judge; or time out naming the others.
-
-    Returns the verdict and the ranks that published (they wait to read it).
-    """
+    """Rank 0, past its grace period: the verdict once every rank published or went
+    ahead without the check, or a timeout; and the ranks that published."""
     went_ahead, missing = _await_accounted(check, {r: slots[r] for r in range(1, check.world_size)}, previous)
     silent = set(went_ahead) | set(missing)
     published = [r for r in range(1, check.world_size) if r not in silent]
@@ -105,14 +90,9 @@ def _marks(check: Check, closed: str | None) -> dict[int, str]:
 
 
 def await_open(check: Check, announce: str, closed: str | None) -> Verdict | None:
-    """A rank other than 0, waiting for rank 0 to open a check (``announce``
-    appears when it does; ``closed`` is the last check, over before this rank
-    could take part, or ``None``).
-
-    Returns ``None`` once ``announce`` exists; a verdict reached without rank 0
-    when rank 0 is seen building its backend without the check; or, at the
-    deadline, a timeout that says who is waiting and who never arrived.
-    """
+    """A rank other than 0 waiting for ``announce`` (rank 0 opens a check after
+    ``closed``, the last one, or ``None``): ``None`` once it exists; a verdict
+    reached without rank 0 when rank 0 runs no check; or a timeout."""
     marks = _marks(check, closed)
     check.store.set(marks[check.rank], check.payload)
     while not check.deadline.expired():
@@ -133,11 +113,8 @@ def await_open(check: Check, announce: str, closed: str | None) -> Verdict | Non
 
 
 def _judge_without_coordinator(check: Check, marks: dict[int, str], closed: str | None) -> Verdict:
-    """Rank 0 runs no check: judge from the marks, as every waiting rank does.
-
-    Every rank waits until each rank has either left a mark or gone ahead into the
-    backend, and neither ever disappears, so all of them judge the same ranks.
-    """
+    """Rank 0 runs no check: every waiting rank waits until each rank has left a
+    mark or gone ahead (neither disappears), so all judge the same ranks."""
     others, pending = _await_accounted(check, marks, closed)
     went_ahead = [0, *others]
     if pending:
@@ -148,12 +125,8 @@ def _judge_without_coordinator(check: Check, marks: dict[int, str], closed: str 
 
 
 def await_verdict(check: Check, token: str) -> bytes | Verdict | None:
-    """A rank other than 0 that published in check ``token``, waiting for its verdict.
-
-    Returns the verdict's bytes; ``None`` when a new rank 0 opened the next check
-    instead (this one's died before judging); or, at the deadline, a timeout
-    naming the ranks rank 0 is still waiting for.
-    """
+    """A rank other than 0 that published in check ``token``: the verdict's bytes;
+    ``None`` when a new rank 0 opened the next check (this one's died); or a timeout."""
     verdict, following = check.key(token, "verdict"), check.key(token, "next")
     while not check.deadline.expired():
         if present(check.store, [verdict]):
@@ -165,6 +138,7 @@ def await_verdict(check: Check, token: str) -> bytes | Verdict | None:
     where = f" on rank {check.rank}"
     if missing:
         them = "it" if len(missing) == 1 else "them"
-        return _timeout(check, missing, [], where, f"rank 0 opened the check but has not delivered the verdict, which waits for {them}")
-    text = "every rank has published its version, but rank 0, which collects them, has not delivered the verdict"
-    return _timeout(check, [], [], where, text)
+        text = f"rank 0 opened the check but has not delivered the verdict, which waits for {them}"
+    else:
+        text = "every rank has published its version, but rank 0, which collects them, has not delivered the verdict"
+    return _timeout(check, missing, [], where, text)

@@ -1,30 +1,22 @@
 """The store protocol of one check.
 
-Rank 0 coordinates. Its keys, in the family's namespace (``protocol_version/``
-for the collectives):
-
-* ``current``: the token of the check rank 0 opened last, followed by
-  ``" closed"`` once its verdict is out. Only rank 0 writes it.
-* ``<token>/rank/<r>``: rank ``r``'s payload in that check.
-* ``<token>/verdict``: rank 0's verdict.
-* ``<token>/next``: the token of the check opened after it.
-* ``<token>/ack/<r>``: rank ``r`` has read a failing verdict.
+Rank 0 coordinates; keys live in the family's namespace (``protocol_version/``):
+``current`` holds the token of the check rank 0 opened last (``"<token> closed"``
+once judged); ``<token>/rank/<r>`` rank ``r``'s payload; ``<token>/verdict``;
+``<token>/next`` the token of the following check; ``<token>/ack/<r>`` rank
+``r`` has read a failing verdict.
 
 Rank 0 reads ``current``, opens a check under a fresh random token (one
-``multi_set``), waits for every payload (``wait``, ``multi_get``), publishes the
-verdict and closes the check (one ``multi_set``). Every other rank waits for an
-open check (``wait``, ``get``), publishes its payload (``set``) and waits for the
-verdict (``wait``, ``get``). O(1) calls per rank, O(N) globally, and only calls
-that every store ``init_process_group`` accepts implements.
+``multi_set``), waits for every payload and judges, then publishes the verdict
+and closes the check (one ``multi_set``). Every other rank waits for an open
+check, publishes its payload and waits for the verdict. O(1) calls per rank,
+O(N) globally, with ``set``, ``get`` and ``wait`` only on this path.
 
-A rank that finds the last check closed belongs to a later one: it waits for
-that check's ``next``, however long ago the last one ended. So a restart or a
-second call on a long-lived store is never judged by an earlier verdict, and no
-clock decides which check a rank belongs to. A rank that arrives after rank 0
-gave up waiting for it waits out its own timeout, as it would in the backend.
-
-Each rank counts its timeout from its own arrival. A wait that outlasts a short
-grace period goes on in :mod:`._diagnose`, which also sees ranks that run no check.
+A rank that finds the last check closed waits for that check's ``next``,
+however long ago it ended: a restart or a second call on a long-lived store is
+never judged by an earlier verdict, and no clock decides which check a rank
+belongs to. Each rank counts its timeout from its own arrival; a wait that
+outlasts a short grace period goes on in :mod:`._diagnose`.
 """
 
 from __future__ import annotations
@@ -49,21 +41,17 @@ logger = logging.getLogger(__name__)
 
 _CLOSED = " closed"
 _TOKEN_CHARS = 16
-# Rank 0 waits this long at most for the others to read a failing verdict.
-_ACK_CAP_SECONDS = 30.0
-# ... and at least this long, when its own deadline has already passed.
-_ACK_FLOOR_SECONDS = 1.0
+# Bounds of rank 0's wait for the others to read a failing verdict.
+_ACK_FLOOR_SECONDS, _ACK_CAP_SECONDS = 1.0, 30.0
 
 
 class ProtocolVersionError(dist.DistError):
-    """The ranks of a job run builds that cannot talk to each other, or a rank
-    published something that is not a protocol version payload."""
+    """The ranks run builds that cannot talk to each other, or one published garbage."""
 
 
 def _grace(timeout: timedelta, world_size: int) -> float:
-    """How long a wait blocks before the slow path starts: long enough that ranks
-    arriving together never reach it (their spread grows with the world size),
-    short enough that a build without the check is seen within about a second."""
+    """How long a wait blocks before the slow path: longer than the spread of ranks
+    arriving together (it grows with the world size), about a second."""
     return min(1.0 + world_size / 1000, timeout.total_seconds() / 10)
 
 
@@ -80,8 +68,7 @@ def parse_current(key: str, raw: bytes) -> tuple[str, bool]:
 
 
 def _read_current(check: Check) -> tuple[str, bool]:
-    key = check.key("current")
-    return parse_current(key, check.store.get(key))
+    return parse_current(check.key("current"), check.store.get(check.key("current")))
 
 
 def _coordinate(check: Check) -> Verdict:
@@ -110,12 +97,9 @@ def _coordinate(check: Check) -> Verdict:
 
 
 def _await_acks(check: Check, published: list[int]) -> None:
-    """Keep rank 0 here until every rank that published has read a failing verdict.
-
-    Rank 0 often hosts the store server (``env://``, ``tcp://``): if it raised at
-    once, its process could exit and take the server down before the others read
-    the verdict, and they would fail with a bare connection error instead.
-    """
+    """Keep rank 0, which often hosts the store server, until every rank that
+    published has read a failing verdict: raising at once could take the server
+    down before they read it."""
     acks = [check.key(check.token, "ack", r) for r in published]
     seconds = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_CAP_SECONDS)
     if not acks or wait_for(check.store, acks, seconds):
@@ -170,46 +154,26 @@ def _participate(check: Check) -> Verdict:
         return verdict
 
 
-def _with_context(error: BaseException, text: str) -> RuntimeError:
+def _with_context(error: RuntimeError, text: str) -> RuntimeError:
     """``error``'s own type (DistStoreError, DistNetworkError...) with ``text`` in
     front, so elastic agents and retry code that catch those types still do."""
     try:
-        wrapped = type(error)(f"{text}: {error}")
+        return type(error)(f"{text}: {error}")
     except Exception:  # a type that takes other arguments
-        wrapped = RuntimeError(f"{text}: {error}")
-    return wrapped if isinstance(wrapped, RuntimeError) else RuntimeError(f"{text}: {error}")
+        return RuntimeError(f"{text}: {error}")
 
 
 def exchange(
-    store: dist.Store,
-    family: Family,
-    rank: int,
-    world_size: int,
-    timeout: timedelta,
-    backend: str,
-    mode: str,
-    backend_key: Callable[[int], str] | None = None,
-    name: str = "",
+    store: dist.Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
+    backend_key: Callable[[int], str] | None = None, name: str = "",
 ) -> tuple[Verdict, RankInfo]:
-    """Run one check on ``store`` and return its verdict and this rank's payload.
+    """Run one check of ``family`` on ``store``: this rank's verdict and payload.
 
-    Args:
-        store: the store every rank of the job shares.
-        family: the wire that is checked.
-        rank: this rank, in ``[0, world_size)``.
-        world_size: the number of ranks.
-        timeout: how long this rank waits for the others, from its arrival.
-        backend: the backend's name, for messages.
-        mode: this rank's ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``, ``error`` or ``warn``.
-        backend_key: where a rank's backend writes a key as soon as it starts
-            building (a rank that runs no check), or ``None``.
-        name: this member's own name (an RPC worker's), or ``""``.
-
-    Raises:
-        SettingError: an override variable holds an invalid value (before any
-            store traffic).
-        RuntimeError: the store failed; the store error's own type, with what the
-            check was doing.
+    ``mode`` is this rank's ``error`` or ``warn``; ``backend_key(rank)`` is where
+    a rank's backend writes a key as soon as it starts building (seen: a rank that
+    runs no check), or ``None``; ``name`` an RPC worker's name. Raises
+    ``SettingError`` on a bad override before any store traffic, and a store
+    failure as its own type with what the check was doing.
     """
     info = local_info(rank, family, mode, name)
     if world_size == 1:
@@ -217,7 +181,7 @@ def exchange(
     token = secrets.token_hex(_TOKEN_CHARS // 2)
     check = Check(
         store, family, rank, world_size, Deadline(timeout), backend, info,
-        info.to_payload(family, token), token, backend_key, _grace(timeout, world_size),
+        info.to_payload(family), token, backend_key, _grace(timeout, world_size),
     )
     try:
         return (_coordinate(check) if rank == 0 else _participate(check)), info
@@ -228,13 +192,9 @@ def exchange(
 
 
 def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
-    """Act on a verdict: raise what a failure means, log what a pass must say.
-
-    Raises:
-        DistStoreError: the check timed out, as ``init_process_group``'s own waits do.
-        ProtocolVersionError: a mismatch or an invalid payload, unless every
-            checking rank runs ``warn`` (then a mismatch is logged instead).
-    """
+    """Raise what a failing verdict means (``DistStoreError`` for a timeout, as
+    the store's own waits do; ``ProtocolVersionError`` otherwise, unless every
+    checking rank runs ``warn``); log what a verdict must say."""
     if verdict.ok:
         if verdict.detail:
             logger.warning(verdict.detail)

@@ -1,10 +1,5 @@
-"""Protocol families: each wire that is versioned on its own, described as data.
-
-A family is everything the shared exchange needs to know about one wire: the
-versions this build speaks, the variables that override them in tests, the store
-namespace its keys live in, and the words its messages use. The c10d collectives
-are the first family; a second one is another row here, not another code path.
-"""
+"""Protocol families: each wire versioned on its own, as a row of data (its
+versions, test overrides, store namespace and words), not as a code path."""
 
 from __future__ import annotations
 
@@ -31,8 +26,7 @@ class Family:
     note: str  # a sentence added to every mismatch message, or ""
 
     def key(self, *parts: object) -> str:
-        """A store key of this family's exchange: ``key(3, "rank", 1)`` ->
-        ``"protocol_version/3/rank/1"``."""
+        """``key("ab12", "rank", 1)`` -> ``"protocol_version/ab12/rank/1"``."""
         return "/".join([self.key_prefix, *map(str, parts)])
 
 

@@ -18,12 +18,9 @@ from torch.distributed._protocol_version._payload import (
 
 
 def negotiate(infos: Sequence[RankInfo]) -> int | None:
-    """The highest version every rank speaks, or ``None`` when there is none.
-
-    Ranks ``a`` and ``b`` are compatible when each one's version is at least the
-    other's minimum; that holds for every pair exactly when the lowest version is
-    at least the highest minimum, and then the lowest version is the answer.
-    """
+    """The highest version every rank speaks, or ``None``. Each pair is compatible
+    (each one's version at least the other's minimum) exactly when the lowest
+    version is at least the highest minimum; then the lowest version is it."""
     lowest_version = min(info.version for info in infos)
     highest_minimum = max(info.min_version for info in infos)
     return lowest_version if lowest_version >= highest_minimum else None
@@ -31,14 +28,9 @@ def negotiate(infos: Sequence[RankInfo]) -> int | None:
 
 @dataclass(frozen=True)
 class Advice:
-    """Two changes, each of which alone makes an incompatible group compatible.
-
-    Upgrading every rank whose version is below the highest minimum to a build
-    that speaks that minimum lifts the lowest version to it; rolling back every
-    rank whose minimum is above the lowest version to a build that accepts that
-    version lowers the highest minimum to it. Either way the lowest version ends
-    at least at the highest minimum, which is the rule of :func:`negotiate`.
-    """
+    """Two changes, each alone enough to meet :func:`negotiate`'s rule: upgrade
+    every rank below the highest minimum to a build that speaks it, or roll back
+    every rank whose minimum is above the lowest version to one that accepts it."""
 
     upgrade: tuple[int, ...]
     required: int  # the version the upgraded ranks must speak
@@ -58,27 +50,20 @@ def advise(infos: Sequence[RankInfo]) -> Advice:
 
 
 def judge(family: Family, infos: Sequence[RankInfo], backend: str) -> Verdict:
-    """The verdict on a complete set of ranks (index = rank).
-
-    Ranks without the check are judged as version 1 like any other. On a
-    mismatch the strictest mode among the checking ranks decides for everyone.
-    """
+    """The verdict on a complete set of ranks; on a mismatch the strictest mode
+    among the checking ranks decides for everyone."""
     no_check = [i.rank for i in infos if not i.checked]
     negotiated = negotiate(infos)
     if negotiated is not None:
         detail = _messages.no_check_warning(family, no_check, backend) if no_check else ""
         return Verdict("ok", detail, negotiated)
-    advice = advise(infos)
-    detail = _messages.mismatch_detail(
-        family, infos, backend, advice.upgrade, advice.required, advice.roll_back, advice.lowest
-    )
+    a = advise(infos)
+    detail = _messages.mismatch_detail(family, infos, backend, a.upgrade, a.required, a.roll_back, a.lowest)
     enforce = any(i.mode == "error" for i in infos if i.checked)
     return Verdict("mismatch", detail, None, enforce)
 
 
-def judge_payloads(
-    family: Family, raws: dict[int, bytes], no_check: Sequence[int], backend: str
-) -> Verdict:
+def judge_payloads(family: Family, raws: dict[int, bytes], no_check: Sequence[int], backend: str) -> Verdict:
     """Parse every published payload, add the ranks seen without the check, judge."""
     infos = [no_check_info(rank) for rank in no_check]
     problems: list[tuple[int, str]] = []

@@ -1,8 +1,5 @@
-"""Every sentence a user reads, built from plain data: pure, no store.
-
-Lists of ranks and hosts are compressed and capped, so a message stays a few KB
-at any world size.
-"""
+"""Every sentence a user reads, built from plain data. Lists of ranks and hosts
+are compressed and capped: a message stays a few KB at any world size."""
 
 from __future__ import annotations
 
@@ -14,30 +11,22 @@ from torch.distributed._protocol_version._payload import NO_CHECK_VERSION, RankI
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 
 
-# How many items one list in a message shows before "and N more".
-MAX_LISTED = 8
-# How many spans ("0-5", "9") one rank list shows before "and N more".
-MAX_SPANS = 16
+MAX_LISTED = 8  # items one list shows before "and N more"
+MAX_SPANS = 16  # spans ("0-5", "9") one rank list shows before "and N more"
 NO_CHECK_BUILD = (
     f"a build without the protocol version check (or with {CHECK_MODE_ENV}=off), "
     f"taken as version {NO_CHECK_VERSION}"
 )
 
 
-def _spans(ranks: Sequence[int]) -> list[tuple[int, int]]:
-    ordered = sorted(set(ranks))
-    spans: list[tuple[int, int]] = []
-    for rank in ordered:
-        if spans and spans[-1][1] == rank - 1:
-            spans[-1] = (spans[-1][0], rank)
-        else:
-            spans.append((rank, rank))
-    return spans
-
-
 def compress_ranks(ranks: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``; past :data:`MAX_SPANS` spans, ``"... and N more"``."""
-    spans = _spans(ranks)
+    spans: list[list[int]] = []
+    for rank in sorted(set(ranks)):
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
     text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:MAX_SPANS])
     hidden = sum(b - a + 1 for a, b in spans[MAX_SPANS:])
     return f"{text} and {hidden} more" if hidden else text
@@ -54,11 +43,6 @@ def ranks_phrase(ranks: Sequence[int], singular_verb: str = "", plural_verb: str
     return f"{plural(count, 'rank')} {compress_ranks(ranks)}{' ' + verb if verb else ''}"
 
 
-def sentence(text: str) -> str:
-    """Capitalise the first letter only (``str.capitalize`` lowercases the rest)."""
-    return text[:1].upper() + text[1:]
-
-
 def list_some(items: Sequence[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     extra = len(items) - MAX_LISTED
@@ -66,15 +50,11 @@ def list_some(items: Sequence[str]) -> str:
 
 
 def backend_text(backend: str) -> str:
-    """How a message names the backend; ``init_process_group(backend=None)``
-    passes ``"undefined"``, meaning each device's default backend."""
-    return "default backends" if backend == "undefined" else f"backend {backend}"
+    return f"backend {backend}"
 
 
 def range_text(version: int, min_version: int, word: str = "protocol version") -> str:
-    if version == min_version:
-        return f"{word} {version}"
-    return f"{word}s {min_version}-{version}"
+    return f"{word} {version}" if version == min_version else f"{word}s {min_version}-{version}"
 
 
 def _members(members: Sequence[RankInfo]) -> str:
@@ -85,22 +65,13 @@ def _members(members: Sequence[RankInfo]) -> str:
 
 
 def short_commit(git_version: str) -> str:
-    """A commit as ``git log --abbrev=12`` shows it; ``"unknown"`` for a build that
-    did not say (one older than build identity in the payload)."""
+    """A commit as ``git log --abbrev=12`` shows it."""
     return git_version[:12]
 
 
-def build_text(torch_version: str, git_version: str, with_commit: bool) -> str:
-    return f"torch {torch_version}, commit {short_commit(git_version)}" if with_commit else f"torch {torch_version}"
-
-
 def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -> list[str]:
-    """One line per distinct build: its range, ranks, hosts and torch version.
-
-    A build is its protocol range, torch version and commit. Where builds share
-    a version string but not a commit (nightlies, local builds), the commit is
-    what tells them apart, so their lines show it.
-    """
+    """One line per build (range, torch version, commit): ranks, hosts, torch
+    version, and the commit where builds share a version string but not a commit."""
     groups: dict[tuple[bool, int, int, str, str], list[RankInfo]] = {}
     for info in infos:
         key = (info.checked, info.version, info.min_version, info.torch_version, info.git_version)
@@ -116,10 +87,10 @@ def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -
             lines.append(f"  {NO_CHECK_BUILD}: {ranks_phrase(ranks)}")
             continue
         hosts = sorted({m.hostname for m in members})
+        commit = f", commit {short_commit(git_version)}" if len(commits[torch_version]) > 1 else ""
         lines.append(
             f"  {range_text(version, min_version, word)}: {_members(members)} on "
-            f"{plural(len(hosts), 'host')} {list_some(hosts)} "
-            f"({build_text(torch_version, git_version, len(commits[torch_version]) > 1)})"
+            f"{plural(len(hosts), 'host')} {list_some(hosts)} (torch {torch_version}{commit})"
         )
     if len(lines) > MAX_LISTED:
         lines[MAX_LISTED:] = [f"  and {len(lines) - MAX_LISTED} more builds"]
@@ -132,11 +103,8 @@ def overrides_note(infos: Sequence[RankInfo]) -> list[str]:
     for info in infos:
         for name in info.overrides:
             by_name.setdefault(name, []).append(info.rank)
-    return [
-        f"Note: {ranks_phrase(ranks, 'sets', 'set')} {name}, which only simulates another "
-        "build in tests; unset it in production."
-        for name, ranks in sorted(by_name.items())
-    ]
+    return [f"Note: {ranks_phrase(ranks, 'sets', 'set')} {name}, which only simulates another build in tests; "
+            "unset it in production." for name, ranks in sorted(by_name.items())]
 
 
 def mismatch_detail(
@@ -170,15 +138,13 @@ def mismatch_detail(
 
 
 def _unchecked_note(infos: Sequence[RankInfo], upgrade: Sequence[int]) -> list[str]:
-    """Ranks judged as version 1 because they ran no check may run a newer build
-    with the check off: say what fixes that case too."""
+    """Ranks judged as version 1 for running no check may run a newer build with
+    the check off: say what fixes that case too."""
     unchecked = [i.rank for i in infos if not i.checked and i.rank in upgrade]
-    if not unchecked:
-        return []
     return [
         f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, "
         "unset it there instead: a rank that skips the check counts as version 1."
-    ]
+    ] if unchecked else []
 
 
 def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> str:
@@ -199,7 +165,7 @@ def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend:
     if len(problems) > MAX_LISTED:
         lines.append(f"  and {len(problems) - MAX_LISTED} more")
     lines.append(
-        "Something other than this check wrote to its keys in the rendezvous store, "
+        "Something other than this check wrote to its keys in the store, "
         "or a build that speaks another payload format joined the job."
     )
     return "\n".join(lines)

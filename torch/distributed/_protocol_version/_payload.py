@@ -1,10 +1,6 @@
-"""What ranks write to the store, and how it is read back: pure, no store.
-
-Everything read from the store is JSON, parsed and validated field by field;
-nothing is unpickled or evaluated. Unknown fields are ignored and missing new
-fields take the value an older build meant, so builds of different ages read
-each other's payloads and verdicts.
-"""
+"""What ranks write to the store, and how it is read back. Everything read is
+JSON, validated field by field, never unpickled or evaluated; unknown fields are
+ignored and missing optional ones defaulted, so builds of different ages agree."""
 
 from __future__ import annotations
 
@@ -23,15 +19,12 @@ from torch.distributed._protocol_version._settings import MAX_VERSION, overrides
 
 __all__ = ["InvalidPayload", "RankInfo", "Verdict", "local_info", "no_check_info", "parse_payload"]
 
-# Bumped when a field changes meaning; new optional fields do not bump it.
-PAYLOAD_SCHEMA = 1
-# A payload is a few hundred bytes; anything far larger is not from this check.
+# A payload or verdict is at most a few KB; anything far larger is not from this check.
 MAX_PAYLOAD_BYTES = 64 * 1024
 _MAX_TEXT_FIELD = 128
 _MAX_OVERRIDES = 4
 _MAX_BACKEND_VERSIONS = 4
-# Where a rank that runs no check is judged: version 1 is, by definition, the wire
-# of the pinned torch this check was introduced on.
+# A rank that runs no check speaks version 1: the wire of the torch the check came with.
 NO_CHECK_VERSION = 1
 _VERDICT_STATUSES = ("ok", "mismatch", "invalid", "timeout")
 
@@ -49,20 +42,18 @@ class RankInfo:
     min_version: int
     torch_version: str = "unknown"
     hostname: str = "unknown"
-    mode: str = "error"  # the rank's own check mode: "error" or "warn"
+    mode: str = "error"  # "error" or "warn"
     overrides: tuple[str, ...] = ()  # test-only override variables it had set
     checked: bool = True  # False: it went ahead without the check (see no_check_info)
-    # Build identity: what tells apart two builds that share a version string.
-    git_version: str = "unknown"  # torch.version.git_version: the commit torch was built from
+    git_version: str = "unknown"  # the commit torch was built from
     python_version: str = "unknown"
-    backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version): see backend_versions()
-    name: str = ""  # the member's own name where it has one (an RPC worker's name)
+    backend_versions: tuple[tuple[str, str], ...] = ()  # (library, version)
+    name: str = ""  # an RPC worker's name
 
-    def to_payload(self, family: Family, token: str) -> str:
-        """Serialise for the store; ``token`` makes this attempt's payload unique."""
+    def to_payload(self, family: Family) -> str:
+        """Serialise for the store."""
         return json.dumps(
             {
-                "schema": PAYLOAD_SCHEMA,
                 "family": family.name,
                 "protocol_version": self.version,
                 "min_protocol_version": self.min_version,
@@ -71,7 +62,6 @@ class RankInfo:
                 "mode": self.mode,
                 "overrides": list(self.overrides),
                 "name": self.name,
-                "token": token,
                 "git_version": self.git_version,
                 "python_version": self.python_version,
                 "backend_versions": dict(self.backend_versions),
@@ -82,11 +72,8 @@ class RankInfo:
 
 @functools.cache
 def backend_versions() -> tuple[tuple[str, str], ...]:
-    """The versions of the backend libraries this build links, where they have one.
-
-    NCCL reports its own version where the build has it (CUDA builds). gloo has no
-    version API: it is compiled into torch, so the torch commit identifies it.
-    """
+    """The backend libraries' versions: NCCL's where built (gloo is compiled into
+    torch, so the torch commit identifies it)."""
     if not torch.distributed.is_nccl_available():
         return ()
     return (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)
@@ -94,10 +81,8 @@ def backend_versions() -> tuple[tuple[str, str], ...]:
 
 @functools.cache
 def torch_build() -> str:
-    """The installed torch distribution's version, where it says more than
-    ``torch.__version__``: a build repackaged with a local version label (say,
-    ``2.13.0+cpu.protocolv2``) shares ``torch.__version__`` and the commit with
-    the build it came from."""
+    """The installed distribution's version, which tells a build repackaged with
+    a local label (``2.13.0+cpu.protocolv2``) from the one it came from."""
     try:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:  # a source build run in place
@@ -123,8 +108,7 @@ def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo
 
 
 def no_check_info(rank: int) -> RankInfo:
-    """A rank seen building its backend without having published: a build without
-    the check (or with the check off), taken to speak exactly version 1."""
+    """A rank seen building its backend without the check: it speaks version 1."""
     return RankInfo(rank, NO_CHECK_VERSION, NO_CHECK_VERSION, mode="", checked=False)
 
 
@@ -164,9 +148,9 @@ def _as_backend_versions(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple((_clean(name), _clean(version)) for name, version in items)
 
 
-def _load_object(raw: bytes, limit: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    if len(raw) > limit:
-        raise InvalidPayload(f"{len(raw)} bytes, over the {limit}-byte limit")
+def _load_object(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload(f"{len(raw)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except RecursionError:  # a RuntimeError: it must not pass for a store failure
@@ -180,12 +164,7 @@ def _load_object(raw: bytes, limit: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
 
 def parse_payload(rank: int, raw: bytes) -> RankInfo:
     """Validate one rank's payload; raises :class:`InvalidPayload` with the reason.
-
-    A payload of today's first build (no schema, mode or overrides) reads as a
-    rank in ``error`` mode without overrides: what that build did. One written
-    before builds carried their identity (commit, Python, backend libraries)
-    reads with those as ``"unknown"``.
-    """
+    Missing optional fields read as ``error`` mode, no overrides, ``"unknown"``."""
     obj = _load_object(raw)
     version = _as_version(obj, "protocol_version")
     min_version = _as_version(obj, "min_protocol_version", default=version)
@@ -212,12 +191,9 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One check's outcome, computed by the coordinator and read by everyone.
-
-    ``enforce`` is False only for a mismatch on which every checking rank runs in
-    ``warn`` mode: the strictest mode present decides for all ranks, so no rank
-    goes on into a backend that another has refused to build.
-    """
+    """One check's outcome, computed by rank 0 and read by everyone. ``enforce``
+    is False only for a mismatch on which every checking rank runs ``warn``: the
+    strictest mode present decides for all ranks."""
 
     status: str  # one of _VERDICT_STATUSES
     detail: str
@@ -229,14 +205,8 @@ class Verdict:
         return self.negotiated is not None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "status": self.status,
-                "detail": self.detail,
-                "negotiated": self.negotiated,
-                "enforce": self.enforce,
-            }
-        )
+        fields = {"status": self.status, "detail": self.detail, "negotiated": self.negotiated}
+        return json.dumps({**fields, "enforce": self.enforce})
 
     @classmethod
     def from_json(cls, key: str, raw: bytes) -> Verdict:
@@ -250,6 +220,4 @@ class Verdict:
             raise InvalidPayload(f"the key {key} holds a verdict with an unknown status {status!r:.40}")
         if status == "ok" and type(negotiated) is not int:
             raise InvalidPayload(f"the key {key} holds an 'ok' verdict without a negotiated version")
-        # A verdict of the first build has no "enforce": it always enforced.
-        enforce = obj.get("enforce", True) is not False
-        return cls(status, detail, negotiated if status == "ok" else None, enforce)
+        return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False)

@@ -55,7 +55,7 @@ def _gloo_key(rank: int) -> str:
 
 
 def _founding_record(info: RankInfo) -> str:
-    payload = json.loads(info.to_payload(RPC, ""))
+    payload = json.loads(info.to_payload(RPC))
     return json.dumps({"version": info.min_version, "rank": info.rank, "founder": payload})
 
 

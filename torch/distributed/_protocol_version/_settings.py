@@ -18,21 +18,13 @@ _MAX_VERSION_DIGITS = len(str(MAX_VERSION))
 
 
 class SettingError(RuntimeError):
-    """An environment variable of the guardrail holds an invalid value.
-
-    A ``RuntimeError``, as it was before this class existed: callers catch that.
-    """
+    """An environment variable of the guardrail holds an invalid value."""
 
 
 def _parse_version(name: str) -> int | None:
-    """Parse a version override; ``None`` when unset.
-
-    Only ASCII decimal digits are accepted, because ``int()`` would also take
-    ``"1_0"``, ``"+1"`` or Arabic-Indic digits, and a version that reads
-    differently to the operator than to the program defeats the point. The length
-    is checked before ``int()``, which refuses strings of thousands of digits
-    with an error that does not name the variable.
-    """
+    """Parse a version override; ``None`` when unset. Only ASCII decimal digits
+    (``int()`` would take ``"1_0"``, ``"+1"`` or other scripts' digits), the length
+    checked before ``int()`` (which refuses thousands of digits unnamed)."""
     raw = os.environ.get(name)
     if raw is None:
         return None

@@ -1,12 +1,6 @@
 """Store plumbing for one check: its context, its deadline, bounded waits and
-presence tests.
-
-The check uses ``set``, ``get`` and ``wait`` on its normal path, the calls every
-store that ``init_process_group`` accepts implements, and ``check`` only once a
-wait has outlasted its grace period. It never changes the store's timeout, which
-every ``PrefixStore`` over one store shares with other users: each bounded wait
-passes its own timeout to ``wait``, and a ``get`` follows only once the key is
-known to exist.
+presence tests. The store's own timeout, shared by every ``PrefixStore`` over
+it, is never changed: each bounded wait passes its own timeout to ``wait``.
 """
 
 from __future__ import annotations
@@ -21,11 +15,9 @@ from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._payload import RankInfo
 
 
-# Store timeouts are whole milliseconds and some stores read 0 as "forever":
-# never wait for less.
+# Store timeouts are whole milliseconds, and some stores read 0 as "forever".
 MIN_CALL_SECONDS = 0.05
-# How often the slow path looks at the store again; more often near the deadline,
-# so that a rank arriving in the last moments of the timeout is seen in time.
+# How often the slow path looks again; more often near the deadline.
 POLL_SECONDS = 0.25
 _MIN_POLL_SECONDS = 0.02
 
@@ -60,31 +52,24 @@ class Check:
     backend: str
     info: RankInfo
     payload: str
-    token: str  # this rank's own token; rank 0's names the check it opens
-    # The key a rank's backend writes as soon as it starts building, or None when
-    # the backend writes none at once (NCCL, most plugins).
-    backend_key: Callable[[int], str] | None
+    token: str  # rank 0's names the check it opens
+    backend_key: Callable[[int], str] | None  # see _exchange.exchange
     grace: float  # how long a wait blocks before the slow path starts
-    # What the check is doing, for the message should the store fail meanwhile.
-    doing: str = "starting"
+    doing: str = "starting"  # for the message, should the store fail
 
     def key(self, *parts: object) -> str:
         return self.family.key(*parts)
 
 
 def is_timeout(error: RuntimeError) -> bool:
-    """Whether a store error is a timeout: TCPStore and HashStore raise
-    ``DistStoreError``, FileStore a ``RuntimeError`` that says so."""
+    """TCPStore and HashStore time out with ``DistStoreError``, FileStore with a ``RuntimeError``."""
     if isinstance(error, dist.DistNetworkError):
         return False
     return isinstance(error, dist.DistStoreError) or "timeout" in str(error).lower()
 
 
 def wait_for(store: dist.Store, keys: Sequence[str], seconds: float) -> bool:
-    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout.
-
-    Any other store error propagates.
-    """
+    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout."""
     try:
         store.wait(list(keys), timedelta(seconds=max(seconds, MIN_CALL_SECONDS)))
         return True
@@ -95,12 +80,8 @@ def wait_for(store: dist.Store, keys: Sequence[str], seconds: float) -> bool:
 
 
 def present(store: dist.Store, keys: Sequence[str]) -> bool:
-    """Whether every key exists, without waiting.
-
-    A ``Store`` subclass that implements only what ``init_process_group`` needs
-    (``set``, ``get``, ``wait``) has no ``check``: it is asked with the shortest
-    ``wait`` instead.
-    """
+    """Whether every key exists, without waiting; a ``Store`` subclass with only
+    ``set``, ``get`` and ``wait`` is asked with the shortest ``wait`` instead."""
     try:
         return store.check(list(keys))
     except dist.DistError:
@@ -110,11 +91,8 @@ def present(store: dist.Store, keys: Sequence[str]) -> bool:
 
 
 def find_present(store: dist.Store, keys: Sequence[str]) -> list[int]:
-    """Indices of the ``keys`` that exist, by bisection.
-
-    One presence test of a list answers "are all there?", so a list in which
-    ``m`` keys differ from the rest costs O(m log n) calls instead of n.
-    """
+    """Indices of the ``keys`` that exist, by bisection: O(m log n) presence
+    tests when ``m`` of ``n`` keys differ from the rest."""
     if not keys:
         return []
     if present(store, keys):
