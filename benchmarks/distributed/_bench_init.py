@@ -36,7 +36,7 @@ from _bench_common import Target, format_table, median, store_barrier
 
 
 # The check logs its outcome (with its own duration as the last argument) here.
-C10D_LOGGER = "torch.distributed.distributed_c10d"
+CHECK_LOGGER = "torch.distributed._protocol_version"
 CHECK_LOG_PREFIX = "Rank %s: protocol version check"
 
 
@@ -59,10 +59,10 @@ class _CheckDurations(logging.Handler):
 
 
 def _capture_check_log() -> _CheckDurations:
-    """Route the c10d logger to a collector only: the check's INFO line carries its
+    """Route the check's logger to a collector only: the check's INFO line carries its
     duration, and the children's output stays quiet."""
     handler = _CheckDurations()
-    logger = logging.getLogger(C10D_LOGGER)
+    logger = logging.getLogger(CHECK_LOGGER)
     logger.handlers = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False

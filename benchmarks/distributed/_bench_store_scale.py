@@ -18,7 +18,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
@@ -62,30 +61,28 @@ def naive_all_read(store: dist.Store, rank: int, world_size: int) -> None:
     store.multi_get([f"rank/{other}" for other in range(world_size) if other != rank])
 
 
-def check_traffic(store: dist.Store, rank: int, world_size: int, *, read_epoch: bool) -> None:
+def check_traffic(store: dist.Store, rank: int, world_size: int) -> None:
     """The store calls of the check on a fresh store (its usual case), and nothing else.
 
     For profiling only: compared with the real check it shows how much of the
     check's time is its store traffic and how much its Python work. On a fresh
-    store the epoch is 1 and still open when the others read it, so the branches
-    for a reused store (rank 0 superseding the previous epoch's verdict, a rank
-    waiting for the next epoch after a closed one) are never taken and left out.
-    ``read_epoch=False`` shows what skipping the epoch read (a ``get``: WAIT + GET)
-    would buy: see :data:`SKIPPED_EPOCH_READ` for why the check cannot skip it.
+    store ``current`` does not exist when rank 0 looks, and no check is closed
+    when the others read it, so the branches for a reused store are left out.
     """
+    token = "0123456789abcdef"
+    slots = [f"{token}/rank/{r}" for r in range(world_size)]
     if rank == 0:
-        epoch = store.add("counter", 1)
-        slots = [f"{epoch}/rank/{r}" for r in range(world_size)]
-        opened = [slots[0], f"{epoch - 1}/open", f"{epoch}/open", "current"]
-        store.multi_set(opened, [NAIVE_PAYLOAD, "1", "1", str(epoch)])
-        store.multi_get(slots[1:])
-        store.multi_set([f"{epoch}/verdict", "current"], [VERDICT, f"{epoch} closed"])
-        store.wait([f"{epoch}/ack/{r}" for r in range(1, world_size)])
+        store.check(["current"])
+        store.multi_set([slots[0], "current"], [NAIVE_PAYLOAD, token])
+        store.wait(slots[1:], timedelta(seconds=60))
+        store.multi_get(slots)
+        store.multi_set([f"{token}/verdict", "current"], [VERDICT, f"{token} closed"])
         return
-    epoch = int(store.get("current")) if read_epoch else 1
-    store.set(f"{epoch}/rank/{rank}", NAIVE_PAYLOAD)
-    store.get(f"{epoch}/verdict")
-    store.set(f"{epoch}/ack/{rank}", "1")
+    store.wait(["current"], timedelta(seconds=60))
+    store.get("current")
+    store.set(slots[rank], NAIVE_PAYLOAD)
+    store.wait([f"{token}/verdict"], timedelta(seconds=60))
+    store.get(f"{token}/verdict")
 
 
 Body = Callable[[dist.Store, int, int], None]
@@ -100,16 +97,7 @@ VARIANTS: dict[str, Body] = {
     NAIVE: naive_all_read,
 }
 # Run beside the others at the target N only, to show where the check's time goes.
-PROFILE_VARIANTS: dict[str, Body] = {
-    "check's store calls only": partial(check_traffic, read_epoch=True),
-    "  - without the epoch get": partial(check_traffic, read_epoch=False),
-}
-# Printed under the profile: the cheaper variant is a measurement, not a proposal.
-SKIPPED_EPOCH_READ = (
-    "'- without the epoch get' is unsafe as a design: a rank that does not read the epoch "
-    "could publish into\nan epoch rank 0 has not opened, where a stale payload from an "
-    "earlier attempt on the same store could be judged."
-)
+PROFILE_VARIANTS: dict[str, Body] = {"check's store calls only": check_traffic}
 
 
 class CountingStore(dist.Store):

@@ -101,11 +101,9 @@ def bench_scale(sizes: list[int], reps: int) -> list[Target]:
     if profiled.count("\n") > 1:
         print(
             "\nwhere the check's time goes: the check's store calls alone (fresh store, no "
-            "JSON, no checks), then the same\nwithout the epoch read (a get: WAIT + GET), "
-            "same repetitions:\n"
+            "JSON, no checks), same repetitions:\n"
         )
         print(profiled)
-        print(_bench_store_scale.SKIPPED_EPOCH_READ)
     print()
     print(_bench_store_scale.call_breakdown(results))
     return _bench_store_scale.targets(results)

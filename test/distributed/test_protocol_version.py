@@ -234,7 +234,7 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
             _diagnose._timeout(check, [2, 3, 7], [5]).detail,
             """\
 torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version (not started, still starting, or exited).
-Rank 5 runs a build without the protocol version check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), taken as version 1.""",
+Meanwhile rank 5 runs a build without the protocol version check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), taken as version 1.""",
         )
 
     def test_long_host_lists_are_capped(self) -> None:

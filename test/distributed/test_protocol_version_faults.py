@@ -193,12 +193,12 @@ def publish_then_die(rank: int, world_size: int, port: int, timeout_s: float) ->
     payload is in the store: a crash after publishing, before any verdict."""
     store, observer = tcp_client(port), tcp_client(port)
     observer.set(ready_key("die", rank), "1")
+    before = current_check(observer)  # a check of an earlier attempt, or None
     threading.Thread(
         target=pv.check_protocol_version,
         args=(store, rank, world_size, timedelta(seconds=timeout_s)),
         daemon=True,
     ).start()
-    before = current_check(observer)  # a check of an earlier attempt, or None
     wait_published(observer, rank, timeout_s, closed=before[0] if before else None)
     os._exit(DIED)
 
@@ -426,7 +426,7 @@ torch.distributed protocol version check failed (backend unknown): 4 ranks publi
   rank 3: not valid JSON (Expecting value: line 1 column 1 (char 0))
   rank 4: 1048576 bytes, over the 65536-byte limit
   rank 5: not valid JSON (Expecting value: line 1 column 1 (char 0))
-Something other than this check wrote to its keys in the rendezvous store, or a build that speaks another payload format joined the job.
+Something other than this check wrote to its keys in the store, or a build that speaks another payload format joined the job.
 This rank (rank 0, host <host>) runs protocol version 1.""",
         )
 
