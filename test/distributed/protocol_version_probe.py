@@ -39,7 +39,7 @@ def guardrail_evidence() -> dict[str, Any]:
     """What this process's torch.distributed runs, as plain data."""
     from torch.distributed import _protocol_version as pv, distributed_c10d as c10d
 
-    init = inspect.unwrap(c10d.init_process_group)
+    init = inspect.unwrap(c10d._new_process_group_helper)
     return {
         "torch_distribution": importlib.metadata.version("torch"),
         "c10d_file": c10d.__file__,
@@ -99,7 +99,7 @@ def rpc_rank(rank: int, world_size: int, port: int) -> dict[str, Any]:
     init = inspect.unwrap(rpc.init_rpc)
     return {
         "sum": total,
-        "hook_compiled": "_check_rpc_protocol_version" in init.__code__.co_names,
+        "hook_compiled": "check_rpc_protocol_version" in init.__code__.co_names,
         "mutations": [m for m in [getattr(rpc, MARKER, None)] if m],
     }
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed._protocol_version._diagnose import gloo_key
 from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, check_mode, SettingError, version_range
+from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError, version_range
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
 )
@@ -55,7 +55,10 @@ _negotiated: weakref.WeakKeyDictionary[dist.Store, int | None] = weakref.WeakKey
 
 
 def get_protocol_version() -> int:
-    """Return :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
+    """Return the protocol version this rank announces.
+
+    Returns:
+        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
 
     Raises:
         SettingError: an override variable holds an invalid value.
@@ -64,8 +67,11 @@ def get_protocol_version() -> int:
 
 
 def get_min_protocol_version() -> int:
-    """Return the oldest protocol version this rank accepts: the minimum override,
-    else the version override ("exactly this version"), else :data:`MIN_PROTOCOL_VERSION`.
+    """Return the oldest protocol version this rank accepts.
+
+    Returns:
+        The minimum override; else the version override (exactly that version);
+        else :data:`MIN_PROTOCOL_VERSION`.
 
     Raises:
         SettingError: an override variable holds an invalid value.
@@ -100,8 +106,8 @@ def check_protocol_version(
     calling it is the decision to check.
 
     Args:
-        store: the store every rank shares; only ``set``, ``get`` and ``wait``
-            are needed (``check`` too, to name late ranks early).
+        store: a store that all ranks of this group, and only they, use for the
+            check (``set``, ``get`` and ``wait`` are needed; ``check`` is used).
         rank: this rank, in ``[0, world_size)``.
         world_size: the number of ranks.
         timeout: how long this rank waits for the others, from its arrival.
@@ -134,23 +140,19 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
-    mode = check_mode()
-    version_range(C10D)  # a bad override is an error in every mode
-    if mode == "off" or not 0 <= rank < world_size:  # the backend refuses such a rank next
+    mode = active_mode(C10D)
+    if mode is None or not 0 <= rank < world_size:  # the backend refuses such a rank next
         return
     backend_key = gloo_key(group_name, device) if backend == "gloo" else None
     started = time.monotonic()
     verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, mode, backend_key)
-    elapsed = time.monotonic() - started
-    if not verdict.ok and verdict.enforce:
-        logger.error("Rank %s: protocol version check failed after %.3fs.", rank, elapsed)
     raise_on_failure(verdict, info, C10D)
     if verdict.ok:
         _negotiated[group_store] = verdict.negotiated
         logger.info(
-            "Rank %s: protocol version check passed in %.3fs: world size %s, "
-            "negotiated protocol version %s (this rank speaks %s-%s).",
-            rank, elapsed, world_size, verdict.negotiated, info.min_version, info.version,
+            "Rank %s: protocol version check passed in %.3fs: world size %s, negotiated protocol "
+            "version %s (this rank speaks %s-%s).", rank, time.monotonic() - started, world_size,
+            verdict.negotiated, info.min_version, info.version,
         )
 
 

@@ -1,14 +1,12 @@
-"""The slow path: what a rank does once a wait has outlasted its grace period.
+"""Who is where: ranks that never published, ranks that went ahead without the check.
 
-A waiting rank then looks at the store every quarter second (more often near
-its deadline) with presence tests and tells ranks that never published from
-ranks that went ahead into the backend without the check: gloo writes a key per
-rank as it starts building, so such a rank is seen within a poll and judged as
-protocol version 1 (a key left by a rank that took part in the last check on
-this store belongs to that earlier group and is not taken for one). Ranks that
-wait for rank 0 leave a *mark* holding their payload, so that when rank 0 runs
-no check they all judge from the same marks and keys. Costs grow with the
-number of silent ranks only.
+Gloo writes a key per rank as soon as it starts building, so a rank that runs no
+check (a build without it, or the check off) is seen once a waiting rank looks,
+past its grace period, and is judged as protocol version 1; a key left by a rank
+that took part in the last check on this store belongs to that earlier group.
+Ranks that wait for rank 0 leave a *mark* holding their payload, so that when
+rank 0 runs no check they all judge from the same marks and keys. Costs grow with
+the number of silent ranks only: bisection finds them in O(m log n) looks.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ def _absent(check: Check, keys: dict[int, str]) -> list[int]:
     return [rank for i, rank in enumerate(keys) if i not in found]
 
 
-def _went_ahead(check: Check, ranks: Sequence[int], previous: str | None) -> list[int]:
+def went_ahead(check: Check, ranks: Sequence[int], previous: str | None) -> list[int]:
     """The ``ranks`` whose backend key exists and that took no part in the
     check ``previous`` (whose group may have left that key)."""
     if check.backend_key is None or not ranks:
@@ -47,18 +45,20 @@ def _went_ahead(check: Check, ranks: Sequence[int], previous: str | None) -> lis
 
 
 def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -> tuple[list[int], list[int]]:
-    """Poll until each rank of ``keys`` has written its key or gone ahead without
-    the check, or the deadline passes. Returns ``(went_ahead, missing)``."""
-    pending = _absent(check, keys)
-    went_ahead: list[int] = []
-    while pending:
-        went_ahead += _went_ahead(check, pending, previous)
-        pending = [r for r in pending if r not in went_ahead]
-        if not pending or check.deadline.expired():
-            break
-        check.deadline.pause()
-        pending = _absent(check, {r: keys[r] for r in pending})
-    return sorted(went_ahead), pending
+    """Look until each rank of ``keys`` has written its key or, past the grace
+    period, gone ahead without the check; or until the deadline. Returns
+    ``(went_ahead, missing)``: one presence test a look while all are pending."""
+    pending, ahead, polls = list(keys), [], 0
+    while not present(check.store, [keys[r] for r in pending]):
+        if check.deadline.elapsed() >= check.grace or check.deadline.expired():
+            pending = _absent(check, {r: keys[r] for r in pending})
+            ahead += went_ahead(check, pending, previous)
+            pending = [r for r in pending if r not in ahead]
+            if not pending or check.deadline.expired():
+                return sorted(ahead), pending
+        check.deadline.pause(polls)
+        polls += 1
+    return sorted(ahead), []
 
 
 def _timeout(
@@ -73,72 +73,60 @@ def _timeout(
     return Verdict("timeout", "\n".join(lines), None)
 
 
-def collect(check: Check, slots: Sequence[str], previous: str | None) -> tuple[Verdict, list[int]]:
-    """Rank 0, past its grace period: the verdict once every rank published or went
-    ahead without the check, or a timeout; and the ranks that published."""
-    went_ahead, missing = _await_accounted(check, {r: slots[r] for r in range(1, check.world_size)}, previous)
-    silent = set(went_ahead) | set(missing)
-    published = [r for r in range(1, check.world_size) if r not in silent]
+def collect(check: Check, previous: str | None) -> tuple[Verdict, list[int]]:
+    """Rank 0: the verdict once every rank published or went ahead without the
+    check, or a timeout; and the ranks that published (they wait to read it)."""
+    slots = {r: check.key(check.token, "rank", r) for r in range(check.world_size)}
+    ahead, missing = _await_accounted(check, {r: slots[r] for r in range(1, check.world_size)}, previous)
+    published = [r for r in range(1, check.world_size) if r not in ahead and r not in missing]
     if missing:
-        return _timeout(check, missing, went_ahead), published
+        return _timeout(check, missing, ahead), published
     raws = dict(zip([0, *published], check.store.multi_get([slots[r] for r in [0, *published]])))
-    return judge_payloads(check.family, raws, went_ahead, check.backend), published
+    return judge_payloads(check.family, raws, ahead, check.backend), published
 
 
 def _marks(check: Check, closed: str | None) -> dict[int, str]:
     return {r: check.key(closed or "first", "waiting", r) for r in range(1, check.world_size)}
 
 
-def await_open(check: Check, announce: str, closed: str | None) -> Verdict | None:
-    """A rank other than 0 waiting for ``announce`` (rank 0 opens a check after
-    ``closed``, the last one, or ``None``): ``None`` once it exists; a verdict
-    reached without rank 0 when rank 0 runs no check; or a timeout."""
+def leave_mark(check: Check, closed: str | None) -> None:
+    """Say that this rank waits for rank 0 to open the check after ``closed``."""
+    check.store.set(_marks(check, closed)[check.rank], check.payload)
+
+
+def judge_without_coordinator(check: Check, closed: str | None) -> Verdict:
+    """Rank 0 runs no check: every waiting rank waits until each rank has left a
+    mark or gone ahead (neither disappears), so all judge the same ranks."""
     marks = _marks(check, closed)
-    check.store.set(marks[check.rank], check.payload)
-    while not check.deadline.expired():
-        if present(check.store, [announce]):
-            return None
-        if _went_ahead(check, [0], closed):
-            return _judge_without_coordinator(check, marks, closed)
-        check.deadline.pause()
+    others, pending = _await_accounted(check, marks, closed)
+    ahead = [0, *others]
+    if pending:
+        return _timeout(check, pending, ahead)
+    marked = [r for r in marks if r not in ahead]
+    raws = check.store.multi_get([marks[r] for r in marked])
+    return judge_payloads(check.family, dict(zip(marked, raws)), ahead, check.backend)
+
+
+def open_timeout(check: Check, closed: str | None) -> Verdict:
+    """A rank other than 0 reached its deadline before rank 0 opened a check."""
+    marks = _marks(check, closed)
     missing = _absent(check, marks)
-    went_ahead = _went_ahead(check, missing, closed)
+    ahead = went_ahead(check, missing, closed)
     waiting = [r for r in marks if r not in missing]
     new = "a new check" if closed else "the check"
     text = (
         f"rank 0, which collects every rank's version, has not opened {new}; "
         f"{_messages.ranks_phrase(waiting, 'is', 'are')} waiting for it"
     )
-    return _timeout(check, [r for r in missing if r not in went_ahead], went_ahead, first=text)
+    return _timeout(check, [r for r in missing if r not in ahead], ahead, first=text)
 
 
-def _judge_without_coordinator(check: Check, marks: dict[int, str], closed: str | None) -> Verdict:
-    """Rank 0 runs no check: every waiting rank waits until each rank has left a
-    mark or gone ahead (neither disappears), so all judge the same ranks."""
-    others, pending = _await_accounted(check, marks, closed)
-    went_ahead = [0, *others]
-    if pending:
-        return _timeout(check, pending, went_ahead)
-    marked = [r for r in marks if r not in went_ahead]
-    raws = check.store.multi_get([marks[r] for r in marked])
-    return judge_payloads(check.family, dict(zip(marked, raws)), went_ahead, check.backend)
-
-
-def await_verdict(check: Check, token: str) -> bytes | Verdict | None:
-    """A rank other than 0 that published in check ``token``: the verdict's bytes;
-    ``None`` when a new rank 0 opened the next check (this one's died); or a timeout."""
-    verdict, following = check.key(token, "verdict"), check.key(token, "next")
-    while not check.deadline.expired():
-        if present(check.store, [verdict]):
-            return check.store.get(verdict)
-        if present(check.store, [following]):
-            return None
-        check.deadline.pause()
+def verdict_timeout(check: Check, token: str) -> Verdict:
+    """A rank other than 0 that published in check ``token`` reached its deadline."""
     missing = _absent(check, {r: check.key(token, "rank", r) for r in range(check.world_size)})
-    where = f" on rank {check.rank}"
     if missing:
         them = "it" if len(missing) == 1 else "them"
         text = f"rank 0 opened the check but has not delivered the verdict, which waits for {them}"
     else:
         text = "every rank has published its version, but rank 0, which collects them, has not delivered the verdict"
-    return _timeout(check, missing, [], where, text)
+    return _timeout(check, missing, [], f" on rank {check.rank}", text)

@@ -1,22 +1,16 @@
-"""The store protocol of one check.
-
-Rank 0 coordinates; keys live in the family's namespace (``protocol_version/``):
-``current`` holds the token of the check rank 0 opened last (``"<token> closed"``
-once judged); ``<token>/rank/<r>`` rank ``r``'s payload; ``<token>/verdict``;
-``<token>/next`` the token of the following check; ``<token>/ack/<r>`` rank
-``r`` has read a failing verdict.
+"""The store protocol of one check. Keys, in the family's namespace: ``current``
+(the token of the check rank 0 opened last; ``"<token> closed"`` once judged),
+and per check ``<token>/rank/<r>`` (payloads), ``/verdict``, ``/next`` (the
+following check's token) and ``/ack/<r>`` (rank ``r`` read a failing verdict).
 
 Rank 0 reads ``current``, opens a check under a fresh random token (one
-``multi_set``), waits for every payload and judges, then publishes the verdict
-and closes the check (one ``multi_set``). Every other rank waits for an open
-check, publishes its payload and waits for the verdict. O(1) calls per rank,
-O(N) globally, with ``set``, ``get`` and ``wait`` only on this path.
-
-A rank that finds the last check closed waits for that check's ``next``,
-however long ago it ended: a restart or a second call on a long-lived store is
-never judged by an earlier verdict, and no clock decides which check a rank
-belongs to. Each rank counts its timeout from its own arrival; a wait that
-outlasts a short grace period goes on in :mod:`._diagnose`.
+``multi_set``), looks until every payload is there, judges, then closes the check
+and publishes the verdict (one ``multi_set``). Every other rank looks until a
+check is open, publishes and blocks on the verdict: O(1) calls per rank besides
+the looks (``check``, backing off from 5 ms to half a second), and no wait of a
+healthy job times out. A rank that finds the last check closed waits for its
+``next``, however long ago it ended, so no earlier verdict and no clock decides
+which check a rank belongs to. Each rank counts its timeout from its arrival.
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ from typing import Callable
 import torch.distributed as dist
 from torch.distributed._protocol_version import _diagnose, _messages
 from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._judge import judge, judge_payloads
+from torch.distributed._protocol_version._judge import judge
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import Check, Deadline, find_present, present, wait_for
@@ -40,6 +34,7 @@ __all__ = ["ProtocolVersionError", "exchange", "parse_current", "raise_on_failur
 logger = logging.getLogger(__name__)
 
 _CLOSED = " closed"
+_SUPERSEDED = b"superseded"  # the verdict of a check whose rank 0 died before judging
 _TOKEN_CHARS = 16
 # Bounds of rank 0's wait for the others to read a failing verdict.
 _ACK_FLOOR_SECONDS, _ACK_CAP_SECONDS = 1.0, 30.0
@@ -49,10 +44,9 @@ class ProtocolVersionError(dist.DistError):
     """The ranks run builds that cannot talk to each other, or one published garbage."""
 
 
-def _grace(timeout: timedelta, world_size: int) -> float:
-    """How long a wait blocks before the slow path: longer than the spread of ranks
-    arriving together (it grows with the world size), about a second."""
-    return min(1.0 + world_size / 1000, timeout.total_seconds() / 10)
+def _grace(timeout: timedelta) -> float:
+    """How long a rank waits before it looks for ranks without the check."""
+    return min(1.0, timeout.total_seconds() / 10)
 
 
 def parse_current(key: str, raw: bytes) -> tuple[str, bool]:
@@ -75,21 +69,20 @@ def _coordinate(check: Check) -> Verdict:
     """Rank 0: open a check, collect every payload, publish the verdict."""
     store, key, token = check.store, check.key, check.token
     check.doing = "opening the check"
-    previous = _read_current(check)[0] if present(store, [key("current")]) else None
+    previous = _read_current(check) if present(store, [key("current")]) else None
     keys, values = [key(token, "rank", 0), key("current")], [check.payload, token]
-    if previous is not None:
-        keys.insert(1, key(previous, "next"))
-        values.insert(1, token)
+    if previous is not None:  # wake the ranks that wait for a check after it
+        keys.append(key(previous[0], "next"))
+        values.append(token)
+        if not previous[1]:  # its rank 0 died before judging: wake its ranks too
+            keys.append(key(previous[0], "verdict"))
+            values.append(_SUPERSEDED)
     store.multi_set(keys, values)
     check.doing = "collecting payloads"
-    slots = [key(token, "rank", r) for r in range(check.world_size)]
-    if wait_for(store, slots[1:], min(check.grace, check.deadline.remaining())):
-        published = list(range(1, check.world_size))
-        verdict = judge_payloads(check.family, dict(enumerate(store.multi_get(slots))), [], check.backend)
-    else:
-        verdict, published = _diagnose.collect(check, slots, previous)
+    verdict, published = _diagnose.collect(check, previous[0] if previous else None)
     check.doing = "publishing the verdict"
-    store.multi_set([key(token, "verdict"), key("current")], [verdict.to_json(), token + _CLOSED])
+    # Closed first: a rank that has read the verdict and checks again never finds this check open.
+    store.multi_set([key("current"), key(token, "verdict")], [token + _CLOSED, verdict.to_json()])
     if not verdict.ok:
         check.doing = "waiting for the others to read the verdict"
         _await_acks(check, published)
@@ -113,27 +106,37 @@ def _await_acks(check: Check, published: list[int]) -> None:
 
 
 def _await_open(check: Check, closed: str | None) -> str | Verdict:
-    """Any rank but 0: the token of an open check, once rank 0 opens one after
-    ``closed`` (the last check, over before this rank could take part); or a
-    verdict reached without it (:mod:`._diagnose`)."""
-    check.doing = "waiting for rank 0 to open the check"
+    """Any rank but 0: the token of the check rank 0 opens after ``closed`` (the
+    last check, over before this rank could take part, or ``None``); or a verdict
+    reached without rank 0 (:mod:`._diagnose`)."""
+    polls, marked = 0, set()
     while True:
         announce = check.key("current") if closed is None else check.key(closed, "next")
-        if not wait_for(check.store, [announce], min(check.grace, check.deadline.remaining())):
-            outcome = _diagnose.await_open(check, announce, closed)
-            if outcome is not None:
-                return outcome
-        token, is_closed = _read_current(check)
-        if not is_closed:
-            return token
-        closed = token
+        if present(check.store, [announce]):
+            token, is_closed = _read_current(check)
+            if not is_closed:
+                return token
+            if token != closed:
+                closed = token
+                continue
+        if check.deadline.expired():
+            return _diagnose.open_timeout(check, closed)
+        if check.deadline.elapsed() >= check.grace:
+            if closed not in marked:
+                _diagnose.leave_mark(check, closed)
+                marked.add(closed)
+            if _diagnose.went_ahead(check, [0], closed):
+                return _diagnose.judge_without_coordinator(check, closed)
+        check.deadline.pause(polls)
+        polls += 1
 
 
 def _participate(check: Check) -> Verdict:
     """Any rank but 0: publish this rank's payload in an open check and await its verdict."""
     store, key = check.store, check.key
-    closed = None
+    closed = None  # a check that ended before this rank could take part
     while True:
+        check.doing = "waiting for rank 0 to open the check"
         token = _await_open(check, closed)
         if isinstance(token, Verdict):
             return token
@@ -141,14 +144,14 @@ def _participate(check: Check) -> Verdict:
         store.set(key(token, "rank", check.rank), check.payload)
         check.doing = "waiting for the verdict"
         verdict_key = key(token, "verdict")
-        if wait_for(store, [verdict_key], min(check.grace, check.deadline.remaining())):
-            raw: bytes | Verdict | None = store.get(verdict_key)
+        if not wait_for(store, [verdict_key], check.deadline.remaining()):
+            verdict = _diagnose.verdict_timeout(check, token)
         else:
-            raw = _diagnose.await_verdict(check, token)
-        if raw is None:  # rank 0 died, and a new rank 0 opened the next check
-            closed = token
-            continue
-        verdict = raw if isinstance(raw, Verdict) else Verdict.from_json(verdict_key, raw)
+            raw = store.get(verdict_key)
+            if raw == _SUPERSEDED:
+                closed = token
+                continue
+            verdict = Verdict.from_json(verdict_key, raw)
         if not verdict.ok:  # a rank that gave up on its own is done with the store too
             store.set(key(token, "ack", check.rank), "1")  # see _await_acks
         return verdict
@@ -181,7 +184,7 @@ def exchange(
     token = secrets.token_hex(_TOKEN_CHARS // 2)
     check = Check(
         store, family, rank, world_size, Deadline(timeout), backend, info,
-        info.to_payload(family), token, backend_key, _grace(timeout, world_size),
+        info.to_payload(family), token, backend_key, _grace(timeout),
     )
     try:
         return (_coordinate(check) if rank == 0 else _participate(check)), info
@@ -197,7 +200,7 @@ def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
     checking rank runs ``warn``); log what a verdict must say."""
     if verdict.ok:
         if verdict.detail:
-            logger.warning(verdict.detail)
+            logger.warning("%s", verdict.detail)
         return
     message = _messages.error_message(verdict.detail, info, family)
     if verdict.status == "timeout":

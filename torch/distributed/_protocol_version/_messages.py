@@ -156,19 +156,13 @@ def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> s
 
 
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
-    lines = [
-        f"{family.title} check failed ({backend_text(backend)}): {len(problems)} "
-        f"{plural(len(problems), 'rank')} published an invalid protocol version payload, so this job cannot "
-        "be judged safe:"
-    ]
-    lines += [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
-    if len(problems) > MAX_LISTED:
-        lines.append(f"  and {len(problems) - MAX_LISTED} more")
-    lines.append(
+    count = f"{len(problems)} {plural(len(problems), 'rank')}"
+    head = f"{family.title} check failed ({backend_text(backend)}): {count} published an invalid protocol version payload"
+    shown = [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
+    more = [f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
+    return "\n".join([f"{head}, so this job cannot be judged safe:", *shown, *more, (
         "Something other than this check wrote to its keys in the store, "
-        "or a build that speaks another payload format joined the job."
-    )
-    return "\n".join(lines)
+        "or a build that speaks another payload format joined the job.")])
 
 
 def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:

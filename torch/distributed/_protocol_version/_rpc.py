@@ -27,8 +27,10 @@ import torch.distributed as dist
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import RPC
-from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo, Verdict
-from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, version_range
+from torch.distributed._protocol_version._payload import (
+    InvalidPayload, local_info, MAX_PAYLOAD_BYTES, parse_payload, RankInfo, Verdict,
+)
+from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV
 
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,8 @@ _BACKEND = "tensorpipe"
 # init_rpc's own default when the options carry no positive timeout.
 _DEFAULT_TIMEOUT = timedelta(seconds=60)
 
-# The RPC version negotiated by the last init_rpc of this process, or None, and why.
+# The RPC version negotiated by the last init_rpc of this process, or None.
 _rpc_version: int | None = None
-_rpc_note: str = "init_rpc has not run the RPC protocol version check"
 
 
 def _timeout(options: Any) -> timedelta:
@@ -61,6 +62,8 @@ def _founding_record(info: RankInfo) -> str:
 
 def _read_record(raw: bytes) -> tuple[int, RankInfo]:
     """The dynamic group's version and the payload of the worker that founded it."""
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload(f"a dynamic group record of {len(raw)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
         obj = json.loads(raw.decode("utf-8"))
         version, rank, founder = obj["version"], obj["rank"], obj["founder"]
@@ -105,22 +108,15 @@ def check_rpc_protocol_version(
     builds the backend. Follows ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` as the
     collectives' check does: one switch for the job, because an operator turns
     the guardrail off for a job, not for one of its wires."""
-    global _rpc_version, _rpc_note
+    global _rpc_version
     _rpc_version = None
-    mode = check_mode()
-    version_range(RPC)  # a bad override is an error in every mode
-    if mode == "off":
-        _rpc_note = f"the check was off ({CHECK_MODE_ENV}=off)"
+    mode = active_mode(RPC)
+    if mode is None or (world_size and not 0 <= rank < world_size):  # the backend refuses such a rank
         return
     if world_size:
-        if not 0 <= rank < world_size:
-            _rpc_note = f"rank {rank} is outside a world of size {world_size}"
-            return  # left to the backend's own instant check, as for collectives
         verdict, info = exchange(store, RPC, rank, world_size, _timeout(options), _BACKEND, mode, _gloo_key, name)
     else:
         verdict, info = _join(store, name, rank, mode)
-    if not verdict.ok and verdict.status == "mismatch" and not verdict.enforce:
-        _rpc_note = f"the workers share no RPC protocol version ({CHECK_MODE_ENV}=warn)"
     raise_on_failure(verdict, info, RPC)
     if verdict.ok:
         _rpc_version = verdict.negotiated
@@ -131,15 +127,20 @@ def get_rpc_protocol_version() -> int:
     """Return the RPC protocol version this process's RPC group runs.
 
     Code that changes the RPC wire branches on this, as collectives branch on
-    ``get_group_protocol_version()``. Raises ``RuntimeError`` when RPC is not
-    initialized or its init negotiated no version (check off, or a mismatch
-    downgraded to a warning).
+    ``get_group_protocol_version()``.
+
+    Raises:
+        RuntimeError: RPC is not initialized, or its init negotiated no version
+            (the check was off, or a mismatch was only warned about).
     """
     from torch.distributed.rpc.api import _is_current_rpc_agent_set
 
     if not _is_current_rpc_agent_set():
         raise RuntimeError("get_rpc_protocol_version() needs RPC: call torch.distributed.rpc.init_rpc() first.")
     if _rpc_version is None:
-        raise RuntimeError(f"no RPC protocol version was negotiated: {_rpc_note}")
+        raise RuntimeError(
+            f"no RPC protocol version was negotiated: the check was off ({CHECK_MODE_ENV}=off), "
+            "or a mismatch was only warned about."
+        )
     return _rpc_version
 

@@ -8,7 +8,7 @@ import os
 from torch.distributed._protocol_version._families import Family
 
 
-__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "check_mode", "overrides_set", "version_range"]
+__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "active_mode", "check_mode", "overrides_set", "version_range"]
 
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 CHECK_MODES = ("error", "warn", "off")
@@ -41,11 +41,8 @@ def _parse_version(name: str) -> int | None:
 
 
 def version_range(family: Family) -> tuple[int, int]:
-    """``(minimum, version)`` this rank announces for ``family``.
-
-    A version override alone keeps meaning "exactly this version", so the minimum
-    follows it unless the minimum is overridden too.
-    """
+    """``(minimum, version)`` this rank announces for ``family``; a version override
+    alone means "exactly this version", unless the minimum is overridden too."""
     override = _parse_version(family.version_env)
     version = family.version if override is None else override
     min_override = _parse_version(family.min_version_env)
@@ -67,11 +64,8 @@ def overrides_set(family: Family) -> tuple[str, ...]:
 
 
 def check_mode() -> str:
-    """``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: ``error`` (default), ``warn`` or ``off``.
-
-    Case and surrounding whitespace are ignored (``WARN``, ``" off "``), as for
-    most switches an operator types; anything else is an error.
-    """
+    """``TORCH_DISTRIBUTED_PROTOCOL_CHECK``: ``error`` (default), ``warn`` or ``off``,
+    case and surrounding whitespace ignored; anything else is an error."""
     raw = os.environ.get(CHECK_MODE_ENV)
     if raw is None:
         return "error"
@@ -82,3 +76,11 @@ def check_mode() -> str:
             f"{', '.join(CHECK_MODES)}."
         )
     return mode
+
+
+def active_mode(family: Family) -> str | None:
+    """This rank's mode for a check of ``family``, or ``None`` when the check is
+    off; an invalid setting is an error in every mode."""
+    mode = check_mode()
+    version_range(family)
+    return None if mode == "off" else mode

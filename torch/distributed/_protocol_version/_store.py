@@ -1,7 +1,5 @@
-"""Store plumbing for one check: its context, its deadline, bounded waits and
-presence tests. The store's own timeout, shared by every ``PrefixStore`` over
-it, is never changed: each bounded wait passes its own timeout to ``wait``.
-"""
+"""One check's context and deadline, bounded waits and presence tests. The
+store's own timeout (shared by every ``PrefixStore`` over it) is never changed."""
 
 from __future__ import annotations
 
@@ -17,9 +15,8 @@ from torch.distributed._protocol_version._payload import RankInfo
 
 # Store timeouts are whole milliseconds, and some stores read 0 as "forever".
 MIN_CALL_SECONDS = 0.05
-# How often the slow path looks again; more often near the deadline.
-POLL_SECONDS = 0.25
-_MIN_POLL_SECONDS = 0.02
+# Between two looks at the store: 5 ms, doubling up to half a second.
+FIRST_POLL_SECONDS, MAX_POLL_SECONDS = 0.005, 0.5
 
 
 class Deadline:
@@ -27,7 +24,11 @@ class Deadline:
 
     def __init__(self, timeout: timedelta) -> None:
         self.timeout = timeout
-        self._end = time.monotonic() + timeout.total_seconds()
+        self._start = time.monotonic()
+        self._end = self._start + timeout.total_seconds()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
 
     def remaining(self) -> float:
         return self._end - time.monotonic()
@@ -35,9 +36,11 @@ class Deadline:
     def expired(self) -> bool:
         return self.remaining() < MIN_CALL_SECONDS
 
-    def pause(self) -> None:
-        """Sleep one poll interval of the slow path."""
-        time.sleep(min(POLL_SECONDS, max(self.remaining() / 8, _MIN_POLL_SECONDS)))
+    def pause(self, polls: int) -> None:
+        """Sleep before look number ``polls + 1``; never past a tenth of what is
+        left, so that a rank arriving in the last moments is seen in time."""
+        backoff = FIRST_POLL_SECONDS * 2 ** min(polls, 10)
+        time.sleep(max(min(backoff, MAX_POLL_SECONDS, self.remaining() / 10), 0.001))
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Check:
     payload: str
     token: str  # rank 0's names the check it opens
     backend_key: Callable[[int], str] | None  # see _exchange.exchange
-    grace: float  # how long a wait blocks before the slow path starts
+    grace: float  # how long a rank waits before it looks for ranks without the check
     doing: str = "starting"  # for the message, should the store fail
 
     def key(self, *parts: object) -> str:
