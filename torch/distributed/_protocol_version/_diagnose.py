@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._judge import judge_payloads
 from torch.distributed._protocol_version._payload import Verdict
-from torch.distributed._protocol_version._store import Check, find_present, present
+from torch.distributed._protocol_version._store import Check, find_present, present, wait_for
 
 
 def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
@@ -45,19 +45,16 @@ def went_ahead(check: Check, ranks: Sequence[int], previous: str | None) -> list
 
 
 def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -> tuple[list[int], list[int]]:
-    """Look until each rank of ``keys`` has written its key or, past the grace
-    period, gone ahead without the check; or until the deadline. Returns
-    ``(went_ahead, missing)``: one presence test a look while all are pending."""
-    pending, ahead, polls = list(keys), [], 0
+    """Look until each rank of ``keys`` has written its key or gone ahead without
+    the check, or until the deadline. Returns ``(went_ahead, missing)``."""
+    pending, ahead = list(keys), []
     while not present(check.store, [keys[r] for r in pending]):
-        if check.deadline.elapsed() >= check.grace or check.deadline.expired():
-            pending = _absent(check, {r: keys[r] for r in pending})
-            ahead += went_ahead(check, pending, previous)
-            pending = [r for r in pending if r not in ahead]
-            if not pending or check.deadline.expired():
-                return sorted(ahead), pending
-        check.deadline.pause(polls)
-        polls += 1
+        pending = _absent(check, {r: keys[r] for r in pending})
+        ahead += went_ahead(check, pending, previous)
+        pending = [r for r in pending if r not in ahead]
+        if not pending or check.deadline.expired():
+            return sorted(ahead), pending
+        check.deadline.pause()
     return sorted(ahead), []
 
 
@@ -77,7 +74,10 @@ def collect(check: Check, previous: str | None) -> tuple[Verdict, list[int]]:
     """Rank 0: the verdict once every rank published or went ahead without the
     check, or a timeout; and the ranks that published (they wait to read it)."""
     slots = {r: check.key(check.token, "rank", r) for r in range(check.world_size)}
-    ahead, missing = _await_accounted(check, {r: slots[r] for r in range(1, check.world_size)}, previous)
+    others = {r: slots[r] for r in range(1, check.world_size)}
+    ahead, missing = [], []
+    if not wait_for(check.store, list(others.values()), min(check.grace, check.deadline.remaining())):
+        ahead, missing = _await_accounted(check, others, previous)
     published = [r for r in range(1, check.world_size) if r not in ahead and r not in missing]
     if missing:
         return _timeout(check, missing, ahead), published

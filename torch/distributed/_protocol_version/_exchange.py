@@ -4,12 +4,12 @@ and per check ``<token>/rank/<r>`` (payloads), ``/verdict``, ``/next`` (the
 following check's token) and ``/ack/<r>`` (rank ``r`` read a failing verdict).
 
 Rank 0 reads ``current``, opens a check under a fresh random token (one
-``multi_set``), looks until every payload is there, judges, then closes the check
-and publishes the verdict (one ``multi_set``). Every other rank looks until a
-check is open, publishes and blocks on the verdict: O(1) calls per rank besides
-the looks (``check``, backing off from 5 ms to half a second), and no wait of a
-healthy job times out. A rank that finds the last check closed waits for its
-``next``, however long ago it ended, so no earlier verdict and no clock decides
+``multi_set``), waits until every payload is there, judges, then closes the check
+and publishes the verdict (one ``multi_set``). Every other rank waits until a
+check is open, publishes and blocks on the verdict: O(1) calls per rank. A wait
+that outlasts a grace period goes on as a look (``check``) every half second,
+which also finds ranks without the check (:mod:`._diagnose`). A rank that finds
+the last check closed waits for its ``next``, however long ago it ended, so no earlier verdict and no clock decides
 which check a rank belongs to. Each rank counts its timeout from its arrival.
 """
 
@@ -109,10 +109,11 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
     """Any rank but 0: the token of the check rank 0 opens after ``closed`` (the
     last check, over before this rank could take part, or ``None``); or a verdict
     reached without rank 0 (:mod:`._diagnose`)."""
-    polls, marked = 0, set()
+    marked: set[str | None] = set()
     while True:
         announce = check.key("current") if closed is None else check.key(closed, "next")
-        if present(check.store, [announce]):
+        grace = check.grace - check.deadline.elapsed()
+        if wait_for(check.store, [announce], grace) if grace > 0 else present(check.store, [announce]):
             token, is_closed = _read_current(check)
             if not is_closed:
                 return token
@@ -121,14 +122,12 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
                 continue
         if check.deadline.expired():
             return _diagnose.open_timeout(check, closed)
-        if check.deadline.elapsed() >= check.grace:
-            if closed not in marked:
-                _diagnose.leave_mark(check, closed)
-                marked.add(closed)
-            if _diagnose.went_ahead(check, [0], closed):
-                return _diagnose.judge_without_coordinator(check, closed)
-        check.deadline.pause(polls)
-        polls += 1
+        if closed not in marked:
+            _diagnose.leave_mark(check, closed)
+            marked.add(closed)
+        if _diagnose.went_ahead(check, [0], closed):
+            return _diagnose.judge_without_coordinator(check, closed)
+        check.deadline.pause()
 
 
 def _participate(check: Check) -> Verdict:

@@ -15,8 +15,8 @@ from torch.distributed._protocol_version._payload import RankInfo
 
 # Store timeouts are whole milliseconds, and some stores read 0 as "forever".
 MIN_CALL_SECONDS = 0.05
-# Between two looks at the store: 5 ms, doubling up to half a second.
-FIRST_POLL_SECONDS, MAX_POLL_SECONDS = 0.005, 0.5
+# Between two looks at the store, once a blocking wait has outlasted the grace period.
+POLL_SECONDS = 0.5
 
 
 class Deadline:
@@ -36,11 +36,10 @@ class Deadline:
     def expired(self) -> bool:
         return self.remaining() < MIN_CALL_SECONDS
 
-    def pause(self, polls: int) -> None:
-        """Sleep before look number ``polls + 1``; never past a tenth of what is
-        left, so that a rank arriving in the last moments is seen in time."""
-        backoff = FIRST_POLL_SECONDS * 2 ** min(polls, 10)
-        time.sleep(max(min(backoff, MAX_POLL_SECONDS, self.remaining() / 10), 0.001))
+    def pause(self) -> None:
+        """Sleep before the next look; never past a tenth of what is left, so that
+        a rank arriving in the last moments is seen in time."""
+        time.sleep(max(min(POLL_SECONDS, self.remaining() / 10), 0.001))
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Check:
     payload: str
     token: str  # rank 0's names the check it opens
     backend_key: Callable[[int], str] | None  # see _exchange.exchange
-    grace: float  # how long a rank waits before it looks for ranks without the check
+    grace: float  # how long a wait blocks before the rank looks for ranks without the check
     doing: str = "starting"  # for the message, should the store fail
 
     def key(self, *parts: object) -> str:
