@@ -114,6 +114,8 @@ class TestStockParity(TestCase):
         "mpi with a rank and world size": {"backend": "mpi"},
         "negative rank": {"rank_arg": {"1": -1}},
         "rank outside the world": {"rank_arg": {"1": 3}},
+        # The check's settings are its own: stock's error about the rank comes first.
+        "rank outside the world, invalid mode": {"rank_arg": {"1": 3}, "env": {"1": {CHECK_MODE_ENV: "maybe"}}},
     }
 
     def test_argument_errors_fail_at_once_as_on_stock(self) -> None:

@@ -140,8 +140,10 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
+    if not 0 <= rank < world_size:  # the backend refuses such a rank next, as on stock
+        return
     mode = active_mode(C10D)
-    if mode is None or not 0 <= rank < world_size:  # the backend refuses such a rank next
+    if mode is None:
         return
     backend_key = gloo_key(group_name, device) if backend == "gloo" else None
     started = time.monotonic()

@@ -110,8 +110,10 @@ def check_rpc_protocol_version(
     the guardrail off for a job, not for one of its wires."""
     global _rpc_version
     _rpc_version = None
+    if world_size and not 0 <= rank < world_size:  # the backend refuses such a rank, as on stock
+        return
     mode = active_mode(RPC)
-    if mode is None or (world_size and not 0 <= rank < world_size):  # the backend refuses such a rank
+    if mode is None:
         return
     if world_size:
         verdict, info = exchange(store, RPC, rank, world_size, _timeout(options), _BACKEND, mode, _gloo_key, name)

@@ -34,7 +34,7 @@ class Deadline:
         return self._end - time.monotonic()
 
     def expired(self) -> bool:
-        return self.remaining() < MIN_CALL_SECONDS
+        return self.remaining() <= 0
 
     def pause(self) -> None:
         """Sleep before the next look; never past a tenth of what is left, so that
