@@ -455,13 +455,19 @@ def _gloo_under_its_own_prefix(store: dist.Store, rank: int, size: int, timeout:
     return dist.ProcessGroupGloo(dist.PrefixStore("plugin", store), rank, size, timeout)
 
 
-def init_plugin_backend(rank: int, world_size: int, port: int) -> float:
-    """``init_process_group`` on a backend registered by a plugin, then all_reduce."""
+def init_and_all_reduce(rank: int, world_size: int, port: int, kind: str) -> float:
+    """``init_process_group`` on a plugin backend (``kind="plugin"``) or on a store
+    with only set/get/wait (``kind="minimal"``), then one all_reduce."""
     import torch
 
-    dist.Backend.register_backend("pvplugin", _gloo_under_its_own_prefix, devices=["cpu"])
-    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
-    dist.init_process_group("pvplugin", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    store: dist.Store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    backend = "gloo"
+    if kind == "plugin":
+        dist.Backend.register_backend("pvplugin", _gloo_under_its_own_prefix, devices=["cpu"])
+        backend = "pvplugin"
+    else:
+        store = MinimalStore(store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         tensor = torch.ones(1)
         dist.all_reduce(tensor)
@@ -472,11 +478,11 @@ def init_plugin_backend(rank: int, world_size: int, port: int) -> float:
 
 class TestPluginBackend(TestCase):
     def test_a_plugin_backend_is_checked_like_gloo(self) -> None:
-        mixed = spawn_ranks(init_plugin_backend, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        mixed = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "plugin"), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
         for result in mixed:
             self.assertEqual(result.error_type, "ProtocolVersionError", result)
             self.assertIn("(backend pvplugin)", result.error)
-        matching = spawn_ranks(init_plugin_backend, 2, args=(find_free_port(),))
+        matching = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "plugin"))
         self.assertEqual([r.value for r in matching], [2.0, 2.0], matching)
 
 
@@ -499,19 +505,6 @@ class MinimalStore(dist.Store):
         self._inner.wait(keys, timeout) if timeout is not None else self._inner.wait(keys)
 
 
-def init_on_a_minimal_store(rank: int, world_size: int, port: int) -> float:
-    import torch
-
-    inner = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=MinimalStore(inner), rank=rank, world_size=world_size)
-    try:
-        tensor = torch.ones(1)
-        dist.all_reduce(tensor)
-        return tensor.item()
-    finally:
-        dist.destroy_process_group()
-
-
 class TestAnyStore(TestCase):
     def test_a_store_with_only_set_get_and_wait(self) -> None:
         # Checks one after another on one such store, the way a framework calls
@@ -526,9 +519,9 @@ class TestAnyStore(TestCase):
             self.assertIn("rank 2 never published", outcome.error)
 
     def test_init_process_group_on_a_store_with_only_set_get_and_wait(self) -> None:
-        mixed = spawn_ranks(init_on_a_minimal_store, 2, args=(find_free_port(),), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        mixed = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "minimal"), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
         self.assertEqual([r.error_type for r in mixed], ["ProtocolVersionError"] * 2, mixed)
-        matching = spawn_ranks(init_on_a_minimal_store, 2, args=(find_free_port(),))
+        matching = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "minimal"))
         self.assertEqual([r.value for r in matching], [2.0, 2.0], matching)
 
 
