@@ -58,15 +58,13 @@ def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -
     return sorted(ahead), []
 
 
-def _timeout(
-    check: Check, never: Sequence[int], went_ahead: Sequence[int], where: str = "", first: str = ""
-) -> Verdict:
+def _timeout(check: Check, never: Sequence[int], ahead: Sequence[int], where: str = "", first: str = "") -> Verdict:
     """A timeout verdict: ``first``, who never published, who runs no check."""
     head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend) + where
     never_text = _messages.never_arrived(never, check.family) if never else ""
     lines = [f"{head}: {'; '.join(part for part in (first, never_text) if part)}."]
-    if went_ahead:
-        lines.append(f"Meanwhile {_messages.ranks_phrase(went_ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}.")
+    if ahead:
+        lines.append(f"Meanwhile {_messages.ranks_phrase(ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}.")
     return Verdict("timeout", "\n".join(lines), None)
 
 

@@ -45,7 +45,7 @@ class ProtocolVersionError(dist.DistError):
 
 
 def _grace(timeout: timedelta) -> float:
-    """How long a rank waits before it looks for ranks without the check."""
+    """How long a first wait blocks before the rank looks for ranks without the check."""
     return min(1.0, timeout.total_seconds() / 10)
 
 
