@@ -70,7 +70,7 @@ def act_b() -> bool:
               f"{max(waited, 0.0):.2f}s after the last rank arrived")
     print("\n  The error every rank raised (shown once, from rank 0):\n")
     print(textwrap.indent(results[0].error or "", "    | "))
-    every_rank_failed = all(r.error_type == "RuntimeError" for r in results)
+    every_rank_failed = all(r.error_type == "ProtocolVersionError" for r in results)
     print(f"\n  every rank failed early with the same error: {every_rank_failed}")
     return every_rank_failed
 
