@@ -204,7 +204,7 @@ def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
     message = _messages.error_message(verdict.detail, info, family)
     if verdict.status == "timeout":
         raise dist.DistStoreError(message)
-    if verdict.status == "mismatch" and not verdict.enforce:
+    if verdict.warned:
         logger.warning("%s\nEvery checking rank runs %s=warn: continuing anyway.", message, CHECK_MODE_ENV)
         return
     raise ProtocolVersionError(message)

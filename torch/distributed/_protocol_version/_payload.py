@@ -204,6 +204,11 @@ class Verdict:
     def ok(self) -> bool:
         return self.negotiated is not None
 
+    @property
+    def warned(self) -> bool:
+        """A mismatch every checking rank runs ``warn`` on: init goes on."""
+        return self.status == "mismatch" and not self.enforce
+
     def to_json(self) -> str:
         fields = {"status": self.status, "detail": self.detail, "negotiated": self.negotiated}
         return json.dumps({**fields, "enforce": self.enforce})

@@ -163,7 +163,7 @@ def _roster_json(found: Roster) -> dict[str, Any]:
 def _exit_code(verdict: Verdict) -> int:
     """0 when ``init_process_group`` would go on: a pass, or a mismatch every
     checking rank downgrades with ``warn``; 1 otherwise."""
-    starts = verdict.ok or (verdict.status == "mismatch" and not verdict.enforce)
+    starts = verdict.ok or verdict.warned
     return EXIT_START if starts else EXIT_NO_START
 
 
@@ -176,7 +176,7 @@ def _verdict_text(verdict: Verdict, info: RankInfo, world_size: int, backend: st
         lines += [verdict.detail] if verdict.detail else []
     else:
         lines = [_messages.error_message(verdict.detail, info, C10D)]
-        if verdict.status == "mismatch" and not verdict.enforce:
+        if verdict.warned:
             lines.append(f"Every checking rank runs {CHECK_MODE_ENV}=warn: init_process_group would go on anyway.")
     lines.append("The job would start." if _exit_code(verdict) == EXIT_START else "The job would not start.")
     return "\n".join(lines)
