@@ -11,6 +11,7 @@ the number of silent ranks only: bisection finds them in O(m log n) looks.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 from torch.distributed._protocol_version import _messages
@@ -60,7 +61,7 @@ def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -
 
 def _timeout(check: Check, never: Sequence[int], ahead: Sequence[int], where: str = "", first: str = "") -> Verdict:
     """A timeout verdict: ``first``, who never published, who runs no check."""
-    head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend) + where
+    head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend, check.info.mode) + where
     never_text = _messages.never_arrived(never, check.family) if never else ""
     lines = [f"{head}: {'; '.join(part for part in (first, never_text) if part)}."]
     if ahead:
@@ -77,10 +78,20 @@ def collect(check: Check, previous: str | None) -> tuple[Verdict, list[int]]:
     if not wait_for(check.store, list(others.values()), min(check.grace, check.deadline.remaining())):
         ahead, missing = _await_accounted(check, others, previous)
     published = [r for r in range(1, check.world_size) if r not in ahead and r not in missing]
-    if missing:
-        return _timeout(check, missing, ahead), published
     raws = dict(zip([0, *published], check.store.multi_get([slots[r] for r in [0, *published]])))
-    return judge_payloads(check.family, raws, ahead, check.backend), published
+    return _judge_accounted(check, raws, ahead, missing), published
+
+
+def _judge_accounted(check: Check, raws: dict[int, bytes], ahead: Sequence[int], missing: Sequence[int]) -> Verdict:
+    """Judge the ranks accounted for. Ranks still ``missing`` time an ``error``
+    rank's check out; a ``warn`` rank judges without them and names them."""
+    if missing and check.info.mode == "error":
+        return _timeout(check, missing, ahead)
+    verdict = judge_payloads(check.family, raws, ahead, check.backend)
+    if not missing:
+        return verdict
+    unheard = _messages.unaccounted(check.family, missing, check.deadline.timeout, check.backend)
+    return dataclasses.replace(verdict, detail="\n".join(filter(None, [verdict.detail, unheard])))
 
 
 def _marks(check: Check, closed: str | None) -> dict[int, str]:
@@ -97,12 +108,9 @@ def judge_without_coordinator(check: Check, closed: str | None) -> Verdict:
     mark or gone ahead (neither disappears), so all judge the same ranks."""
     marks = _marks(check, closed)
     others, pending = _await_accounted(check, marks, closed)
-    ahead = [0, *others]
-    if pending:
-        return _timeout(check, pending, ahead)
-    marked = [r for r in marks if r not in ahead]
+    marked = [r for r in marks if r not in others and r not in pending]
     raws = check.store.multi_get([marks[r] for r in marked])
-    return judge_payloads(check.family, dict(zip(marked, raws)), ahead, check.backend)
+    return _judge_accounted(check, dict(zip(marked, raws)), [0, *others], pending)
 
 
 def open_timeout(check: Check, closed: str | None) -> Verdict:
@@ -111,9 +119,9 @@ def open_timeout(check: Check, closed: str | None) -> Verdict:
     missing = _absent(check, marks)
     ahead = went_ahead(check, missing, closed)
     waiting = [r for r in marks if r not in missing]
-    new = "a new check" if closed else "the check"
+    late = "the last check on this store closed before this rank arrived (late, or that check was an earlier group's), and " if closed else ""
     text = (
-        f"rank 0, which collects every rank's version, has not opened {new}; "
+        f"{late}rank 0, which collects every rank's version, has not opened {'a new' if closed else 'the'} check; "
         f"{_messages.ranks_phrase(waiting, 'is', 'are')} waiting for it"
     )
     return _timeout(check, [r for r in missing if r not in ahead], ahead, first=text)

@@ -83,7 +83,7 @@ def _coordinate(check: Check) -> Verdict:
     check.doing = "publishing the verdict"
     # Closed first: a rank that has read the verdict and checks again never finds this check open.
     store.multi_set([key("current"), key(token, "verdict")], [token + _CLOSED, verdict.to_json()])
-    if not verdict.ok:
+    if not (verdict.ok or verdict.warned):
         check.doing = "waiting for the others to read the verdict"
         _await_acks(check, published)
     return verdict
@@ -120,13 +120,13 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
             if token != closed:
                 closed = token
                 continue
-        if check.deadline.expired():
-            return _diagnose.open_timeout(check, closed)
         if closed not in marked:
             _diagnose.leave_mark(check, closed)
             marked.add(closed)
         if _diagnose.went_ahead(check, [0], closed):
             return _diagnose.judge_without_coordinator(check, closed)
+        if check.deadline.expired():
+            return _diagnose.open_timeout(check, closed)
         check.deadline.pause()
 
 
@@ -151,7 +151,7 @@ def _participate(check: Check) -> Verdict:
                 closed = token
                 continue
             verdict = Verdict.from_json(verdict_key, raw)
-        if not verdict.ok:  # a rank that gave up on its own is done with the store too
+        if not (verdict.ok or verdict.warned):  # a rank that gave up on its own is done with the store too
             store.set(key(token, "ack", check.rank), "1")  # see _await_acks
         return verdict
 
@@ -180,10 +180,12 @@ def exchange(
     info = local_info(rank, family, mode, name)
     if world_size == 1:
         return judge(family, [info], backend), info
-    token = secrets.token_hex(_TOKEN_CHARS // 2)
+    token, grace = secrets.token_hex(_TOKEN_CHARS // 2), _grace(timeout)
+    # A warn rank waits for the others for the grace period only, an error rank up to its timeout.
+    patience = timeout if mode == "error" else timedelta(seconds=grace)
     check = Check(
-        store, family, rank, world_size, Deadline(timeout), backend, info,
-        info.to_payload(family), token, backend_key, _grace(timeout),
+        store, family, rank, world_size, Deadline(patience), backend, info,
+        info.to_payload(family), token, backend_key, grace,
     )
     try:
         return (_coordinate(check) if rank == 0 else _participate(check)), info
@@ -195,16 +197,18 @@ def exchange(
 
 def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
     """Raise what a failing verdict means (``DistStoreError`` for a timeout, as
-    the store's own waits do; ``ProtocolVersionError`` otherwise, unless every
-    checking rank runs ``warn``); log what a verdict must say."""
+    the store's own waits do, unless this rank runs ``warn``; ``ProtocolVersionError``
+    otherwise, unless every checking rank runs ``warn``); log what a verdict must say."""
     if verdict.ok:
         if verdict.detail:
             logger.warning("%s", verdict.detail)
         return
     message = _messages.error_message(verdict.detail, info, family)
-    if verdict.status == "timeout":
+    if verdict.status == "timeout" and info.mode == "warn":
+        logger.warning("%s\nThis rank runs %s=warn: continuing without a verdict.", message, CHECK_MODE_ENV)
+    elif verdict.status == "timeout":
         raise dist.DistStoreError(message)
-    if verdict.warned:
+    elif verdict.warned:
         logger.warning("%s\nEvery checking rank runs %s=warn: continuing anyway.", message, CHECK_MODE_ENV)
-        return
-    raise ProtocolVersionError(message)
+    else:
+        raise ProtocolVersionError(message)

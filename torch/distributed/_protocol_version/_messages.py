@@ -165,14 +165,29 @@ def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend:
         "or a build that speaks another payload format joined the job.")])
 
 
-def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
-    return f"{family.title} check timed out after {timeout.total_seconds():g}s ({backend_text(backend)})"
+def timeout_head(family: Family, timeout: timedelta, backend: str, mode: str) -> str:
+    seconds = f"{timeout.total_seconds():g}s"
+    if mode == "warn":
+        return f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): no answer within the grace period of {seconds}"
+    return f"{family.title} check timed out after {seconds} ({backend_text(backend)})"
+
+
+_NO_TRACE = "a build without the check on a backend that leaves no trace in the store"
 
 
 def never_arrived(ranks: Sequence[int], family: Family) -> str:
-    """Ranks with no payload: not started, still starting, or exited."""
+    """Ranks with no payload: late, exited, or without the check on a backend that leaves no trace."""
     article = "an" if family.version_word[0] in "AEIOU" else "a"
-    return f"{ranks_phrase(ranks)} never published {article} {family.version_word} (not started, still starting, or exited)"
+    return f"{ranks_phrase(ranks)} never published {article} {family.version_word} (not started, still starting, exited, or {_NO_TRACE})"
+
+
+def unaccounted(family: Family, ranks: Sequence[int], grace: timedelta, backend: str) -> str:
+    """The ranks a ``warn`` rank 0 judged without: late, or silent."""
+    return (
+        f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
+        f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace.total_seconds():g}s "
+        f"(late, or {_NO_TRACE}); the job goes on, and a rank that arrives later says so."
+    )
 
 
 def error_message(verdict_detail: str, info: RankInfo, family: Family) -> str:
