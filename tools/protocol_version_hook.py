@@ -152,6 +152,22 @@ HOOKS = (
         "            backend_type = ProcessGroup.BackendType.CUSTOM\n\n",
         "            if not extended_api:\n",
     ),
+    # SimpleElasticAgent._rendezvous (torchrun's agents): the round's store and
+    # this agent's group rank are known; worker ranks are assigned next, workers
+    # started after that.
+    Hook(
+        target="distributed/elastic/agent/server/api.py",
+        function="SimpleElasticAgent._rendezvous",
+        place="right after next_rendezvous(), before the worker ranks are assigned",
+        anchor_before="        self._store = store\n\n",
+        anchor_at='        with self.record_duration("ASSIGN_WORKER_RANKS"):\n',
+        body=(
+            "from torch.distributed._protocol_version._agent import check_agent_protocol_version",
+            "",
+            "check_agent_protocol_version(store, group_rank, group_world_size, spec.rdzv_handler.get_backend())",
+        ),
+        indent=" " * 8,
+    ),
     # init_rpc: the store is wrapped in PrefixStore("rpc_prefix_N"); distributed
     # autograd and then the RPC backend (which builds a ProcessGroupGloo on that
     # store) come next.
