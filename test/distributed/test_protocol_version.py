@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import _diagnose, _exchange, _judge, _messages, _store
 from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._payload import RankInfo
 from torch.distributed._protocol_version._settings import check_mode
 from torch.distributed._protocol_version import CHECK_MODE_ENV, VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
@@ -227,10 +228,22 @@ What to do: upgrade ranks 0-2,4 to a build that speaks protocol version 2, or ro
 This rank (rank 3, host node-c) runs protocol version 2.""",
         )
 
+    def test_warn_names_the_ranks_it_judged_without(self) -> None:
+        info = rank_info(0, 1)
+        warn = RankInfo(**{**vars(info), "mode": "warn"})
+        check = _store.Check(
+            dist.HashStore(), C10D, 0, 4, _store.Deadline(timedelta(seconds=1)), "nccl",
+            warn, "{}", "0123456789abcdef", None, 1.0,
+        )
+        raws = {0: warn.to_payload(C10D).encode(), 1: rank_info(1, 1).to_payload(C10D).encode()}
+        verdict = _diagnose._judge_accounted(check, raws, [], [2, 3])
+        self.assertEqual((verdict.status, verdict.negotiated), ("ok", 1))
+        self.assertExpectedInline(verdict.detail, """torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn): judged without ranks 2-3, not heard from within the grace period of 1s (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); the job goes on, and a rank that arrives later says so.""")
+
     def test_timeout_message(self) -> None:
         check = _store.Check(
             dist.HashStore(), C10D, 0, 8, _store.Deadline(timedelta(seconds=120)), "gloo",
-            rank_info(0, 1), "{}", "0123456789abcdef", None, 1.0,
+            rank_info(0, 1), "{}", "0123456789abcdef", _diagnose.gloo_key("0", "cpu"), 1.0,
         )
         self.assertExpectedInline(
             _diagnose._timeout(check, [2, 3, 7], [5]).detail,

@@ -38,9 +38,11 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     NO_STOCK_REASON,
     rank_info,
     RankThreads,
+    register_traceless_backend,
     run_in_own_session,
     spawn_ranks,
     STOCK_PYTHON,
+    TRACELESS_BACKEND,
     VERSION_OVERRIDE_ENV,
 )
 
@@ -449,12 +451,6 @@ class TestMessageSize(TestCase):
 # --------------------------------------------------------------------------- #
 
 
-def _gloo_under_its_own_prefix(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
-    """A plugin backend: gloo under a prefix of its own, so it leaves no key where
-    the check looks for gloo's (like NCCL, which leaves none at init)."""
-    return dist.ProcessGroupGloo(dist.PrefixStore("plugin", store), rank, size, timeout)
-
-
 def init_and_all_reduce(rank: int, world_size: int, port: int, kind: str) -> float:
     """``init_process_group`` on a plugin backend (``kind="plugin"``) or on a store
     with only set/get/wait (``kind="minimal"``), then one all_reduce."""
@@ -463,8 +459,7 @@ def init_and_all_reduce(rank: int, world_size: int, port: int, kind: str) -> flo
     store: dist.Store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
     backend = "gloo"
     if kind == "plugin":
-        dist.Backend.register_backend("pvplugin", _gloo_under_its_own_prefix, devices=["cpu"])
-        backend = "pvplugin"
+        backend = register_traceless_backend()
     else:
         store = MinimalStore(store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
@@ -481,7 +476,7 @@ class TestPluginBackend(TestCase):
         mixed = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "plugin"), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
         for result in mixed:
             self.assertEqual(result.error_type, "ProtocolVersionError", result)
-            self.assertIn("(backend pvplugin)", result.error)
+            self.assertIn(f"(backend {TRACELESS_BACKEND})", result.error)
         matching = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "plugin"))
         self.assertEqual([r.value for r in matching], [2.0, 2.0], matching)
 

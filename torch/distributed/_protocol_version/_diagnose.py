@@ -62,7 +62,7 @@ def _await_accounted(check: Check, keys: dict[int, str], previous: str | None) -
 def _timeout(check: Check, never: Sequence[int], ahead: Sequence[int], where: str = "", first: str = "") -> Verdict:
     """A timeout verdict: ``first``, who never published, who runs no check."""
     head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend, check.info.mode) + where
-    never_text = _messages.never_arrived(never, check.family) if never else ""
+    never_text = _messages.never_arrived(never, check.family, check.backend_key is None) if never else ""
     lines = [f"{head}: {'; '.join(part for part in (first, never_text) if part)}."]
     if ahead:
         lines.append(f"Meanwhile {_messages.ranks_phrase(ahead, 'runs', 'run')} {_messages.NO_CHECK_BUILD}.")
@@ -90,7 +90,7 @@ def _judge_accounted(check: Check, raws: dict[int, bytes], ahead: Sequence[int],
     verdict = judge_payloads(check.family, raws, ahead, check.backend)
     if not missing:
         return verdict
-    unheard = _messages.unaccounted(check.family, missing, check.deadline.timeout, check.backend)
+    unheard = _messages.unaccounted(check.family, missing, check.deadline.timeout, check.backend, check.backend_key is None)
     return dataclasses.replace(verdict, detail="\n".join(filter(None, [verdict.detail, unheard])))
 
 

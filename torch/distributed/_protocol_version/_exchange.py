@@ -26,7 +26,7 @@ from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._judge import judge
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
-from torch.distributed._protocol_version._store import Check, Deadline, find_present, present, wait_for
+from torch.distributed._protocol_version._store import Check, Deadline, find_present, POLL_SECONDS, present, wait_for
 
 
 __all__ = ["ProtocolVersionError", "exchange", "parse_current", "raise_on_failure"]
@@ -130,6 +130,13 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
         check.deadline.pause()
 
 
+def _verdict_wait(check: Check) -> float:
+    """How long a rank that published waits for the verdict: to its deadline in
+    ``error``; in ``warn``, to the end of a grace period that rank 0, which opened
+    the check before this rank published, began earlier (half a second for it to judge)."""
+    return check.deadline.remaining() if check.info.mode == "error" else check.grace + POLL_SECONDS
+
+
 def _participate(check: Check) -> Verdict:
     """Any rank but 0: publish this rank's payload in an open check and await its verdict."""
     store, key = check.store, check.key
@@ -143,7 +150,7 @@ def _participate(check: Check) -> Verdict:
         store.set(key(token, "rank", check.rank), check.payload)
         check.doing = "waiting for the verdict"
         verdict_key = key(token, "verdict")
-        if not wait_for(store, [verdict_key], check.deadline.remaining()):
+        if not wait_for(store, [verdict_key], _verdict_wait(check)):
             verdict = _diagnose.verdict_timeout(check, token)
         else:
             raw = store.get(verdict_key)

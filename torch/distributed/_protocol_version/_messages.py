@@ -172,21 +172,27 @@ def timeout_head(family: Family, timeout: timedelta, backend: str, mode: str) ->
     return f"{family.title} check timed out after {seconds} ({backend_text(backend)})"
 
 
-_NO_TRACE = "a build without the check on a backend that leaves no trace in the store"
+def _silent(traceless: bool) -> str:
+    """Why a rank has not published; on a backend without a trace (NCCL), a rank
+    without the check cannot be told from a late one."""
+    reasons = ["not started", "still starting", "exited"]
+    if traceless:
+        reasons.append("a build without the check on a backend that leaves no trace in the store")
+    return f"{', '.join(reasons[:-1])}, or {reasons[-1]}"
 
 
-def never_arrived(ranks: Sequence[int], family: Family) -> str:
-    """Ranks with no payload: late, exited, or without the check on a backend that leaves no trace."""
+def never_arrived(ranks: Sequence[int], family: Family, traceless: bool) -> str:
+    """Ranks with no payload, and why that may be."""
     article = "an" if family.version_word[0] in "AEIOU" else "a"
-    return f"{ranks_phrase(ranks)} never published {article} {family.version_word} (not started, still starting, exited, or {_NO_TRACE})"
+    return f"{ranks_phrase(ranks)} never published {article} {family.version_word} ({_silent(traceless)})"
 
 
-def unaccounted(family: Family, ranks: Sequence[int], grace: timedelta, backend: str) -> str:
-    """The ranks a ``warn`` rank 0 judged without: late, or silent."""
+def unaccounted(family: Family, ranks: Sequence[int], grace: timedelta, backend: str, traceless: bool) -> str:
+    """The ranks a ``warn`` rank judged without."""
     return (
         f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
         f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace.total_seconds():g}s "
-        f"(late, or {_NO_TRACE}); the job goes on, and a rank that arrives later says so."
+        f"({_silent(traceless)}); the job goes on, and a rank that arrives later says so."
     )
 
 
