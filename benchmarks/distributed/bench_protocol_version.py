@@ -9,12 +9,15 @@
    ``init_process_group`` to the last rank's RuntimeError, timeout 300 s.
 4. The cluster preflight (``--preflight``) at N = 64, 256, 1024 simulated ranks
    (threads, as in 1), against the same store barrier.
+5. torchrun's agents: the check the hook runs in ``SimpleElasticAgent._rendezvous``
+   at 2, 8, 64 agents (threads, real c10d rendezvous on a free port), against the
+   rendezvous itself; rounds with the check off (stock's path) and on alternate.
 
 Each benchmark runs its variants side by side in the same run and reports medians
 and ratios: absolute times on a shared machine are noise. Results and the machine
 note live in docs/source/protocol_version_benchmarks.md.
 
-Usage: bench_protocol_version.py [--quick] [--only 1,3] [--sizes 64,256]
+Usage: bench_protocol_version.py [--quick] [--only 1,3] [--sizes 64,256] [--agent-sizes 2,8,64]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import _bench_agents  # noqa: E402
 import _bench_init  # noqa: E402
 import _bench_preflight  # noqa: E402
 import _bench_store_scale  # noqa: E402
@@ -51,6 +55,7 @@ from _bench_common import Target  # noqa: E402
 SCALE_SIZES = (64, 256, 1024, 2048)
 PREFLIGHT_SIZES = (64, 256, 1024)
 INIT_SIZES = (2, 4, 8)
+AGENT_SIZES = _bench_agents.AGENT_SIZES
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -162,12 +167,38 @@ def bench_preflight(sizes: list[int], reps: int) -> None:
     )
 
 
+def bench_agents(sizes: list[int], reps: int) -> None:
+    print("\n## 5. torchrun agents: the check in SimpleElasticAgent._rendezvous vs the c10d rendezvous")
+    _prepare_for_many_threads(max(sizes))
+    started = time.perf_counter()
+    results = _bench_agents.bench(sizes, reps, lambda line: print(line, flush=True))
+    print()
+    print(_bench_agents.round_table(results))
+    print(
+        f"\n{reps} repetitions of a stock round (check off: the hook row returns at once) and a patched "
+        "round (check on), order\nalternating; each a fresh c10d rendezvous of N agent threads through "
+        "the real SimpleElasticAgent._rendezvous.\nTimes from the release of the agents to the last "
+        "agent through each step, medians over rounds: rdzv\n(next_rendezvous), check (from the last "
+        "rdzv return), assign (_assign_worker_ranks), total; spread: first to last\nagent out of the "
+        "rendezvous. check/rdzv, (rdzv+check)/rdzv: per round; total x stock: patched total over the "
+        "stock\ntotal of the same repetition (mostly the rendezvous' own noise; x range: min-max).\n"
+    )
+    print(_bench_agents.isolated_table(results))
+    print(
+        "\nafter each round, its agents released together on the round's store, interleaved: "
+        "the store barrier, the real\n_assign_worker_ranks (stock's next step), the real check; "
+        "medians, x: median of per-repetition ratios;\ncalls: the check's store calls per agent "
+        f"(max over agents other than 0 / agent 0). Benchmark 5 took {time.perf_counter() - started:.0f}s."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3, 4], help="e.g. 1,3")
+    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3, 4, 5], help="e.g. 1,3")
     parser.add_argument("--sizes", type=_parse_ints, help="N for benchmark 1")
     parser.add_argument("--reps", type=int, help="repetitions per N in benchmark 1")
+    parser.add_argument("--agent-sizes", type=_parse_ints, help="agents per round in benchmark 5")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         targets += bench_verdict(4, trials=2 if args.quick else 4, delay=2.0)
     if 4 in args.only:
         bench_preflight(list(PREFLIGHT_SIZES), reps=3 if args.quick else 7)
+    if 5 in args.only:
+        bench_agents(args.agent_sizes or list(AGENT_SIZES), reps=2 if args.quick else 5)
 
     print("\n## Targets")
     for target in targets:
