@@ -1,0 +1,241 @@
+# Owner(s): ["oncall: distributed"]
+"""The check of torchrun's agents, with real ``torchrun`` processes on this host.
+
+Each agent is its own ``python -m torch.distributed.run`` (one worker per agent)
+joining one c10d rendezvous on a free port, the way nodes of a multi-node job
+do; the namespace cluster tests run the same on separate hosts with real other
+builds. Every worker first leaves a file naming its agent's group rank and its
+attempt, so "no worker started" is read from the disk, not from missing output.
+A build that speaks version 2 is simulated with the version override; an agent
+without the check is the stock torch of ``.venv-stock``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from datetime import timedelta
+from typing import Mapping, Sequence
+from unittest import mock, skipUnless
+
+import torch.distributed as dist
+from torch.distributed._protocol_version._agent import check_agent_protocol_version
+
+from torch.testing._internal.common_utils import (
+    find_free_port,
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+    TestCase,
+)
+from torch.testing._internal.distributed.protocol_version_utils import (
+    CHECK_MODE_ENV,
+    GUARDRAIL_ENVS,
+    NO_STOCK_REASON,
+    run_in_own_session,
+    STOCK_PYTHON,
+    VERSION_OVERRIDE_ENV,
+)
+
+
+AGENT_MISMATCH = "torch.distributed protocol version (torchrun agents) mismatch"
+# The rendezvous store's timeout (what a stock agent waits for the others' role
+# info), kept short so that a stock agent beside a refusing one ends soon.
+READ_TIMEOUT_S = 10
+# The bound of the issue: both agents out, non-zero, no worker started.
+REFUSAL_BOUND_S = 30.0
+RUN_BOUND_S = 120.0
+# torchrun with the guardrail's log at INFO, so a passing agent check is seen.
+AGENT = (
+    "import logging, sys; from torch.distributed.run import main; "
+    "logging.getLogger('torch.distributed._protocol_version').setLevel(logging.INFO); "
+    "sys.argv[0] = 'torchrun'; main()"
+)
+PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed")
+
+# The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 if asked,
+# and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces.
+WORKER = '''\
+import os, sys
+from pathlib import Path
+
+attempt, group_rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["GROUP_RANK"]
+Path(os.environ["PV_TEST_DIR"], f"started.{group_rank}.{attempt}").write_text(os.environ["RANK"])
+if attempt == "0" and os.environ.get("PV_TEST_FAIL_FIRST") == "1":
+    sys.exit(3)
+if os.environ.get("PV_TEST_INIT") == "1":
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    tensor = torch.ones(1)
+    dist.all_reduce(tensor)
+    Path(os.environ["PV_TEST_DIR"], f"sum.{group_rank}.{attempt}").write_text(str(tensor.item()))
+    dist.destroy_process_group()
+'''
+
+
+@dataclass
+class Agent:
+    """One node: its interpreter, its environment, and what torchrun did."""
+
+    python: Path = Path(sys.executable)
+    env: Mapping[str, str] = field(default_factory=dict)
+    returncode: int | None = None
+    output: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def passed(self) -> list[tuple[int, int]]:
+        """``(group rank, agents)`` of each agent check this agent passed."""
+        return [(int(m[1]), int(m[2])) for m in PASSED.finditer(self.output)]
+
+
+class TestAgentCheck(TestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory(prefix="pv-agents-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = Path(tmp.name)
+        (self.dir / "worker.py").write_text(WORKER)
+
+    def launch(self, agents: Sequence[Agent], nnodes: str | None = None, args: Sequence[str] = (),
+               env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S) -> list[Agent]:
+        """Start every agent at once on one rendezvous, and wait for all of them."""
+        endpoint = f"127.0.0.1:{find_free_port()}"
+        base = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
+        base.update(PV_TEST_DIR=str(self.dir), **(env or {}))
+
+        def run(agent: Agent) -> Agent:
+            cmd = [
+                str(agent.python), "-c", AGENT, f"--nnodes={nnodes or len(agents)}", "--nproc-per-node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=pv",
+                f"--rdzv-conf=read_timeout={READ_TIMEOUT_S}", "--monitor-interval=0.1", *args,
+                str(self.dir / "worker.py"),
+            ]
+            started = time.monotonic()
+            result, timed_out = run_in_own_session(cmd, bound, {**base, **agent.env})
+            self.assertFalse(timed_out, f"torchrun still running after {bound:g}s:\n{result.stdout[-4000:]}")
+            agent.returncode, agent.output, agent.wall_s = result.returncode, result.stdout, time.monotonic() - started
+            return agent
+
+        with ThreadPoolExecutor(len(agents)) as pool:
+            return list(pool.map(run, agents))
+
+    def started(self) -> list[str]:
+        return sorted(p.name for p in self.dir.glob("started.*"))
+
+    def assert_ran(self, agents: Sequence[Agent], init: bool) -> None:
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        self.assertEqual(self.started(), [f"started.{r}.0" for r in range(len(agents))])
+        sums = sorted(p.read_text() for p in self.dir.glob("sum.*"))
+        self.assertEqual(sums, [str(float(len(agents)))] * len(agents) if init else [])
+
+    def assert_refused(self, agents: Sequence[Agent], checking: Sequence[Agent]) -> None:
+        """Every agent out, non-zero, within the bound; each checking agent with
+        the agents' message; no worker started anywhere."""
+        for agent in agents:
+            self.assertNotEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertLess(agent.wall_s, REFUSAL_BOUND_S, agent.output[-4000:])
+        for agent in checking:
+            self.assertIn(AGENT_MISMATCH, agent.output)
+            self.assertIn("No agent has started its workers", agent.output)
+        self.assertEqual(self.started(), [])
+
+    @parametrize("init", [False, True])
+    def test_three_matching_agents_run(self, init: bool) -> None:
+        agents = self.launch([Agent() for _ in range(3)], env={"PV_TEST_INIT": str(int(init))})
+        self.assert_ran(agents, init)
+        for agent in agents:
+            self.assertEqual(len(agent.passed), 1, agent.output[-4000:])
+            self.assertEqual(agent.passed[0][1], 3)
+        self.assertEqual(sorted(a.passed[0][0] for a in agents), [0, 1, 2])
+
+    @parametrize("init", [False, True])
+    def test_an_agent_on_version_2_is_refused_before_any_worker_starts(self, init: bool) -> None:
+        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], env={"PV_TEST_INIT": str(int(init))})
+        self.assert_refused(agents, agents)
+        for agent in agents:
+            self.assertRegex(agent.output, r"protocol version 1: rank \d on host")
+            self.assertRegex(agent.output, r"protocol version 2: rank \d on host")
+
+    def test_a_refusal_is_not_retried(self) -> None:
+        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], args=["--max-restarts=3"])
+        self.assert_refused(agents, agents)
+        for agent in agents:
+            self.assertEqual(agent.output.count(AGENT_MISMATCH), 1, agent.output[-4000:])
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_a_stock_agent_beside_version_1_runs_with_a_warning_naming_it(self) -> None:
+        checking, stock = self.launch([Agent(), Agent(python=STOCK_PYTHON)], env={"PV_TEST_INIT": "1"})
+        self.assert_ran([checking, stock], init=True)
+        (own_rank, _), = checking.passed
+        stock_rank = 1 - own_rank
+        self.assertIn(
+            f"(torchrun agents) check (backend c10d rendezvous): rank {stock_rank} runs a build without the "
+            "protocol version check", checking.output,
+        )
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_a_stock_agent_beside_version_2_is_refused_and_starts_no_worker(self) -> None:
+        """The stock agent cannot know: it ends when the refusing agent's store
+        goes away, or at its store timeout when it hosts the store itself."""
+        checking, stock = self.launch([Agent(env={VERSION_OVERRIDE_ENV: "2"}), Agent(python=STOCK_PYTHON)])
+        self.assert_refused([checking, stock], [checking])
+        self.assertRegex(checking.output, r"taken as version 1: rank \d\n")
+
+    def test_an_agent_restart_runs_the_check_again(self) -> None:
+        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "1", "PV_TEST_INIT": "1"})
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertEqual(len(agent.passed), 2, agent.output[-4000:])  # round 0, then round 1
+        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0", "started.1.1"])
+        self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.1"])
+
+    def test_elastic_membership_keeps_working(self) -> None:
+        agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertTrue(agent.passed, agent.output[-4000:])  # one round of 2 agents, or rounds of 1 and then 2
+        self.assertTrue(self.started(), "no worker started")
+
+    def test_worker_identical_with_every_agent_checking(self) -> None:
+        agents = self.launch([Agent(), Agent()], env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1", "PV_TEST_INIT": "1"})
+        self.assert_ran(agents, init=True)
+        self.assertEqual(sorted(a.passed[0][0] for a in agents), [0, 1])
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_worker_identical_hides_a_stock_agent_which_warn_names(self) -> None:
+        """With ``TORCH_ELASTIC_WORKER_IDENTICAL=1`` a stock agent writes no role
+        info: nothing shows it. In ``warn`` the checking agent goes on after its
+        grace period and names it; in ``error`` it waits for the store's timeout
+        and stops, naming the variable (:class:`TestWorkerIdenticalMessage`)."""
+        checking, stock = self.launch(
+            [Agent(env={CHECK_MODE_ENV: "warn"}), Agent(python=STOCK_PYTHON)],
+            env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1"},
+        )
+        self.assert_ran([checking, stock], init=False)
+        self.assertRegex(checking.output, r"judged without rank \d|rank 0, which collects every rank's version, has not opened the check")
+
+
+class TestWorkerIdenticalMessage(TestCase):
+    def test_an_agent_that_hears_nothing_names_the_variable(self) -> None:
+        """Agent 1 never takes part and, with the variable set, leaves no role
+        info: agent 0 stops at the store's timeout, saying what to change."""
+        store = dist.HashStore()
+        store.set_timeout(timedelta(seconds=2))
+        with mock.patch.dict(os.environ, {"TORCH_ELASTIC_WORKER_IDENTICAL": "1"}):
+            with self.assertRaisesRegex(dist.DistStoreError, "rank 1 never published(.|\\n)*With TORCH_ELASTIC_WORKER_IDENTICAL=1 an agent"):
+                check_agent_protocol_version(store, 0, 2, "c10d")
+
+
+instantiate_parametrized_tests(TestAgentCheck)
+
+
+if __name__ == "__main__":
+    run_tests()
