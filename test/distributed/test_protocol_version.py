@@ -238,7 +238,11 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
         raws = {0: warn.to_payload(C10D).encode(), 1: rank_info(1, 1).to_payload(C10D).encode()}
         verdict = _diagnose._judge_accounted(check, raws, [], [2, 3])
         self.assertEqual((verdict.status, verdict.negotiated), ("ok", 1))
-        self.assertExpectedInline(verdict.detail, """torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn): judged without ranks 2-3, not heard from within the grace period of 1s (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); the job goes on, and a rank that arrives later says so.""")
+        self.assertExpectedInline(
+            verdict.detail,
+            """\
+torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn): judged without ranks 2-3, not heard from within the grace period of 1s (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); the job goes on, and a rank that arrives later says so.""",
+        )
 
     def test_timeout_message(self) -> None:
         check = _store.Check(
