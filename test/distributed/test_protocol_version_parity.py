@@ -599,7 +599,7 @@ class TestCoreImports(TestCase):
         )
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
         modules, lines = proc.stdout.strip().splitlines()[-2:]
-        for heavy in ("_preflight", "_cli", "_rpc", "torch.distributed.elastic", "torch.distributed.rpc"):
+        for heavy in ("_preflight", "_cli", "_rpc", "_agent", "_standalone", "torch.distributed.elastic", "torch.distributed.rpc"):
             self.assertNotIn(heavy, modules)
         self.assertLessEqual(int(lines), 1300)
 

@@ -8,7 +8,8 @@ job that mixes incompatible builds fails there, on every rank, with one message
 that names the ranks, hosts and builds.
 
 This module and what it imports are what every ``init_process_group`` loads;
-``_rpc`` loads with ``init_rpc``, ``_preflight`` and ``_cli`` with
+``_rpc`` loads with ``init_rpc``, ``_agent`` with torchrun's agents,
+``_standalone`` with :func:`check_protocol_version`, ``_preflight`` and ``_cli`` with
 ``python -m torch.distributed._protocol_version``. Environment variables:
 ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` (``error``, ``warn`` or ``off``), and
 ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE`` and
@@ -17,6 +18,7 @@ This module and what it imports are what every ``init_process_group`` loads;
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import weakref
@@ -79,57 +81,6 @@ def get_min_protocol_version() -> int:
     return version_range(C10D)[0]
 
 
-def _validate_args(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> None:
-    if not isinstance(store, dist.Store):
-        raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if type(value) is not int:  # bool is an int, and True is no rank
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
-    if not isinstance(timeout, timedelta):
-        raise TypeError(f"timeout must be a datetime.timedelta, got {type(timeout).__name__} {timeout!r:.40}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-
-
-def check_protocol_version(
-    store: dist.Store, rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30), *, backend: str = "unknown"
-) -> int:
-    """Check that every rank speaks a common protocol version, through ``store``.
-
-    For frameworks that build process groups without ``init_process_group``: call
-    it on every rank with the same store before building the group. Each call
-    judges only its own ranks. Ignores ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``:
-    calling it is the decision to check.
-
-    Args:
-        store: a store that all ranks of this group, and only they, use for the
-            check (``set``, ``get`` and ``wait`` are needed; ``check`` is used).
-        rank: this rank, in ``[0, world_size)``.
-        world_size: the number of ranks.
-        timeout: how long this rank waits for the others, from its arrival.
-        backend: names the backend in messages.
-
-    Returns:
-        The negotiated version: the highest version every rank speaks.
-
-    Raises:
-        ProtocolVersionError: the ranks share no protocol version, or one of them
-            published an invalid payload.
-        DistStoreError: a rank did not publish within ``timeout``.
-        SettingError: an override variable holds an invalid value.
-        TypeError, ValueError: an invalid argument.
-    """
-    _validate_args(store, rank, world_size, timeout)
-    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, "error")
-    raise_on_failure(verdict, info, C10D)
-    assert verdict.negotiated is not None  # a mismatch in "error" mode raised
-    return verdict.negotiated
-
-
 def _check_protocol_version(
     store: dist.Store, group_store: dist.Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
@@ -188,10 +139,12 @@ def get_group_protocol_version() -> int:
     return version
 
 
-def __getattr__(name: str) -> Any:
-    """The RPC family loads with ``init_rpc``, not with every ``init_process_group``."""
-    if name == "get_rpc_protocol_version":
-        from torch.distributed._protocol_version._rpc import get_rpc_protocol_version
+# Public functions that ``init_process_group`` never needs, and the module each loads with.
+_LAZY = {"check_protocol_version": "_standalone", "get_rpc_protocol_version": "_rpc"}
 
-        return get_rpc_protocol_version
+
+def __getattr__(name: str) -> Any:
+    """Load what every ``init_process_group`` does not need on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,13 @@ protocol version 1. Loaded by the agent only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import torch.distributed as dist
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
-from torch.distributed._protocol_version._families import AGENTS
+from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV
 
 
@@ -27,6 +28,18 @@ __all__ = ["check_agent_protocol_version"]
 logger = logging.getLogger(__name__)
 
 WORKER_IDENTICAL_ENV = "TORCH_ELASTIC_WORKER_IDENTICAL"
+# The agents check the collectives' protocol of the build their workers will run
+# (the workers inherit their environment), under a namespace of their own.
+AGENTS = dataclasses.replace(
+    C10D,
+    name="agents",
+    title="torch.distributed protocol version (torchrun agents)",
+    key_prefix="protocol_version_agents",
+    note=(
+        "Here a rank is a torchrun agent, numbered by its node's group rank in the rendezvous. "
+        "No agent has started its workers, and torchrun does not restart them: a mismatch is the same every time."
+    ),
+)
 
 
 def _role_info_key(group_rank: int) -> str:

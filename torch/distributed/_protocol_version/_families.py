@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch.distributed._protocol_version import _versions
 
 
-__all__ = ["AGENTS", "C10D", "Family", "RPC"]
+__all__ = ["C10D", "Family", "RPC"]
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,5 @@ RPC = Family(
     note=(
         "This is the RPC wire protocol (torch.distributed.rpc), versioned apart from the "
         "collectives' protocol of init_process_group."
-    ),
-)
-
-# torchrun's agents check the collectives' protocol of the build their workers will
-# run (the workers inherit their environment), under a namespace of their own.
-AGENTS = Family(
-    name="agents",
-    title="torch.distributed protocol version (torchrun agents)",
-    version=_versions.PROTOCOL_VERSION,
-    min_version=_versions.MIN_PROTOCOL_VERSION,
-    version_env=C10D.version_env,
-    min_version_env=C10D.min_version_env,
-    key_prefix="protocol_version_agents",
-    version_word="protocol version",
-    note=(
-        "Here a rank is a torchrun agent, numbered by its node's group rank in the rendezvous. "
-        "No agent has started its workers, and torchrun does not restart them: a mismatch is the same every time."
     ),
 )
