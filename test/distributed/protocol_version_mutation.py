@@ -13,6 +13,7 @@ Mutations, by name:
   ``unpatch()`` of the installed, patched file: a node without the fork.
 * ``unhook_rpc``: ``torch.distributed.rpc`` (its ``__init__``) as stock: RPC
   without the fork.
+* ``unhook_agent``: torchrun's agent (``elastic/agent/server/api.py``) as stock.
 * ``noop``: ``torch.distributed._protocol_version`` with ``_check_protocol_version``
   redefined to do nothing: the hook still calls it, and nothing is checked.
 
@@ -33,7 +34,7 @@ from types import ModuleType
 from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from protocol_version_hook import is_patched, TARGETS, unpatch  # noqa: E402
+from protocol_version_hook import is_patched, unpatch  # noqa: E402
 
 
 MARKER = "__protocol_version_mutation__"
@@ -59,8 +60,9 @@ def _noop(source: str) -> str:
 
 
 MUTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "unhook": ("torch.distributed.distributed_c10d", _unhook(TARGETS[0])),
-    "unhook_rpc": ("torch.distributed.rpc", _unhook(TARGETS[1])),
+    "unhook": ("torch.distributed.distributed_c10d", _unhook("distributed/distributed_c10d.py")),
+    "unhook_rpc": ("torch.distributed.rpc", _unhook("distributed/rpc/__init__.py")),
+    "unhook_agent": ("torch.distributed.elastic.agent.server.api", _unhook("distributed/elastic/agent/server/api.py")),
     "noop": ("torch.distributed._protocol_version", _noop),
 }
 
