@@ -1,38 +1,71 @@
-"""The job of the cluster tests and demo: one gloo worker per host, under torchrun.
+"""The job of the cluster tests and demo: one worker per host, under torchrun.
 
     python -m torch.distributed.run ... protocol_version_cluster_worker.py --report-dir DIR
 
 Each host runs it with its own torch (the fork, stock torch, another build of
 the fork), so it needs nothing but torch, and asks for the guardrail's API only
-where the build has it. It initializes gloo through torchrun's ``env://``,
-all_reduces ``rank + 1`` and appends what happened, as JSON lines, to
-``DIR/<hostname>.jsonl``: ``start`` (rank, torch distribution, whether the build
-has the check), then ``done`` (sum, negotiated version) or ``init_failed`` (the
-error); each with the time, and the last two with when init began. The
-exception still propagates, so torchrun sees the failure as it would in a job.
+where the build has it. It appends what happened, as JSON lines, to
+``DIR/<hostname>.jsonl``, each line with its rank, host, attempt (torchrun's
+restart count), pid and time:
+
+* ``launched``, first thing, before ``import torch``: a worker process exists
+  (the trace that proves a worker started, or, by its absence, that none did);
+* ``start``: the torch distribution, whether the build has the check;
+* then, by default, gloo is initialized through torchrun's ``env://`` and
+  ``rank + 1`` all_reduced: ``done`` (sum, negotiated version) or
+  ``init_failed`` (the error; the exception still propagates, so torchrun sees
+  the failure as it would in a job), the last two with when init began;
+* with ``--no-init`` the worker never calls ``init_process_group`` (a job that
+  talks only through its own channels): ``done`` with ``init: false``;
+* with ``--fail-on-attempt N``, attempt ``N`` exits 1 after ``done``
+  (``failed_on_purpose``), so that torchrun restarts the workers;
+* with ``--check-mode MODE``, the worker's own ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``
+  is ``MODE`` whatever its agent's was (a job whose launcher runs no check).
 """
 
-from __future__ import annotations
-
-import argparse
-import importlib.metadata
-import importlib.util
-import json
 import os
 import socket
+import sys
 import time
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
+
+
+def _report(report_dir, event, **fields):
+    fields.update(
+        event=event,
+        rank=int(os.environ["RANK"]),
+        host=socket.gethostname(),
+        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        pid=os.getpid(),
+        time=time.time(),
+    )
+    import json
+
+    with open(os.path.join(report_dir, f"{socket.gethostname()}.jsonl"), "a") as out:
+        out.write(json.dumps(fields) + "\n")
+
+
+def _report_dir():
+    """``--report-dir``'s value, read before argparse and torch are imported."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--report-dir" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--report-dir="):
+            return arg.partition("=")[2]
+    raise SystemExit("protocol_version_cluster_worker.py: --report-dir DIR is required")
+
+
+# First thing: the worker process exists.
+_report(_report_dir(), "launched")
+
+import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 CHECK_MODULE = "torch.distributed._protocol_version"
-
-
-def _report(report_dir: Path, event: str, **fields: Any) -> None:
-    fields.update(event=event, rank=int(os.environ["RANK"]), host=socket.gethostname(), time=time.time())
-    with open(report_dir / f"{socket.gethostname()}.jsonl", "a") as out:
-        out.write(json.dumps(fields) + "\n")
+CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"  # a plain string: stock torch runs this file too
 
 
 def _wait_for(path: Path) -> None:
@@ -45,7 +78,12 @@ def main() -> None:
     parser.add_argument("--report-dir", type=Path, required=True)
     parser.add_argument("--init-timeout", type=float, help="seconds (default: torch's)")
     parser.add_argument("--hold", type=Path, help="wait for this file to exist before init")
+    parser.add_argument("--no-init", action="store_true", help="never call init_process_group")
+    parser.add_argument("--fail-on-attempt", type=int, help="exit 1 after done on this attempt")
+    parser.add_argument("--check-mode", help="this worker's TORCH_DISTRIBUTED_PROTOCOL_CHECK")
     args = parser.parse_args()
+    if args.check_mode is not None:
+        os.environ[CHECK_MODE_ENV] = args.check_mode
 
     import torch
     import torch.distributed as dist
@@ -57,22 +95,29 @@ def main() -> None:
     _report(args.report_dir, "start", distribution=distribution, has_check=has_check)
     if args.hold is not None:
         _wait_for(args.hold)
-    kwargs = {} if args.init_timeout is None else {"timeout": timedelta(seconds=args.init_timeout)}
-    began = time.time()
-    try:
-        dist.init_process_group("gloo", **kwargs)
-    except Exception as e:
-        _report(args.report_dir, "init_failed", began=began, error_type=type(e).__name__, error=str(e))
-        raise
-    tensor = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(tensor)
-    negotiated = None
-    if has_check:
-        from torch.distributed._protocol_version import get_group_protocol_version
+    if args.no_init:
+        tensor = torch.tensor([float(int(os.environ["RANK"]) + 1)])
+        _report(args.report_dir, "done", init=False, sum=tensor.item(), negotiated=None)
+    else:
+        kwargs = {} if args.init_timeout is None else {"timeout": timedelta(seconds=args.init_timeout)}
+        began = time.time()
+        try:
+            dist.init_process_group("gloo", **kwargs)
+        except Exception as e:
+            _report(args.report_dir, "init_failed", began=began, error_type=type(e).__name__, error=str(e))
+            raise
+        tensor = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(tensor)
+        negotiated = None
+        if has_check:
+            from torch.distributed._protocol_version import get_group_protocol_version
 
-        negotiated = get_group_protocol_version()
-    _report(args.report_dir, "done", began=began, sum=tensor.item(), negotiated=negotiated)
-    dist.destroy_process_group()
+            negotiated = get_group_protocol_version()
+        _report(args.report_dir, "done", init=True, began=began, sum=tensor.item(), negotiated=negotiated)
+        dist.destroy_process_group()
+    if args.fail_on_attempt is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == args.fail_on_attempt:
+        _report(args.report_dir, "failed_on_purpose")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
