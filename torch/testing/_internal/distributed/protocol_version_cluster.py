@@ -26,6 +26,7 @@ for a skip.
 from __future__ import annotations
 
 import atexit
+import datetime
 import itertools
 import json
 import os
@@ -275,24 +276,143 @@ class Cluster:
 
 ENDPOINT = 0  # the host whose torchrun hosts the rendezvous store
 JOB_BOUND_S = 120.0  # a torchrun still running after this is hung: killed
-# torchrun's per-process OpenMP warning, and thread fan-out on a small machine.
-_JOB_ENV = {"OMP_NUM_THREADS": "1"}
+# torchrun's per-process OpenMP warning, and thread fan-out on a small machine;
+# torchrun's INFO lines (a rendezvous round joined, closed: when an agent reached
+# the check and left it) and the agent check's (passed, with the version).
+_JOB_ENV = {"OMP_NUM_THREADS": "1", "LOGLEVEL": "INFO"}
+_RDZV_LOGS = "torch.distributed.elastic.rendezvous"
+_CHECK_LOGS = "torch.distributed._protocol_version"
+# torch's log prefix: level, month and day, local time to the microsecond, pid, place.
+_LOG_RE = re.compile(r"^([DIWEC])(\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +(\d+) ([^\]]*)\] ?(.*)$")
+_JOINED_RE = re.compile(r"has joined round (\d+) of the rendezvous '[^']*' as rank (\d+) in a world of size (\d+)")
+# How an agent leaves the rendezvous: torchrun's last step, also right after the
+# agent check raised (a host whose store host has gone fails to, and says so).
+_LEFT_RE = re.compile(r"has (closed|failed to shutdown) the rendezvous")
+# The last line of a Python traceback: a dotted exception type and its message.
+_RAISED_RE = re.compile(r"^((?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)): (.*)$")
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of torch's logging: its ``time.time()``, level letter, pid and text."""
+
+    time: float
+    level: str
+    pid: int
+    text: str
+
+
+def log_lines(output: str) -> list[LogLine]:
+    """The lines of ``output`` that torch's logging wrote (its own prefix), in order.
+    The prefix has no year and is in local time, as this machine's clock is."""
+    lines = []
+    now = datetime.datetime.now()
+    for line in output.splitlines():
+        match = _LOG_RE.match(line)
+        if match is None:
+            continue
+        level, month, day, hour, minute, second, micro, pid, _, text = match.groups()
+        stamp = datetime.datetime(now.year, int(month), int(day), int(hour), int(minute), int(second), int(micro))
+        if stamp - now > datetime.timedelta(days=1):  # written last year (a run across New Year)
+            stamp = stamp.replace(year=now.year - 1)
+        lines.append(LogLine(stamp.timestamp(), level, int(pid), text))
+    return lines
+
+
+@dataclass(frozen=True)
+class Round:
+    """A rendezvous round an agent joined, from its log: its group rank and when
+    it joined (the round was complete: the agent check comes next)."""
+
+    round: int
+    group_rank: int
+    group_world_size: int
+    joined: float
+
+
+@dataclass(frozen=True)
+class Raised:
+    """An exception a process died of, from the traceback in its output."""
+
+    type: str  # the class name, without its module
+    message: str  # every line of it
+
+
+def raised(output: str, starting: str = "") -> Raised | None:
+    """The last exception in ``output`` whose message starts with ``starting``,
+    with the lines of its message (up to the next empty line)."""
+    lines = output.splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        match = _RAISED_RE.match(line)
+        if match is None or not match.group(3).startswith(starting) or not starting and "Error" not in match.group(2):
+            continue
+        message = [match.group(3)]
+        for more in lines[i + 1:]:
+            if not more.strip() or _LOG_RE.match(more):
+                break
+            message.append(more)
+        found = Raised(match.group(2), "\n".join(message))
+    return found
 
 
 @dataclass(frozen=True)
 class Job:
     """One multi-node job: each host's torchrun, and each host's worker reports
-    (``start``, then ``done`` or ``init_failed``; see the worker's docstring)."""
+    (``launched``, ``start``, then ``done`` or ``init_failed``; see the worker's
+    docstring)."""
 
     runs: dict[int, HostRun]
     events: dict[str, list[dict[str, Any]]]  # hostname -> reports, in order
 
-    def event(self, host: Host, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.events.get(host.name, []) if e["event"] == name), None)
+    def event(self, host: Host, name: str, attempt: int | None = None) -> dict[str, Any] | None:
+        """The first ``name`` report of ``host`` (of torchrun's attempt ``attempt``, if given)."""
+        return next(iter(self.events_of(host, name, attempt)), None)
+
+    def events_of(self, host: Host, name: str, attempt: int | None = None) -> list[dict[str, Any]]:
+        return [
+            e for e in self.events.get(host.name, [])
+            if e["event"] == name and (attempt is None or e["attempt"] == attempt)
+        ]
+
+    def launched(self) -> list[str]:
+        """The hosts on which any worker process started (its first report)."""
+        return sorted(name for name, events in self.events.items() if any(e["event"] == "launched" for e in events))
 
     def last_arrival(self) -> float:
         """When the last worker called ``init_process_group``."""
         return max(e["began"] for events in self.events.values() for e in events if "began" in e)
+
+    def logged(self, host: Host, text: str) -> list[LogLine]:
+        """The log lines of host's torchrun (agent and workers) that contain ``text``."""
+        return [line for line in log_lines(self.runs[host.index].output) if text in line.text]
+
+    def rounds(self, host: Host) -> list[Round]:
+        """The rendezvous rounds host's agent joined, in order (its INFO lines)."""
+        rounds = []
+        for line in log_lines(self.runs[host.index].output):
+            match = _JOINED_RE.search(line.text)
+            if match is not None:
+                rounds.append(Round(*map(int, match.groups()), line.time))
+        return rounds
+
+    def group_rank(self, host: Host) -> int | None:
+        """Host's agent's rank in the first round, if it joined one."""
+        rounds = self.rounds(host)
+        return rounds[0].group_rank if rounds else None
+
+    def agents_arrival(self) -> float:
+        """When the last agent joined the first round, and so reached the agent check."""
+        return max(self.rounds(run.host)[0].joined for run in self.runs.values())
+
+    def left(self, host: Host) -> float | None:
+        """When host's agent left the rendezvous: torchrun's last step, right
+        after the agent check raised when it did."""
+        return next((line.time for line in log_lines(self.runs[host.index].output) if _LEFT_RE.search(line.text)), None)
+
+    def raised(self, host: Host, starting: str = "") -> Raised | None:
+        """What host's torchrun died of (:func:`raised`)."""
+        return raised(self.runs[host.index].output, starting)
 
 
 def read_reports(report_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -303,14 +423,29 @@ def read_reports(report_dir: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _torchrun_args(endpoint: Host, nnodes: int, port: int, worker_args: Sequence[str]) -> list[str]:
+def _torchrun_args(
+    endpoint: Host, nnodes: int, port: int, max_restarts: int, rdzv_conf: Mapping[str, Any], worker_args: Sequence[str]
+) -> list[str]:
     """One node of a job of ``nnodes`` nodes, one worker each, c10d rendezvous on
-    ``endpoint``. No restarts: a failed attempt is the outcome to look at."""
+    ``endpoint``. By default no restarts: a failed attempt is the outcome to look at."""
+    conf = [f"--rdzv-conf={','.join(f'{k}={v}' for k, v in rdzv_conf.items())}"] if rdzv_conf else []
     return [
         "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint.address}:{port}",
-        f"--rdzv-id={PREFIX}-{port}", "--max-restarts=0", str(WORKER), *worker_args,
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint.address}:{port}", *conf,
+        f"--rdzv-id={PREFIX}-{port}", f"--max-restarts={max_restarts}", str(WORKER), *worker_args,
     ]
+
+
+def has_check(venv: Path) -> bool:
+    """Whether the torch of ``venv`` has the guardrail (stock torch does not)."""
+    return any(venv.glob("lib/python*/site-packages/torch/distributed/_protocol_version/__init__.py"))
+
+
+def _job_env(venv: Path) -> dict[str, str]:
+    """TORCH_LOGS names only modules the build has: stock torch refuses, at
+    ``import torch``, a name it cannot find."""
+    logs = f"{_CHECK_LOGS},{_RDZV_LOGS}" if has_check(venv) else _RDZV_LOGS
+    return {**_JOB_ENV, "TORCH_LOGS": logs}
 
 
 def run_job(
@@ -321,12 +456,20 @@ def run_job(
     host_args: Mapping[int, Sequence[str]] | None = None,
     bounds: Mapping[int, float] | None = None,
     during: Callable[[Path], None] | None = None,
+    env: Mapping[str, str] | None = None,
+    host_env: Mapping[int, Mapping[str, str]] | None = None,
+    max_restarts: int = 0,
+    rdzv_conf: Mapping[str, Any] | None = None,
 ) -> Job:
     """Run the worker under ``torchrun`` on every host at once, host ``i`` with
-    the torch of ``venvs[i]``, the rendezvous on :data:`ENDPOINT` at ``port``.
+    the torch of ``venvs[i]``, the rendezvous on :data:`ENDPOINT` at ``port``;
+    ``len(venvs)`` nodes, on the first hosts of the cluster.
 
     ``worker_args`` go to every worker, ``host_args[i]`` to host ``i``'s only;
-    host ``i``'s torchrun is killed after ``bounds[i]`` seconds (default
+    ``env`` to every torchrun (and so its workers), ``host_env[i]`` to host
+    ``i``'s only; ``max_restarts`` and ``rdzv_conf`` (``--rdzv-conf``, e.g.
+    ``read_timeout``: the rendezvous store's timeout) to every torchrun. Host
+    ``i``'s torchrun is killed after ``bounds[i]`` seconds (default
     :data:`JOB_BOUND_S`). ``during(report_dir)`` runs in this thread while the
     job does, to act on the cluster mid-job.
     """
@@ -335,10 +478,10 @@ def run_job(
             i: Command(
                 venv,
                 _torchrun_args(
-                    cluster.hosts[ENDPOINT], len(venvs), port,
+                    cluster.hosts[ENDPOINT], len(venvs), port, max_restarts, rdzv_conf or {},
                     ["--report-dir", tmp, *worker_args, *(host_args or {}).get(i, ())],
                 ),
-                _JOB_ENV,
+                {**_job_env(venv), **(env or {}), **(host_env or {}).get(i, {})},
                 (bounds or {}).get(i, JOB_BOUND_S),
             )
             for i, venv in enumerate(venvs)
