@@ -8,13 +8,17 @@ of its own venv: the fork (this repo's .venv, protocol version 1), stock torch
 (.venv-stock, no check), or the fork's wheel rebuilt with other versions.
 
 Act 1, a rolling update with real builds:
-  1. every host on the fork;
-  2. node-c straight to a version-2 build (minimum 2): every host fails at init;
+  1. every host on the fork: torchrun's agents check each other, the job runs;
+  2. node-c straight to a version-2 build (minimum 2): torchrun's agents refuse
+     before any worker starts, on every host;
+  2b. the same hosts launched without the agents' check (the check off for
+     torchrun, on in the workers): every worker fails in init_process_group;
   3. node-c on the bridging build (versions 1-2) instead: the job runs at 1;
   4. every host on the bridging build: the job runs at 2.
 Act 2, the guardrail's own first rollout (node-c still on stock torch):
-  5. beside version-1 hosts: the job runs, the guardrail hosts warn;
-  6. beside version-2 hosts: the guardrail hosts fail within seconds.
+  5. beside version-1 hosts: the job runs, the guardrail agents and workers warn;
+  6. beside version-2 hosts: the guardrail agents refuse within seconds, before
+     any worker starts; the stock agent fails once its store host has gone.
 
 Needs root. The first run builds the two other builds' venvs (about 2 minutes);
 later runs reuse them.
@@ -26,12 +30,13 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from torch.testing._internal.distributed.protocol_version_builds import build_venvs
 from torch.testing._internal.distributed.protocol_version_utils import REPO_ROOT, STOCK_PYTHON
 from torch.testing._internal.distributed.protocol_version_cluster import (
     Cluster,
+    Host,
     Job,
     run_job,
     unavailable_reason,
@@ -41,8 +46,12 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
 FORK = REPO_ROOT / ".venv"
 STOCK = STOCK_PYTHON.parents[1]
 NO_CHECK = "without the protocol version check"
+AGENT_TITLE = "torch.distributed protocol version (torchrun agents)"
+CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 # How long a stock host that keeps waiting is watched in step 6.
 STOCK_BOUND_S = 45.0
+# What a step is expected to show.
+RAN, AGENTS_REFUSE, WORKERS_REFUSE = "the job runs", "the agents refuse", "the workers refuse"
 
 
 @dataclass(frozen=True)
@@ -55,56 +64,82 @@ def banner(title: str) -> None:
     print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
 
 
+def describe(job: Job, host: Host) -> str:
+    """What host's agent and worker did."""
+    run = job.runs[host.index]
+    done, failed = job.event(host, "done"), job.event(host, "init_failed")
+    refused = job.raised(host, AGENT_TITLE)
+    passed = job.logged(host, "agents passed")
+    if refused is not None:
+        left = job.left(host)
+        after = f" {left - job.agents_arrival():.2f} s after the last agent's arrival" if left else ""
+        what = f"agent refused ({refused.type}){after}, started no worker"
+    elif done is not None:
+        what = f"{'agent check passed; ' if passed else ''}all_reduce sum {done['sum']:g}, negotiated version {done['negotiated']}"
+    elif failed is not None:
+        what = f"worker's init failed {failed['time'] - job.last_arrival():.2f} s after the last arrival ({failed['error_type']})"
+    elif job.event(host, "launched") is None:
+        died = job.raised(host)
+        what = f"no worker started{f'; torchrun died of {died.type}' if died else ''}"
+    else:
+        what = "the worker reported nothing more"
+    exit_ = "still running, killed" if run.timed_out else f"torchrun exit {run.returncode}"
+    return f"{what}; {exit_} after {run.wall_s:.1f} s"
+
+
 def show(cluster: Cluster, builds: list[Build], job: Job) -> None:
-    """One line per host: its build, rank, and what its worker and torchrun did."""
-    last = job.last_arrival()
+    """One line per host: its build, group rank, and what its agent, worker and torchrun did."""
     for host, build in zip(cluster.hosts, builds):
-        run = job.runs[host.index]
-        start, done, failed = (job.event(host, e) for e in ("start", "done", "init_failed"))
-        rank = "?" if start is None else start["rank"]
-        if done is not None:
-            what = f"all_reduce sum {done['sum']:g}, negotiated version {done['negotiated']}"
-        elif failed is not None:
-            what = f"init failed {failed['time'] - last:.2f} s after the last arrival ({failed['error_type']})"
-        else:
-            what = "no report"
-        exit_ = "still running, killed" if run.timed_out else f"torchrun exit {run.returncode}"
-        print(f"  {host.name} rank {rank} [{build.name}]: {what}; {exit_} after {run.wall_s:.1f} s")
+        rank = job.group_rank(host)
+        print(f"  {host.name} (agent {'?' if rank is None else rank}) [{build.name}]: {describe(job, host)}")
 
 
 def first_error(cluster: Cluster, job: Job) -> str | None:
+    """The guardrail's message: an agent's refusal, or else a worker's."""
+    for host in cluster.hosts:
+        refused = job.raised(host, AGENT_TITLE)
+        if refused is not None:
+            return refused.message
     failed = (job.event(h, "init_failed") for h in cluster.hosts)
     return next((e["error"] for e in failed if e is not None), None)
+
+
+def as_expected(cluster: Cluster, job: Job, expect: str) -> bool:
+    if expect == RAN:
+        return all(job.event(h, "done") is not None for h in cluster.hosts)
+    if expect == AGENTS_REFUSE:
+        return not job.launched() and any(job.raised(h, AGENT_TITLE) for h in cluster.hosts)
+    return any(job.event(h, "init_failed") for h in cluster.hosts) and not any(job.event(h, "done") for h in cluster.hosts)
 
 
 def step(
     cluster: Cluster,
     title: str,
     builds: list[Build],
-    expect_ok: bool,
+    expect: str,
     bounds: Mapping[int, float] | None = None,
+    **kwargs: Any,
 ) -> bool:
     """Run one job, show it, quote the guardrail's message; whether it went as expected."""
     banner(title)
-    job = run_job(cluster, [b.venv for b in builds], bounds=bounds)
+    job = run_job(cluster, [b.venv for b in builds], bounds=bounds, **kwargs)
     show(cluster, builds, job)
-    ran = all(job.event(h, "done") is not None for h in cluster.hosts)
     error = first_error(cluster, job)
     if error is not None:
-        print("\n  The message (from the first host that failed):\n")
+        print("\n  The message (from the first host that raised it):\n")
         print(textwrap.indent(error, "    | "))
     else:
         show_warnings(cluster, job)
-    return ran == expect_ok
+    return as_expected(cluster, job, expect)
 
 
 def show_warnings(cluster: Cluster, job: Job) -> None:
-    """The guardrail's warning about builds without the check, as each host logged it."""
+    """The guardrail's warnings about builds without the check, as each host logged
+    them (its agent's, then its worker's)."""
     for host in cluster.hosts:
-        for line in job.runs[host.index].output.splitlines():
-            if NO_CHECK in line:
-                # Drop the logger's prefix (level, time, pid, file:line).
-                print(f"\n  {host.name} logged:\n    | {line.partition('] ')[2] or line}")
+        for line in job.logged(host, NO_CHECK):
+            who = "agent" if AGENT_TITLE in line.text else "worker"
+            print(f"\n  {host.name}'s {who} logged:\n    | {line.text}")
 
 
 def main() -> int:
@@ -118,21 +153,29 @@ def main() -> int:
     v2, bridge = Build("build protocolv2", v2_venv), Build("build protocolv1to2", bridge_venv)
     with Cluster(3) as cluster:
         outcomes = {
-            "1 all on the fork": step(cluster, "Act 1.1: every host on the fork", [fork] * 3, True),
+            "1 all on the fork": step(cluster, "Act 1.1: every host on the fork", [fork] * 3, RAN),
             "2 node-c on version 2": step(
-                cluster, "Act 1.2: node-c upgraded straight to version 2 (minimum 2)", [fork, fork, v2], False
+                cluster, "Act 1.2: node-c upgraded straight to version 2 (minimum 2): torchrun's agents check",
+                [fork, fork, v2], AGENTS_REFUSE,
+            ),
+            "2b node-c on version 2, no agent check": step(
+                cluster,
+                f"Act 1.2b: the same, launched without the agents' check ({CHECK_MODE_ENV}=off for torchrun, "
+                "error in the workers): the workers check at init",
+                [fork, fork, v2], WORKERS_REFUSE,
+                env={CHECK_MODE_ENV: "off"}, worker_args=["--check-mode", "error"],
             ),
             "3 node-c bridging": step(
-                cluster, "Act 1.3: node-c on the bridging build (versions 1-2) instead", [fork, fork, bridge], True
+                cluster, "Act 1.3: node-c on the bridging build (versions 1-2) instead", [fork, fork, bridge], RAN
             ),
-            "4 all bridging": step(cluster, "Act 1.4: every host on the bridging build", [bridge] * 3, True),
+            "4 all bridging": step(cluster, "Act 1.4: every host on the bridging build", [bridge] * 3, RAN),
             "5 stock beside version 1": step(
                 cluster, "Act 2.1: first rollout: node-c on stock torch, the others on version 1",
-                [fork, fork, stock], True,
+                [fork, fork, stock], RAN,
             ),
             "6 stock beside version 2": step(
                 cluster, "Act 2.2: first rollout: node-c on stock torch, the others on version 2 (minimum 2)",
-                [v2, v2, stock], False, bounds={2: STOCK_BOUND_S},
+                [v2, v2, stock], AGENTS_REFUSE, bounds={2: STOCK_BOUND_S},
             ),
         }
     banner("Summary")
