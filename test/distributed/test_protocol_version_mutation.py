@@ -7,7 +7,9 @@ taken out of ``distributed_c10d`` (stock torch), and with ``_check_protocol_vers
 made a no-op. The two mutations are served in memory to the spawned ranks (see
 protocol_version_mutation.py): the shared .venv is not touched. Each mutated rank
 reports what it really compiled, so a mutation that silently failed to apply
-cannot pass for a guardrail that lets mismatches through.
+cannot pass for a guardrail that lets mismatches through. The same is done for
+the RPC hook and for torchrun's agents (their hook taken out, a version-2 agent
+starts its workers).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any, Callable
 from unittest import mock
 
 from torch.distributed import distributed_c10d
-from torch.distributed._protocol_version import RPC_VERSION_OVERRIDE_ENV
+from torch.distributed._protocol_version import RPC_VERSION_OVERRIDE_ENV, VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 
 from protocol_version_mutation import sitecustomize_pythonpath
+from test_protocol_version_agents import Agent, AGENT_MISMATCH, AgentLauncher
 from protocol_version_probe import init_rank, rpc_rank
 from torch.testing._internal.distributed.protocol_version_utils import MISMATCH, RankResult, spawn_ranks, versions_env
 
@@ -93,6 +96,18 @@ class TestRpcGuardrailMutation(TestCase):
         for result in _run_mixed_rpc_job("unhook_rpc"):
             self.assertTrue(result.ok, result)
             self.assertEqual(result.value, {"sum": 2.0, "hook_compiled": False, "mutations": ["unhook_rpc"]})
+
+
+class TestAgentHookMutation(AgentLauncher):
+    def test_without_the_agent_hook_a_version_2_agent_starts_its_workers(self) -> None:
+        """The agents' refusals (test_protocol_version_agents.py) come from their
+        hook: taken out in memory (``unhook_agent``), two agents, one at version
+        2, start their workers, as stock torchrun does."""
+        pythonpath = os.pathsep.join(filter(None, [sitecustomize_pythonpath(self.dir, "unhook_agent"), os.environ.get("PYTHONPATH")]))
+        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], env={"PYTHONPATH": pythonpath})
+        self.assert_ran(agents, init=False)
+        for agent in agents:
+            self.assertNotIn(AGENT_MISMATCH, agent.output)
 
 
 if __name__ == "__main__":
