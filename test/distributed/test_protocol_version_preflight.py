@@ -28,10 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -46,7 +48,7 @@ from torch.distributed._protocol_version._payload import (
     RankInfo,
     Verdict,
 )
-from torch.distributed._protocol_version._settings import SettingError
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, SettingError
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
@@ -260,6 +262,28 @@ without the check (host not known, taken as protocol version 1): ranks 4,10-989
 silent (published nothing, started no backend): ranks 5-9,990-999
 invalid payload: rank 3""",
         )
+
+
+class TestPreflightOnWarn(TestCase):
+    def test_a_rank_later_than_the_grace_period_is_still_on_the_roll(self) -> None:
+        """``warn`` bounds init's wait by a grace period; the preflight, a roll
+        call, waits for every rank up to its timeout in every mode."""
+        store = dist.HashStore()
+        reports: dict[int, _preflight.Report] = {}
+
+        def body(rank: int) -> None:
+            time.sleep(2.5 * rank)  # rank 1 arrives well past rank 0's grace period
+            _preflight.preflight(store, rank, 2, timedelta(seconds=30), "gloo", lambda r: reports.__setitem__(r.rank, r))
+
+        with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "warn"}):
+            threads = [threading.Thread(target=body, args=(r,)) for r in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        self.assertEqual({r: report.exit_code for r, report in reports.items()}, {0: 0, 1: 0})
+        self.assertIn("2 ranks, 2 with the check on 1 host", reports[0].text)
+        self.assertNotIn("judged without", reports[0].text)
 
 
 # --------------------------------------------------------------------------- #

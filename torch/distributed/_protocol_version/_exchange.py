@@ -174,11 +174,12 @@ def _with_context(error: RuntimeError, text: str) -> RuntimeError:
 
 def exchange(
     store: dist.Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
-    backend_key: Callable[[int], str] | None = None, name: str = "",
+    backend_key: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
 ) -> tuple[Verdict, RankInfo]:
     """Run one check of ``family`` on ``store``: this rank's verdict and payload.
 
-    ``mode`` is this rank's ``error`` or ``warn``; ``backend_key(rank)`` is where
+    ``mode`` is this rank's ``error`` or ``warn`` (a ``warn`` rank waits for the
+    others for the grace period only, unless ``patient``); ``backend_key(rank)`` is where
     a rank's backend writes a key as soon as it starts building (seen: a rank that
     runs no check), or ``None``; ``name`` an RPC worker's name. Raises
     ``SettingError`` on a bad override before any store traffic, and a store
@@ -188,8 +189,7 @@ def exchange(
     if world_size == 1:
         return judge(family, [info], backend), info
     token, grace = secrets.token_hex(_TOKEN_CHARS // 2), _grace(timeout)
-    # A warn rank waits for the others for the grace period only, an error rank up to its timeout.
-    patience = timeout if mode == "error" else timedelta(seconds=grace)
+    patience = timeout if mode == "error" or patient else timedelta(seconds=grace)
     check = Check(
         store, family, rank, world_size, Deadline(patience), backend, info,
         info.to_payload(family), token, backend_key, grace,

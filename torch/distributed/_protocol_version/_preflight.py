@@ -259,7 +259,8 @@ def preflight(
     mode = "warn" if check_mode() == "warn" else "error"
     job_store = dist.PrefixStore(STORE_PREFIX, store)
     backend_key = gloo_key(GROUP_NAME, "cpu") if backend == "gloo" else None
-    verdict, info = exchange(job_store, C10D, rank, world_size, timeout, backend, mode, backend_key)
+    # Every rank it can hear from, within the timeout, on warn too: the preflight is a roll call.
+    verdict, info = exchange(job_store, C10D, rank, world_size, timeout, backend, mode, backend_key, patient=True)
     code = _exit_code(verdict)
     _exit_alike_when_stopped(code)
     text = _verdict_text(verdict, info, world_size, backend)
