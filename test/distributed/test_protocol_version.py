@@ -233,7 +233,7 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
         warn = RankInfo(**{**vars(info), "mode": "warn"})
         check = _store.Check(
             dist.HashStore(), C10D, 0, 4, _store.Deadline(timedelta(seconds=1)), "nccl",
-            warn, "{}", "0123456789abcdef", None, 1.0,
+            warn, "{}", "0123456789abcdef", None, 1.0, True,
         )
         raws = {0: warn.to_payload(C10D).encode(), 1: rank_info(1, 1).to_payload(C10D).encode()}
         verdict = _diagnose._judge_accounted(check, raws, [], [2, 3])
@@ -247,7 +247,7 @@ torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOC
     def test_timeout_message(self) -> None:
         check = _store.Check(
             dist.HashStore(), C10D, 0, 8, _store.Deadline(timedelta(seconds=120)), "gloo",
-            rank_info(0, 1), "{}", "0123456789abcdef", _diagnose.gloo_key("0", "cpu"), 1.0,
+            rank_info(0, 1), "{}", "0123456789abcdef", _diagnose.gloo_key("0", "cpu"), 1.0, False,
         )
         self.assertExpectedInline(
             _diagnose._timeout(check, [2, 3, 7], [5]).detail,

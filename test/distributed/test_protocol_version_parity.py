@@ -431,7 +431,7 @@ class TestMessageSize(TestCase):
     def test_scattered_missing_ranks(self) -> None:
         check = _store.Check(
             dist.HashStore(), C10D, 0, 100_000, _store.Deadline(timedelta(seconds=60)), "gloo",
-            rank_info(0, 1), "{}", "0123456789abcdef", None, 1.0,
+            rank_info(0, 1), "{}", "0123456789abcdef", None, 1.0, False,
         )
         missing = list(range(1, 100_000, 2))
         detail = _diagnose._timeout(check, missing, list(range(2, 100_000, 4))).detail
@@ -500,7 +500,28 @@ class MinimalStore(dist.Store):
         self._inner.wait(keys, timeout) if timeout is not None else self._inner.wait(keys)
 
 
+class LookupErrorStore(MinimalStore):
+    """Times out as torchelastic's ``EtcdStore`` does: with ``LookupError``."""
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        try:
+            super().wait(keys, timeout)
+        except dist.DistStoreError:
+            raise LookupError("Timeout while waiting for keys") from None
+
+
 class TestAnyStore(TestCase):
+    def test_a_store_that_times_out_with_lookup_error(self) -> None:
+        """The etcd rendezvous' store: a rank later than the grace period is
+        waited for, and a missing one is named at the timeout."""
+        store = LookupErrorStore(dist.HashStore())
+        outcomes = RankThreads(2, timeout_s=20.0, body=_arrive_after({0: 0.0, 1: 1.5})).start({0: store, 1: store}).join()
+        self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1}, outcomes)
+        alone = RankThreads(2, timeout_s=2.0).start({0: store}).join()
+        self.assertIsInstance(alone[0].exception, dist.DistStoreError, alone)
+        self.assertIn("rank 1 never published", alone[0].error)
+
+
     def test_a_store_with_only_set_get_and_wait(self) -> None:
         # Checks one after another on one such store, the way a framework calls
         # the helper before each group it builds: each is judged on its own.

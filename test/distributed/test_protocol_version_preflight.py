@@ -272,17 +272,17 @@ class TestPreflightOnWarn(TestCase):
         reports: dict[int, _preflight.Report] = {}
 
         def body(rank: int) -> None:
-            time.sleep(2.5 * rank)  # rank 1 arrives well past rank 0's grace period
-            _preflight.preflight(store, rank, 2, timedelta(seconds=30), "gloo", lambda r: reports.__setitem__(r.rank, r))
+            time.sleep(2.5 if rank == 2 else 0.0)  # rank 2 arrives well past the grace period
+            _preflight.preflight(store, rank, 3, timedelta(seconds=30), "gloo", lambda r: reports.__setitem__(r.rank, r))
 
         with mock.patch.dict(os.environ, {CHECK_MODE_ENV: "warn"}):
-            threads = [threading.Thread(target=body, args=(r,)) for r in range(2)]
+            threads = [threading.Thread(target=body, args=(r,)) for r in range(3)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(60)
-        self.assertEqual({r: report.exit_code for r, report in reports.items()}, {0: 0, 1: 0})
-        self.assertIn("2 ranks, 2 with the check on 1 host", reports[0].text)
+        self.assertEqual({r: report.exit_code for r, report in reports.items()}, {0: 0, 1: 0, 2: 0})
+        self.assertIn("3 ranks, 3 with the check on 1 host", reports[0].text)
         self.assertNotIn("judged without", reports[0].text)
 
 

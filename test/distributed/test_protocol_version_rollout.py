@@ -19,10 +19,12 @@ from datetime import timedelta
 from typing import Any, Mapping
 
 import torch.distributed as dist
+from torch.distributed._protocol_version import get_group_protocol_version
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
     register_traceless_backend,
+    VERSION_OVERRIDE_ENV,
     RankResult,
     SLACK_S,
     spawn_ranks,
@@ -61,14 +63,22 @@ def traceless_init(rank: int, world_size: int, port: int, timeout_s: float, dela
     try:
         tensor = torch.ones(1)
         dist.all_reduce(tensor)
-        return {"init_s": init_s, "sum": tensor.item(), "warnings": "\n".join(collect.messages)}
+        try:
+            negotiated = get_group_protocol_version()
+        except RuntimeError:
+            negotiated = None
+        return {"init_s": init_s, "sum": tensor.item(), "warnings": "\n".join(collect.messages), "negotiated": negotiated}
     finally:
         dist.destroy_process_group()
 
 
-def _modes(**modes: str) -> dict[int, dict[str, str]]:
-    """``_modes(r0="warn")`` -> the environment of each rank's check mode."""
-    return {int(name[1:]): {CHECK_MODE_ENV: mode} for name, mode in modes.items()}
+def _modes(versions: Mapping[int, int] | None = None, **modes: str) -> dict[int, dict[str, str]]:
+    """``_modes(r0="warn")`` -> each rank's check mode; ``versions`` the ranks
+    that run a build speaking only another version."""
+    env = {int(name[1:]): {CHECK_MODE_ENV: mode} for name, mode in modes.items()}
+    for rank, version in (versions or {}).items():
+        env[rank][VERSION_OVERRIDE_ENV] = str(version)
+    return env
 
 
 class TestWarnOnATracelessBackend(TestCase):
@@ -88,6 +98,7 @@ class TestWarnOnATracelessBackend(TestCase):
         for result in results[:2]:
             self.assert_ran_within_grace(result)
             self.assertRegex(result.value["warnings"], r"judged without rank 2, not heard from within the grace period of 1s")
+            self.assertIsNone(result.value["negotiated"])  # rank 2 may not speak it
         self.assertTrue(results[2].ok, results[2])
         self.assertEqual(results[2].value["warnings"], "")
 
@@ -114,7 +125,39 @@ class TestWarnOnATracelessBackend(TestCase):
         self.assertIn("judged without rank 2", results[0].value["warnings"])
         late = results[2].value
         self.assertLessEqual(late["init_s"], GRACE_S + 1.0, results[2])
-        self.assertIn("the last check on this store closed before this rank arrived", late["warnings"])
+        self.assertIn(
+            "rank 2 arrived after rank 0 had judged the check without it; it speaks protocol version 1, which the "
+            "others negotiated, and goes on", late["warnings"],
+        )
+
+    def test_a_late_error_rank_beside_a_warn_rank_0_goes_on(self) -> None:
+        """The state of a cluster switching from warn to error: the late error
+        rank takes the verdict it came too late for, as stock would go on."""
+        results = self.run_job(_modes(r0="warn", r1="warn", r2="error"), delays={2: 3.0})
+        for result in results:
+            self.assertTrue(result.ok, result)
+        self.assertIn("rank 2 arrived after rank 0 had judged the check without it", results[2].value["warnings"])
+
+    def test_a_late_rank_that_does_not_speak_the_negotiated_version_says_so(self) -> None:
+        warn = self.run_job(_modes({2: 2}, r0="warn", r1="warn", r2="warn"), delays={2: 3.0})
+        self.assertTrue(warn[2].ok, warn[2])
+        self.assertIn("the others negotiated protocol version 1, which this rank does not speak", warn[2].value["warnings"])
+        error = self.run_job(_modes({2: 2}, r0="warn", r1="warn", r2="error"), timeout_s=6.0, delays={2: 3.0})
+        self.assertEqual(error[2].error_type, "ProtocolVersionError", error[2])
+        self.assertIn("which this rank does not speak", error[2].error)
+
+    def test_a_warn_rank_that_went_on_before_rank_0_is_judged_from_its_mark(self) -> None:
+        """Rank 1 (warn) leaves its version and goes on before a late rank 0 opens
+        the check: rank 0 judges it from that mark, so an error rank 0 refuses a
+        rank 1 on another build, and runs a matching one."""
+        matching = self.run_job(_modes(r0="error", r1="warn", r2="error"), delays={0: 2.5})
+        for result in matching:
+            self.assertTrue(result.ok, result)
+            self.assertNotIn("without the protocol version check", result.value["warnings"])
+        mixed = self.run_job(_modes({1: 2}, r0="error", r1="warn", r2="error"), timeout_s=10.0, delays={0: 2.5})
+        for result in (mixed[0], mixed[2]):
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
+            self.assertIn("protocol version 2: rank 1 on host", result.error)
 
     def test_mixed_modes_each_rank_waits_as_its_own_mode_says(self) -> None:
         """Rank 0 on error waits for the silent rank to its timeout; the warn rank

@@ -8,12 +8,9 @@ job that mixes incompatible builds fails there, on every rank, with one message
 that names the ranks, hosts and builds.
 
 This module and what it imports are what every ``init_process_group`` loads;
-``_rpc`` loads with ``init_rpc``, ``_agent`` with torchrun's agents,
-``_standalone`` with :func:`check_protocol_version`, ``_preflight`` and ``_cli`` with
-``python -m torch.distributed._protocol_version``. Environment variables:
-``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` (``error``, ``warn`` or ``off``), and
-``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE`` and
-``TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE`` to simulate other builds in tests.
+``_rpc`` loads with ``init_rpc``, ``_agent`` with torchrun's agents, the rest
+(:data:`_LAZY`, ``_preflight``, ``_cli``) when used. ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``
+is ``error``, ``warn`` or ``off``; the version overrides simulate other builds in tests.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed._protocol_version._diagnose import gloo_key
 from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError, version_range
+from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
 )
@@ -56,31 +53,6 @@ logger = logging.getLogger(__name__)
 _negotiated: weakref.WeakKeyDictionary[dist.Store, int | None] = weakref.WeakKeyDictionary()
 
 
-def get_protocol_version() -> int:
-    """Return the protocol version this rank announces.
-
-    Returns:
-        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
-
-    Raises:
-        SettingError: an override variable holds an invalid value.
-    """
-    return version_range(C10D)[1]
-
-
-def get_min_protocol_version() -> int:
-    """Return the oldest protocol version this rank accepts.
-
-    Returns:
-        The minimum override; else the version override (exactly that version);
-        else :data:`MIN_PROTOCOL_VERSION`.
-
-    Raises:
-        SettingError: an override variable holds an invalid value.
-    """
-    return version_range(C10D)[0]
-
-
 def _check_protocol_version(
     store: dist.Store, group_store: dist.Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
@@ -100,7 +72,7 @@ def _check_protocol_version(
     started = time.monotonic()
     verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, mode, backend_key)
     raise_on_failure(verdict, info, C10D)
-    if verdict.ok:
+    if verdict.ok and not verdict.partial:  # a rank it was judged without may not speak it
         _negotiated[group_store] = verdict.negotiated
         logger.info(
             "Rank %s: protocol version check passed in %.3fs: world size %s, negotiated protocol "
@@ -121,7 +93,7 @@ def get_group_protocol_version() -> int:
     Raises:
         RuntimeError: there is no default group, or its init negotiated no
             version (the check was off, a mismatch was downgraded to a warning,
-            or its backend has no store: MPI, fake).
+            ``warn`` judged without some ranks, or its backend has no store: MPI, fake).
     """
     if not dist.is_initialized():
         raise RuntimeError(
@@ -133,14 +105,17 @@ def get_group_protocol_version() -> int:
     if version is None:
         raise RuntimeError(
             f"the default process group negotiated no protocol version: the check was off "
-            f"({CHECK_MODE_ENV}=off), a mismatch was only warned about, or the backend "
-            f"({dist.get_backend()}) has no store to check through."
+            f"({CHECK_MODE_ENV}=off), a mismatch was only warned about, the check ({CHECK_MODE_ENV}=warn) "
+            f"was judged without some ranks, or the backend ({dist.get_backend()}) has no store to check through."
         )
     return version
 
 
 # Public functions that ``init_process_group`` never needs, and the module each loads with.
-_LAZY = {"check_protocol_version": "_standalone", "get_rpc_protocol_version": "_rpc"}
+_LAZY = {
+    "check_protocol_version": "_standalone", "get_min_protocol_version": "_standalone",
+    "get_protocol_version": "_standalone", "get_rpc_protocol_version": "_rpc",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,8 +9,10 @@ and publishes the verdict (one ``multi_set``). Every other rank waits until a
 check is open, publishes and blocks on the verdict: O(1) calls per rank. A wait
 that outlasts a grace period goes on as a look (``check``) every half second,
 which also finds ranks without the check (:mod:`._diagnose`). A rank that finds
-the last check closed waits for its ``next``, however long ago it ended, so no earlier verdict and no clock decides
-which check a rank belongs to. Each rank counts its timeout from its arrival.
+the last check closed waits for its ``next``, however long ago it ended, so no
+clock decides which check a rank belongs to; it takes that check's verdict only
+if rank 0 judged it without this rank. Each rank counts its timeout from its
+arrival; a ``warn`` rank waits for the others for a grace period only.
 """
 
 from __future__ import annotations
@@ -36,17 +38,14 @@ logger = logging.getLogger(__name__)
 _CLOSED = " closed"
 _SUPERSEDED = b"superseded"  # the verdict of a check whose rank 0 died before judging
 _TOKEN_CHARS = 16
+# How long a first wait blocks before the rank looks for ranks without the check, at most.
+_GRACE_SECONDS = 1.0
 # Bounds of rank 0's wait for the others to read a failing verdict.
 _ACK_FLOOR_SECONDS, _ACK_CAP_SECONDS = 1.0, 30.0
 
 
 class ProtocolVersionError(dist.DistError):
     """The ranks run builds that cannot talk to each other, or one published garbage."""
-
-
-def _grace(timeout: timedelta) -> float:
-    """How long a first wait blocks before the rank looks for ranks without the check."""
-    return min(1.0, timeout.total_seconds() / 10)
 
 
 def parse_current(key: str, raw: bytes) -> tuple[str, bool]:
@@ -121,6 +120,9 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
                 closed = token
                 continue
         if closed not in marked:
+            late = _diagnose.judge_late(check, closed) if closed is not None else None
+            if late is not None:
+                return late
             _diagnose.leave_mark(check, closed)
             marked.add(closed)
         if _diagnose.went_ahead(check, [0], closed):
@@ -128,13 +130,6 @@ def _await_open(check: Check, closed: str | None) -> str | Verdict:
         if check.deadline.expired():
             return _diagnose.open_timeout(check, closed)
         check.deadline.pause()
-
-
-def _verdict_wait(check: Check) -> float:
-    """How long a rank that published waits for the verdict: to its deadline in
-    ``error``; in ``warn``, to the end of a grace period that rank 0, which opened
-    the check before this rank published, began earlier (half a second for it to judge)."""
-    return check.deadline.remaining() if check.info.mode == "error" else check.grace + POLL_SECONDS
 
 
 def _participate(check: Check) -> Verdict:
@@ -150,7 +145,8 @@ def _participate(check: Check) -> Verdict:
         store.set(key(token, "rank", check.rank), check.payload)
         check.doing = "waiting for the verdict"
         verdict_key = key(token, "verdict")
-        if not wait_for(store, [verdict_key], _verdict_wait(check)):
+        # warn: to the end of rank 0's grace period, which began before this rank published (half a second to judge)
+        if not wait_for(store, [verdict_key], check.grace + POLL_SECONDS if check.bounded else check.deadline.remaining()):
             verdict = _diagnose.verdict_timeout(check, token)
         else:
             raw = store.get(verdict_key)
@@ -188,11 +184,11 @@ def exchange(
     info = local_info(rank, family, mode, name)
     if world_size == 1:
         return judge(family, [info], backend), info
-    token, grace = secrets.token_hex(_TOKEN_CHARS // 2), _grace(timeout)
-    patience = timeout if mode == "error" or patient else timedelta(seconds=grace)
+    token, grace = secrets.token_hex(_TOKEN_CHARS // 2), min(_GRACE_SECONDS, timeout.total_seconds() / 10)
+    bounded = mode == "warn" and not patient
     check = Check(
-        store, family, rank, world_size, Deadline(patience), backend, info,
-        info.to_payload(family), token, backend_key, grace,
+        store, family, rank, world_size, Deadline(timedelta(seconds=grace) if bounded else timeout), backend, info,
+        info.to_payload(family), token, backend_key, grace, bounded,
     )
     try:
         return (_coordinate(check) if rank == 0 else _participate(check)), info

@@ -165,20 +165,17 @@ def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend:
         "or a build that speaks another payload format joined the job.")])
 
 
-def timeout_head(family: Family, timeout: timedelta, backend: str, mode: str) -> str:
+def timeout_head(family: Family, timeout: timedelta, backend: str, bounded: bool) -> str:
     seconds = f"{timeout.total_seconds():g}s"
-    if mode == "warn":
+    if bounded:
         return f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): no answer within the grace period of {seconds}"
     return f"{family.title} check timed out after {seconds} ({backend_text(backend)})"
 
 
 def _silent(traceless: bool) -> str:
-    """Why a rank has not published; on a backend without a trace (NCCL), a rank
-    without the check cannot be told from a late one."""
-    reasons = ["not started", "still starting", "exited"]
-    if traceless:
-        reasons.append("a build without the check on a backend that leaves no trace in the store")
-    return f"{', '.join(reasons[:-1])}, or {reasons[-1]}"
+    """Why a rank has not published (on a backend without a trace, a rank without the check is silent too)."""
+    no_trace = "exited, or a build without the check on a backend that leaves no trace in the store"
+    return f"not started, still starting, {no_trace if traceless else 'or exited'}"
 
 
 def never_arrived(ranks: Sequence[int], family: Family, traceless: bool) -> str:
@@ -187,13 +184,19 @@ def never_arrived(ranks: Sequence[int], family: Family, traceless: bool) -> str:
     return f"{ranks_phrase(ranks)} never published {article} {family.version_word} ({_silent(traceless)})"
 
 
-def unaccounted(family: Family, ranks: Sequence[int], grace: timedelta, backend: str, traceless: bool) -> str:
+def unaccounted(family: Family, ranks: Sequence[int], grace: float, backend: str, traceless: bool) -> str:
     """The ranks a ``warn`` rank judged without."""
-    return (
-        f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
-        f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace.total_seconds():g}s "
-        f"({_silent(traceless)}); the job goes on, and a rank that arrives later says so."
-    )
+    return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without {ranks_phrase(ranks)}, "
+            f"not heard from within the grace period of {grace:g}s ({_silent(traceless)}); the job goes on, and a rank "
+            "that arrives later says so.")
+
+
+def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> str:
+    """A rank that came after the verdict does not speak the version the others negotiated."""
+    word = f"{family.version_word} {negotiated}"
+    return (f"{family.title} mismatch ({backend_text(backend)}): {came}, and the others negotiated {word}, which this "
+            f"rank does not speak.\nWhat to do: run this rank on a build that speaks {word}, or restart the job with "
+            "every rank on builds that share a version.")
 
 
 def error_message(verdict_detail: str, info: RankInfo, family: Family) -> str:

@@ -199,6 +199,7 @@ class Verdict:
     detail: str
     negotiated: int | None
     enforce: bool = True
+    partial: bool = False  # a warn rank 0 judged without the ranks it had not heard from
 
     @property
     def ok(self) -> bool:
@@ -211,7 +212,7 @@ class Verdict:
 
     def to_json(self) -> str:
         fields = {"status": self.status, "detail": self.detail, "negotiated": self.negotiated}
-        return json.dumps({**fields, "enforce": self.enforce})
+        return json.dumps({**fields, "enforce": self.enforce, "partial": self.partial})
 
     @classmethod
     def from_json(cls, key: str, raw: bytes) -> Verdict:
@@ -225,4 +226,4 @@ class Verdict:
             raise InvalidPayload(f"the key {key} holds a verdict with an unknown status {status!r:.40}")
         if status == "ok" and type(negotiated) is not int:
             raise InvalidPayload(f"the key {key} holds an 'ok' verdict without a negotiated version")
-        return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False)
+        return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False, obj.get("partial") is True)

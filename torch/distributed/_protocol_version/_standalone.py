@@ -1,5 +1,6 @@
-"""Checking a group that a framework builds without ``init_process_group``:
-:func:`check_protocol_version`, loaded on first use."""
+"""What code outside ``init_process_group`` asks of the guardrail, loaded on first
+use: :func:`check_protocol_version` for a group a framework builds itself, and the
+versions this rank announces."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._settings import version_range
 
 
-__all__ = ["check_protocol_version"]
+__all__ = ["check_protocol_version", "get_min_protocol_version", "get_protocol_version"]
 
 
 def _validate_args(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> None:
@@ -62,3 +64,28 @@ def check_protocol_version(
     raise_on_failure(verdict, info, C10D)
     assert verdict.negotiated is not None  # a mismatch in "error" mode raised
     return verdict.negotiated
+
+
+def get_protocol_version() -> int:
+    """Return the protocol version this rank announces.
+
+    Returns:
+        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
+    """
+    return version_range(C10D)[1]
+
+
+def get_min_protocol_version() -> int:
+    """Return the oldest protocol version this rank accepts.
+
+    Returns:
+        The minimum override; else the version override (exactly that version);
+        else :data:`MIN_PROTOCOL_VERSION`.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
+    """
+    return version_range(C10D)[0]

@@ -57,6 +57,7 @@ class Check:
     token: str  # rank 0's names the check it opens
     backend_key: Callable[[int], str] | None  # see _exchange.exchange
     grace: float  # how long a wait blocks before the rank looks for ranks without the check
+    bounded: bool  # a warn rank: it waits for the others for the grace period only
     doing: str = "starting"  # for the message, should the store fail
 
     def key(self, *parts: object) -> str:
@@ -71,10 +72,13 @@ def is_timeout(error: RuntimeError) -> bool:
 
 
 def wait_for(store: dist.Store, keys: Sequence[str], seconds: float) -> bool:
-    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout."""
+    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout
+    (``LookupError`` is how torchelastic's ``EtcdStore`` times out)."""
     try:
         store.wait(list(keys), timedelta(seconds=max(seconds, MIN_CALL_SECONDS)))
         return True
+    except LookupError:
+        return False
     except RuntimeError as e:
         if is_timeout(e):
             return False
