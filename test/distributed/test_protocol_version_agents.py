@@ -59,7 +59,8 @@ AGENT = (
 )
 PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed")
 
-# The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 if asked,
+# The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 on the
+# group ranks listed in PV_TEST_FAIL_FIRST,
 # and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces.
 WORKER = '''\
 import os, sys
@@ -67,7 +68,7 @@ from pathlib import Path
 
 attempt, group_rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["GROUP_RANK"]
 Path(os.environ["PV_TEST_DIR"], f"started.{group_rank}.{attempt}").write_text(os.environ["RANK"])
-if attempt == "0" and os.environ.get("PV_TEST_FAIL_FIRST") == "1":
+if attempt == "0" and group_rank in os.environ.get("PV_TEST_FAIL_FIRST", "").split(","):
     sys.exit(3)
 if os.environ.get("PV_TEST_INIT") == "1":
     import torch, torch.distributed as dist
@@ -107,18 +108,22 @@ class AgentLauncher(TestCase):
         (self.dir / "worker.py").write_text(WORKER)
 
     def launch(self, agents: Sequence[Agent], nnodes: str | None = None, args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S) -> list[Agent]:
-        """Start every agent at once on one rendezvous, and wait for all of them."""
-        endpoint = f"127.0.0.1:{find_free_port()}"
+               env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S, static: bool = False) -> list[Agent]:
+        """Start every agent at once on one rendezvous (c10d, or ``static`` with
+        agent ``i`` as node ``i``), and wait for all of them."""
+        port = find_free_port()
         base = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
         base.update(PV_TEST_DIR=str(self.dir), **(env or {}))
 
-        def run(agent: Agent) -> Agent:
+        def run(i: int, agent: Agent) -> Agent:
+            rdzv = (
+                ["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", f"--node-rank={i}"]
+                if static else
+                ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pv", f"--rdzv-conf=read_timeout={READ_TIMEOUT_S}"]
+            )
             cmd = [
                 str(agent.python), "-c", AGENT, f"--nnodes={nnodes or len(agents)}", "--nproc-per-node=1",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=pv",
-                f"--rdzv-conf=read_timeout={READ_TIMEOUT_S}", "--monitor-interval=0.1", *args,
-                str(self.dir / "worker.py"),
+                *rdzv, "--monitor-interval=0.1", *args, str(self.dir / "worker.py"),
             ]
             started = time.monotonic()
             result, timed_out = run_in_own_session(cmd, bound, {**base, **agent.env})
@@ -127,7 +132,7 @@ class AgentLauncher(TestCase):
             return agent
 
         with ThreadPoolExecutor(len(agents)) as pool:
-            return list(pool.map(run, agents))
+            return list(pool.map(run, range(len(agents)), agents))
 
     def started(self) -> list[str]:
         return sorted(p.name for p in self.dir.glob("started.*"))
@@ -196,18 +201,32 @@ class TestAgentCheck(AgentLauncher):
         self.assertRegex(checking.output, r"taken as version 1: rank \d\n")
 
     def test_an_agent_restart_runs_the_check_again(self) -> None:
-        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "1", "PV_TEST_INIT": "1"})
+        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0,1", "PV_TEST_INIT": "1"})
         for agent in agents:
             self.assertEqual(agent.returncode, 0, agent.output[-4000:])
             self.assertEqual(len(agent.passed), 2, agent.output[-4000:])  # round 0, then round 1
         self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0", "started.1.1"])
         self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.1"])
 
+    def test_static_rendezvous_checks_once_and_a_node_restarts_alone(self) -> None:
+        """The static rendezvous keeps one store namespace for the job, and a node
+        whose worker failed restarts alone, as on stock: its agent, which took
+        part in the check, does not wait for the others to check again."""
+        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0"})
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertEqual(len(agent.passed), 1, agent.output[-4000:])
+        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0"])
+        for started in self.dir.glob("started.*"):
+            started.unlink()
+        refused = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], static=True)
+        self.assert_refused(refused, refused)
+
     def test_elastic_membership_keeps_working(self) -> None:
         agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})
         for agent in agents:
             self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-            self.assertTrue(agent.passed, agent.output[-4000:])  # one round of 2 agents, or rounds of 1 and then 2
+            self.assertIn(2, [n for _, n in agent.passed], agent.output[-4000:])  # a round of both agents was checked
         self.assertTrue(self.started(), "no worker started")
 
     def test_worker_identical_with_every_agent_checking(self) -> None:

@@ -18,9 +18,10 @@ import logging
 import os
 
 import torch.distributed as dist
-from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
+from torch.distributed._protocol_version._exchange import exchange, parse_current, raise_on_failure
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV
+from torch.distributed._protocol_version._store import find_present, present
 
 
 __all__ = ["check_agent_protocol_version"]
@@ -47,6 +48,18 @@ def _role_info_key(group_rank: int) -> str:
     return f"torchelastic/role_info/{group_rank}"
 
 
+def _took_part_before(store: dist.Store, group_rank: int) -> bool:
+    """Whether this agent took part in the last check on this store. The c10d
+    rendezvous gives every round a namespace of its own; the static one keeps one
+    for the life of the job, and a node there restarts its workers alone, with the
+    same members: checking again would wait for agents that are not coming."""
+    current = AGENTS.key("current")
+    if not present(store, [current]):
+        return False
+    token, _ = parse_current(current, store.get(current))
+    return bool(find_present(store, [AGENTS.key(token, "rank", group_rank), AGENTS.key(token, "late", group_rank)]))
+
+
 def check_agent_protocol_version(store: dist.Store, group_rank: int, group_world_size: int, rdzv_backend: str) -> None:
     """Check that every agent of this rendezvous round runs a build that speaks a
     common protocol version, before any of them starts its workers.
@@ -66,7 +79,7 @@ def check_agent_protocol_version(store: dist.Store, group_rank: int, group_world
         SettingError: a variable of the guardrail holds an invalid value.
     """
     mode = active_mode(AGENTS)
-    if mode is None:
+    if mode is None or _took_part_before(store, group_rank):
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     backend_key = None if identical else _role_info_key
@@ -82,7 +95,7 @@ def check_agent_protocol_version(store: dist.Store, group_rank: int, group_world
             f"{e}\nWith {WORKER_IDENTICAL_ENV}=1 an agent without the check leaves no trace before it "
             f"starts its workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or "
             f"set {CHECK_MODE_ENV}=warn on the nodes that have it."
-        ) from None
+        ) from e
     if verdict.ok:
         logger.info(
             "Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
