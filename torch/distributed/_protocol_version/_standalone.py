@@ -16,6 +16,7 @@ __all__ = ["check_protocol_version", "get_min_protocol_version", "get_protocol_v
 
 
 def _validate_args(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> None:
+    """The caller's arguments, named, before any store traffic (``init_process_group`` validates its own)."""
     if not isinstance(store, dist.Store):
         raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
     for name, value in (("rank", rank), ("world_size", world_size)):
