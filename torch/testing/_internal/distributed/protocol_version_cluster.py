@@ -13,9 +13,10 @@ cluster: a host has routes to its loopback and the bridge's subnet only.
         job.event(cluster.hosts[2], "init_failed")["error"]
 
 :func:`run_job` runs a real multi-node ``torchrun`` (c10d rendezvous on host 0)
-of ``protocol_version_cluster_worker.py``, one gloo worker per host, each host
-with the torch of its own venv. Every command runs in a session of its own,
-killed whole at its timeout. Everything is removed on exit, even on failure, and
+of ``protocol_version_cluster_worker.py``, one worker per host, each host
+with the torch of its own venv. A command is killed at its timeout with every
+process it started on its host, and what it leaves behind when it exits is
+killed too. Everything is removed on exit, even on failure, and
 at interpreter exit when the ``with`` block never ended. Namespaces left by a
 run that was killed (their owner pid is gone) are removed, with every process in
 them, when the next cluster starts. Making namespaces needs root, ``ip``,
@@ -42,10 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from torch.testing._internal.distributed.protocol_version_utils import (
-    GUARDRAIL_ENVS,
-    run_in_own_session,
-)
+from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS
 
 
 # Every namespace and scratch directory is named PREFIX-<owner pid>-<serial>-...,
@@ -253,15 +251,44 @@ class Cluster:
         ip("-n", host.netns, "link", "set", "eth0", "up" if up else "down")
 
     def run(self, host: Host, command: Command) -> HostRun:
-        """Run ``command`` inside ``host`` (its network, hostname and /etc/hosts)."""
+        """Run ``command`` inside ``host`` (its network, hostname and /etc/hosts);
+        kill it, and everything it started, at its timeout. Whatever it leaves
+        running on the host is killed once it has exited: torchrun starts its
+        workers in sessions of their own, so a torchrun killed at its timeout
+        leaves them behind, holding its output open."""
         holder = self._holders[host.index]
         cmd = [
             "nsenter", "--target", str(holder.pid), "--net", "--uts", "--mount", "--",
             str(command.venv / "bin" / "python"), *command.args,
         ]
-        started = time.time()
-        proc, timed_out = run_in_own_session(cmd, command.timeout, _command_env(command.venv, command.env))
-        return HostRun(host, proc.returncode, proc.stdout, timed_out, started, time.time())
+        with tempfile.TemporaryFile() as out:
+            started = time.time()
+            proc = subprocess.Popen(
+                cmd, env=_command_env(command.venv, command.env), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            try:
+                proc.wait(timeout=command.timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                self._kill_all_but_holder(host)
+                proc.wait()
+            finished = time.time()
+            self._kill_all_but_holder(host)
+            out.seek(0)
+            output = out.read().decode(errors="replace")
+        return HostRun(host, proc.returncode, output, timed_out, started, finished)
+
+    def _kill_all_but_holder(self, host: Host) -> None:
+        """Kill every process in the host's network namespace but its holder."""
+        holder = self._holders[host.index].pid
+        for pid in map(int, ip("netns", "pids", host.netns).split()):
+            if pid != holder:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def run_all(self, commands: Mapping[int, Command]) -> dict[int, HostRun]:
         """Run one command per host index, all at once; wait for all of them."""
