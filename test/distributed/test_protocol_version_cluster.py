@@ -250,11 +250,12 @@ class TestProtocolVersionCluster(_ClusterTestCase):
             [FORK, FORK, self.fork_v2], env={CHECK_MODE_ENV: "off"}, worker_args=["--check-mode", "error"]
         )
         self.assert_distribution(job, self.hosts[2], ".protocolv2")
+        failures = {host.name: self.events_of(job, host, "init_failed") for host in self.hosts}
         last = job.last_arrival()
         for host in self.hosts:
             run = job.runs[host.index]
             self.assertEqual(job.logged(host, passed_line(NNODES)), [], host.name)  # the agents did not check
-            failed = self.events_of(job, host, "init_failed")
+            failed = failures[host.name]
             self.assertIn(MISMATCH, failed["error"], host.name)
             self.assertNotIn(AGENT_TITLE, failed["error"], host.name)
             for named in self.hosts:
@@ -408,9 +409,12 @@ class TestAgentCheckCluster(_ClusterTestCase):
         """Two agents, one on the real version-2 build, workers that would never
         init (so no worker's check could catch it): both agents refuse before
         any worker starts, each naming both hosts, and both torchruns exit
-        non-zero within 30 s of the last agent's arrival."""
-        job = self.launch([FORK, self.fork_v2], worker_args=["--no-init"])
+        non-zero within 30 s of the last agent's arrival, without a retry
+        although ``--max-restarts 3`` allows three."""
+        job = self.launch([FORK, self.fork_v2], worker_args=["--no-init"], max_restarts=3)
         hosts = self.in_job(job)
+        for host in hosts:
+            self.assertEqual([r.round for r in job.rounds(host)], [0], host.name)
         last = job.agents_arrival()
         messages = self.assert_agents_refused(job, hosts)
         for host in hosts:
@@ -443,14 +447,14 @@ class TestAgentCheckCluster(_ClusterTestCase):
         self.report(f"the checking agent warned and passed {waited} s after the last agent's arrival")
 
     def test_agent_restart_checks_every_round(self) -> None:
-        """``--max-restarts 1``, three agents, workers that init and fail on
-        attempt 0: the agents rendezvous again and check again (once per round,
+        """``--max-restarts 1``, three agents, workers that fail on attempt 0
+        (before init: see the worker's ``--fail-on-attempt``) and init on
+        attempt 1: the agents rendezvous again and check again (once per round,
         each time before that round's workers start), and attempt 1 completes."""
         job = self.launch([FORK] * NNODES, worker_args=["--fail-on-attempt", "0"], max_restarts=1)
         self.assert_ran(job, attempt=1)
         for host in self.hosts:
             self.assertEqual([r.round for r in job.rounds(host)], [0, 1], host.name)
-            self.events_of(job, host, "done", attempt=0)
             self.events_of(job, host, "failed_on_purpose", attempt=0)
             self.assertEqual(job.events_of(host, "failed_on_purpose", attempt=1), [], host.name)
         waited = self.assert_agents_passed(job, rounds=2)

@@ -17,8 +17,12 @@ restart count), pid and time:
   the failure as it would in a job), the last two with when init began;
 * with ``--no-init`` the worker never calls ``init_process_group`` (a job that
   talks only through its own channels): ``done`` with ``init: false``;
-* with ``--fail-on-attempt N``, attempt ``N`` exits 1 after ``done``
-  (``failed_on_purpose``), so that torchrun restarts the workers;
+* with ``--fail-on-attempt N``, attempt ``N`` exits 1 right after ``start``
+  (``failed_on_purpose``), so that torchrun restarts the workers. Before
+  init, not after: torch 2.13's agents keep the TCPStore they share with the
+  workers across restarts, with no prefix per attempt, so a worker of the next
+  attempt may read gloo's addresses of the last one and fail in connectFullMesh
+  ("Connection refused"), on stock torch as well (4 of 6 restarts here);
 * with ``--check-mode MODE``, the worker's own ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``
   is ``MODE`` whatever its agent's was (a job whose launcher runs no check).
 """
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--init-timeout", type=float, help="seconds (default: torch's)")
     parser.add_argument("--hold", type=Path, help="wait for this file to exist before init")
     parser.add_argument("--no-init", action="store_true", help="never call init_process_group")
-    parser.add_argument("--fail-on-attempt", type=int, help="exit 1 after done on this attempt")
+    parser.add_argument("--fail-on-attempt", type=int, help="exit 1 before init on this attempt")
     parser.add_argument("--check-mode", help="this worker's TORCH_DISTRIBUTED_PROTOCOL_CHECK")
     args = parser.parse_args()
     if args.check_mode is not None:
@@ -93,6 +97,9 @@ def main() -> None:
     # torch.__version__ is upstream's and the same in every build.
     distribution = importlib.metadata.version("torch")
     _report(args.report_dir, "start", distribution=distribution, has_check=has_check)
+    if args.fail_on_attempt is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == args.fail_on_attempt:
+        _report(args.report_dir, "failed_on_purpose")
+        sys.exit(1)
     if args.hold is not None:
         _wait_for(args.hold)
     if args.no_init:
@@ -115,9 +122,6 @@ def main() -> None:
             negotiated = get_group_protocol_version()
         _report(args.report_dir, "done", init=True, began=began, sum=tensor.item(), negotiated=negotiated)
         dist.destroy_process_group()
-    if args.fail_on_attempt is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == args.fail_on_attempt:
-        _report(args.report_dir, "failed_on_purpose")
-        sys.exit(1)
 
 
 if __name__ == "__main__":
