@@ -180,9 +180,9 @@ class _ClusterTestCase(TestCase):
         self.assertEqual(job.launched(), [], f"workers started: {job.events}")
 
     def assert_agents_refused(self, job: Job, hosts: Sequence[Host], exception: str = "ProtocolVersionError") -> dict[str, str]:
-        """Each of ``hosts``'s agents raised ``exception`` with the agents' title,
-        its torchrun exited non-zero within 30 s of the last agent's arrival.
-        Returns each host's message (the first line names the check)."""
+        """Each of ``hosts``'s agents raised ``exception``, its message starting
+        with the agents' title, and its torchrun exited non-zero by itself.
+        Returns each host's message."""
         messages = {}
         for host in hosts:
             run = job.runs[host.index]
