@@ -241,7 +241,7 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
         self.assertExpectedInline(
             verdict.detail,
             """\
-torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn): judged without ranks 2-3, not heard from within the grace period of 1s (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); the job goes on, and a rank that arrives later says so.""",
+torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn): judged without ranks 2-3, not heard from within the grace period of 1s (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); the job goes on, and a rank with the check that arrives later says so.""",
         )
 
     def test_timeout_message(self) -> None:

@@ -96,7 +96,7 @@ def check_agent_protocol_version(store: dist.Store, group_rank: int, group_world
             f"starts its workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or "
             f"set {CHECK_MODE_ENV}=warn on the nodes that have it."
         ) from e
-    if verdict.ok:
+    if verdict.ok and not verdict.partial:
         logger.info(
             "Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
             group_rank, group_world_size, verdict.negotiated,

@@ -188,7 +188,7 @@ def unaccounted(family: Family, ranks: Sequence[int], grace: float, backend: str
     """The ranks a ``warn`` rank judged without."""
     return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without {ranks_phrase(ranks)}, "
             f"not heard from within the grace period of {grace:g}s ({_silent(traceless)}); the job goes on, and a rank "
-            "that arrives later says so.")
+            "with the check that arrives later says so.")
 
 
 def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> str:

@@ -349,7 +349,12 @@ def run_in_own_session(
     except subprocess.TimeoutExpired:
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        try:
+            output, _ = proc.communicate(timeout=SLACK_S)
+        except subprocess.TimeoutExpired as e:  # torchrun's workers, in sessions of their own, hold the pipe
+            output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else (e.output or "")
+            proc.stdout.close()
+            proc.wait()
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
