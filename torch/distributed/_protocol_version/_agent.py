@@ -1,4 +1,4 @@
-"""The check of torchrun's agents, run once per rendezvous round, before any worker starts.
+"""The check of torchrun's agents, run once per rendezvous namespace, before any worker starts.
 
 ``SimpleElasticAgent._rendezvous`` calls :func:`check_agent_protocol_version`
 right after ``next_rendezvous()``, before ``_assign_worker_ranks``: every agent
@@ -64,8 +64,9 @@ def check_agent_protocol_version(store: dist.Store, group_rank: int, group_world
     """Check that every agent of this rendezvous round runs a build that speaks a
     common protocol version, before any of them starts its workers.
 
-    Waits for the others up to the store's timeout (``error``; what
-    ``_assign_worker_ranks`` would wait on stock), or its grace period (``warn``).
+    Waits for the others up to the store's timeout (``error``; the bound of every
+    wait ``_assign_worker_ranks`` makes on stock), or its grace period (``warn``).
+    Does nothing for an agent that took part in the last check on ``store``.
 
     Args:
         store: the store of the rendezvous round.
