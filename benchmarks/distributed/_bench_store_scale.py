@@ -62,27 +62,30 @@ def naive_all_read(store: dist.Store, rank: int, world_size: int) -> None:
 
 
 def check_traffic(store: dist.Store, rank: int, world_size: int) -> None:
-    """The store calls of the check on a fresh store (its usual case), and nothing else.
+    """The store calls of the check on a fresh namespace (its usual case), and nothing else.
 
     For profiling only: compared with the real check it shows how much of the
-    check's time is its store traffic and how much its Python work. On a fresh
-    store ``current`` does not exist when rank 0 looks, and no check is closed
-    when the others read it, so the branches for a reused store are left out.
+    check's time is its store traffic and how much its Python work.
     """
-    token = "0123456789abcdef"
-    slots = [f"{token}/rank/{r}" for r in range(world_size)]
+    wait = timedelta(seconds=60)
+    slots = [f"rank/{r}" for r in range(world_size)]
     if rank == 0:
-        store.check(["current"])
-        store.multi_set([slots[0], "current"], [NAIVE_PAYLOAD, token])
-        store.wait(slots[1:], timedelta(seconds=60))
-        store.multi_get(slots)
-        store.multi_set([f"{token}/verdict", "current"], [VERDICT, f"{token} closed"])
+        store.check([slots[0]])
+        store.set(slots[0], NAIVE_PAYLOAD)
+        store.wait(slots[1:], wait)
+        store.multi_get(slots[1:])
+        store.set("verdict", VERDICT)
+        store.add("read", 0)
+        store.wait(["left"], wait)
+        for key in ("verdict", "read", "left", slots[0]):
+            store.delete_key(key)
         return
-    store.wait(["current"], timedelta(seconds=60))
-    store.get("current")
     store.set(slots[rank], NAIVE_PAYLOAD)
-    store.wait([f"{token}/verdict"], timedelta(seconds=60))
-    store.get(f"{token}/verdict")
+    store.wait(["verdict"], wait)
+    store.get("verdict")
+    store.delete_key(slots[rank])
+    if store.add("read", 1) == world_size - 1:
+        store.set("left", "")
 
 
 Body = Callable[[dist.Store, int, int], None]

@@ -1,35 +1,39 @@
 """Protocol version guardrail for ``torch.distributed``.
 
 Every build declares the range of c10d wire protocol versions it speaks,
-``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. ``_new_process_group_helper``
-calls :func:`_check_protocol_version` for the default group once stock has
-validated its arguments and right before the first backend is constructed: a
-job that mixes incompatible builds fails there, on every rank, with one message
-that names the ranks, hosts and builds.
-
-This module and what it imports are what every ``init_process_group`` loads;
-``_rpc`` loads with ``init_rpc``, ``_agent`` with torchrun's agents, the rest
-(:data:`_LAZY`, ``_preflight``, ``_cli``) when used. ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``
-is ``error``, ``warn`` or ``off``; the version overrides simulate other builds in tests.
+``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. ``_new_process_group_helper`` calls
+:func:`_check_protocol_version` for the default group once stock has validated its
+arguments, right before the first backend is built: a job that mixes incompatible
+builds fails there, on every rank, with one message that names the ranks, hosts
+and builds. What this module imports is what every ``init_process_group`` loads;
+``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry points.
 """
 
 from __future__ import annotations
 
-import importlib
+import itertools
 import logging
-import time
+import os
 import weakref
+from collections import defaultdict
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-from torch.distributed._protocol_version._diagnose import gloo_key
+from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError
+from torch.distributed._protocol_version._settings import (
+    active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError, version_range,
+)
+from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
 )
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 __all__ = [
@@ -40,86 +44,186 @@ __all__ = [
     "get_protocol_version", "get_rpc_protocol_version",
 ]
 
-VERSION_OVERRIDE_ENV = C10D.version_env
-MIN_VERSION_OVERRIDE_ENV = C10D.min_version_env
-RPC_VERSION_OVERRIDE_ENV = RPC.version_env
-RPC_MIN_VERSION_OVERRIDE_ENV = RPC.min_version_env
+VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV = C10D.version_env, C10D.min_version_env
+RPC_VERSION_OVERRIDE_ENV, RPC_MIN_VERSION_OVERRIDE_ENV = RPC.version_env, RPC.min_version_env
+RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 logger = logging.getLogger(__name__)
 
-# The version each checked default group negotiated (None: none), keyed by the
-# store the group is registered with in ``_world.pg_map``: the entry lives and
-# dies with its group, and each thread of the threaded test group has its own.
-_negotiated: weakref.WeakKeyDictionary[dist.Store, int | None] = weakref.WeakKeyDictionary()
+# The version each checked default group negotiated (None: none), keyed by the store
+# the group is registered with: the entry lives and dies with its group.
+_negotiated: weakref.WeakKeyDictionary[Store, int | None] = weakref.WeakKeyDictionary()
+# The RPC protocol version the last init_rpc of this process negotiated (set by ``_rpc``).
+_rpc_negotiated: dict[str, int | None] = {"version": None}
+# Checks each rank made before: default groups in this process (threads may stand
+# for ranks), and calls of check_protocol_version with each store object.
+_default_inits: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
+_calls: weakref.WeakKeyDictionary[Store, defaultdict[int, itertools.count[int]]] = weakref.WeakKeyDictionary()
+
+
+def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
+    """A check's namespace, the same on every rank of one attempt and never used twice
+    on a store, and whether it is the attempt's first: torchrun's restart count tells
+    fresh processes of a new attempt apart (they share the agent's store), ``count``
+    (checks of this kind the rank made before) re-inits in one process."""
+    restart = os.environ.get(RESTART_COUNT_ENV, "0")
+    return f"{kind}/{restart}/{count}", restart == "0" and count == 0
+
+
+def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
+    """Where ``ProcessGroupGloo`` writes a rank's address as it starts, relative to the
+    store ``_new_process_group_helper`` is given; a test asserts it against real gloo."""
+    return lambda rank: f"{group_name}//{device}//0/{rank}"
 
 
 def _check_protocol_version(
-    store: dist.Store, group_store: dist.Store, rank: int, world_size: int, timeout: timedelta,
+    store: Store, group_store: Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
 ) -> None:
-    """The hook ``_new_process_group_helper`` calls right before it constructs a
-    backend, all arguments validated. Checks the default group once (later groups
-    have the same ranks); the fake backend has no store to check through."""
+    """The hook ``_new_process_group_helper`` calls right before it builds a backend.
+
+    Checks the default group once (later groups have the same ranks); the fake backend
+    has no store. Gloo's key per rank shows a rank without the check, but only in the
+    first group of a first attempt: later ones may find an earlier group's key, which
+    gloo would also read as the rank's address, so each rank deletes its own first.
+    """
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
-    if not 0 <= rank < world_size:  # the backend refuses such a rank next, as on stock
-        return
-    mode = active_mode(C10D)
+    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]))
+    mode = active_mode(C10D) if 0 <= rank < world_size else None  # the backend refuses such a rank, as on stock
     if mode is None:
         return
-    backend_key = gloo_key(group_name, device) if backend == "gloo" else None
-    started = time.monotonic()
-    verdict, info = exchange(store, C10D, rank, world_size, timeout, backend, mode, backend_key)
-    raise_on_failure(verdict, info, C10D)
-    if verdict.ok and not verdict.partial:  # a rank it was judged without may not speak it
-        _negotiated[group_store] = verdict.negotiated
-        logger.info(
-            "Rank %s: protocol version check passed in %.3fs: world size %s, negotiated protocol "
-            "version %s (this rank speaks %s-%s).", rank, time.monotonic() - started, world_size,
-            verdict.negotiated, info.min_version, info.version,
-        )
+    trace = gloo_key(group_name, device) if backend == "gloo" else None
+    if trace is not None and not first:
+        delete(store, [trace(rank)])
+    outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None)
+    raise_on_failure(outcome.verdict, outcome.info, C10D)
+    if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
+        _negotiated[group_store] = outcome.verdict.negotiated
+        logger.info("Rank %s: protocol version check passed: negotiated protocol version %s of %s ranks.",
+                    rank, outcome.verdict.negotiated, world_size)
 
 
 def get_group_protocol_version() -> int:
     """Return the protocol version the default process group negotiated.
 
-    Code that changes the wire protocol branches on this: new behaviour switches
-    on only once every rank speaks the new version.
+    Code that changes the wire protocol branches on this: new behaviour switches on
+    only once every rank speaks the new version.
 
     Returns:
         The highest version every rank of the default group speaks.
 
     Raises:
-        RuntimeError: there is no default group, or its init negotiated no
-            version (the check was off, a mismatch was downgraded to a warning,
-            ``warn`` judged without some ranks, or its backend has no store: MPI, fake).
+        RuntimeError: there is no default group, or its init negotiated no version
+            (the check was off, a mismatch was only warned about, ``warn`` went on
+            without some ranks, or the backend has no store: MPI, fake).
     """
     if not dist.is_initialized():
-        raise RuntimeError(
-            "get_group_protocol_version() needs the default process group: call "
-            "torch.distributed.init_process_group() first."
-        )
-    group_store = dist.distributed_c10d._get_process_group_store(dist.distributed_c10d._get_default_group())
-    version = _negotiated.get(group_store)
+        raise RuntimeError("get_group_protocol_version() needs the default process group: call "
+                           "torch.distributed.init_process_group() first.")
+    c10d = dist.distributed_c10d
+    version = _negotiated.get(c10d._get_process_group_store(c10d._get_default_group()))
     if version is None:
         raise RuntimeError(
-            f"the default process group negotiated no protocol version: the check was off "
-            f"({CHECK_MODE_ENV}=off), a mismatch was only warned about, the check ({CHECK_MODE_ENV}=warn) "
-            f"was judged without some ranks, or the backend ({dist.get_backend()}) has no store to check through."
-        )
+            f"the default process group negotiated no protocol version: the check was off ({CHECK_MODE_ENV}=off), "
+            f"a mismatch was only warned about, the check ({CHECK_MODE_ENV}=warn) went on without some ranks, "
+            f"or the backend ({dist.get_backend()}) has no store to check through.")
     return version
 
 
-# Public functions that ``init_process_group`` never needs, and the module each loads with.
-_LAZY = {
-    "check_protocol_version": "_standalone", "get_min_protocol_version": "_standalone",
-    "get_protocol_version": "_standalone", "get_rpc_protocol_version": "_rpc",
-}
+def check_protocol_version(
+    store: Store, rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30), *,
+    backend: str = "unknown",
+) -> int:
+    """Check that every rank speaks a common protocol version, through ``store``.
+
+    For frameworks that build process groups without ``init_process_group``: call it
+    on every rank with the same store before building the group. It ignores
+    ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` (calling it is the decision to check) and
+    removes its keys once every rank has read the verdict. Calls with one store object
+    are told apart by how many each rank made with it; a new store object over the
+    same keys (fresh processes of a new attempt) needs a fresh ``PrefixStore`` prefix,
+    as upstream's store barrier does.
+
+    Args:
+        store: a store all ranks of this group, and only they, use for the check
+            (``set``, ``get``, ``wait``; ``check``, ``add`` and ``delete_key`` where it has them).
+        rank: this rank, in ``[0, world_size)``.
+        world_size: the number of ranks.
+        timeout: how long this rank waits for the others, from its arrival.
+        backend: names the backend in messages.
+
+    Returns:
+        The negotiated version: the highest version every rank speaks.
+
+    Raises:
+        ProtocolVersionError: the ranks share no protocol version, or one published an invalid payload.
+        DistStoreError: a rank did not publish within ``timeout``, or the store holds
+            an earlier attempt's check under the same namespace.
+        SettingError: an override variable holds an invalid value.
+        TypeError, ValueError: an invalid argument.
+    """
+    if not isinstance(store, Store):
+        raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if type(value) is not int:  # bool is an int, and True is no rank
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+    if not isinstance(timeout, timedelta):
+        raise TypeError(f"timeout must be a datetime.timedelta, got {type(timeout).__name__} {timeout!r:.40}")
+    for bad, problem in ((world_size < 1, f"world_size must be at least 1, got {world_size}"),
+                         (not 0 <= rank < world_size, f"rank must be in [0, {world_size}), got {rank}"),
+                         (timeout.total_seconds() <= 0, f"timeout must be positive, got {timeout}")):
+        if bad:
+            raise ValueError(problem)
+    namespace, _ = _attempt_namespace("check", next(_calls.setdefault(store, defaultdict(itertools.count))[rank]))
+    outcome = exchange(store, C10D, rank, world_size, timeout, backend, "error", namespace)
+    raise_on_failure(outcome.verdict, outcome.info, C10D)
+    if outcome.verdict.negotiated is None:  # raised already: every rank here runs "error"
+        raise ProtocolVersionError(outcome.verdict.detail)
+    return outcome.verdict.negotiated
 
 
-def __getattr__(name: str) -> Any:
-    """Load what every ``init_process_group`` does not need on first use."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def get_protocol_version() -> int:
+    """Return the protocol version this rank announces.
+
+    Returns:
+        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
+    """
+    return version_range(C10D)[1]
+
+
+def get_min_protocol_version() -> int:
+    """Return the oldest protocol version this rank accepts.
+
+    Returns:
+        The minimum override; else the version override (exactly that version);
+        else :data:`MIN_PROTOCOL_VERSION`.
+
+    Raises:
+        SettingError: an override variable holds an invalid value.
+    """
+    return version_range(C10D)[0]
+
+
+def get_rpc_protocol_version() -> int:
+    """Return the RPC protocol version this process's RPC group runs.
+
+    Returns:
+        The version the last ``init_rpc`` negotiated.
+
+    Raises:
+        RuntimeError: RPC is not initialized, or its init negotiated no version
+            (the check was off, or a mismatch was only warned about).
+    """
+    from torch._C._distributed_rpc import _is_current_rpc_agent_set
+
+    if not _is_current_rpc_agent_set():
+        raise RuntimeError("get_rpc_protocol_version() needs RPC: call torch.distributed.rpc.init_rpc() first.")
+    if _rpc_negotiated["version"] is None:
+        raise RuntimeError(f"no RPC protocol version was negotiated: the check was off ({CHECK_MODE_ENV}=off), "
+                           "or a mismatch was only warned about.")
+    return _rpc_negotiated["version"]

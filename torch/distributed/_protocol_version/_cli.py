@@ -10,13 +10,18 @@ import json
 import os
 import sys
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, TYPE_CHECKING
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import TCPStore
 from torch.distributed._protocol_version import _preflight
 from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import local_info
 from torch.distributed._protocol_version._settings import check_mode, overrides_set, SettingError, version_range
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 # torchrun sets it to "True" when its agent hosts the store and every worker is a client.
@@ -140,7 +145,7 @@ def _run_preflight(args: argparse.Namespace) -> int:
     _check_backend(args.backend)
     hosts_store = rank == 0 and os.environ.get(AGENT_STORE_ENV) != "True"
     try:
-        store = dist.TCPStore(host, port, world_size, hosts_store, timeout, wait_for_workers=False)
+        store = TCPStore(host, port, world_size, hosts_store, timeout, wait_for_workers=False)
         emit = functools.partial(_print_report, as_json=args.json)
         return _preflight.preflight(store, rank, world_size, timeout, args.backend, emit)
     except (RuntimeError, ValueError) as e:  # the store failed, or held something unreadable

@@ -1,201 +1,268 @@
-"""The store protocol of one check. Keys, in the family's namespace: ``current``
-(the token of the check rank 0 opened last; ``"<token> closed"`` once judged),
-and per check ``<token>/rank/<r>`` (payloads), ``/verdict``, ``/next`` (the
-following check's token) and ``/ack/<r>`` (rank ``r`` read a failing verdict).
+"""The store protocol of one check, under ``<family prefix>/<namespace>/``.
 
-Rank 0 reads ``current``, opens a check under a fresh random token (one
-``multi_set``), waits until every payload is there, judges, then closes the check
-and publishes the verdict (one ``multi_set``). Every other rank waits until a
-check is open, publishes and blocks on the verdict: O(1) calls per rank. A wait
-that outlasts a grace period goes on as a look (``check``) every half second,
-which also finds ranks without the check (:mod:`._diagnose`). A rank that finds
-the last check closed waits for its ``next``, however long ago it ended, so no
-clock decides which check a rank belongs to; it takes that check's verdict only
-if rank 0 judged it without this rank. Each rank counts its timeout from its
-arrival; a ``warn`` rank waits for the others for a grace period only.
+Every rank publishes its payload (``rank/<r>``); rank 0 blocks until every other
+payload is there, judges and publishes the ``verdict``; every other rank blocks on
+it, reads it, deletes its payload and counts itself out (``read``), the last one
+setting ``left``, on which rank 0 (which often hosts the store) blocks before it
+deletes the rest. O(1) calls per rank. Ranks without the check are seen only where
+a backend leaves a trace (gloo's key per rank), by a watcher; without that evidence
+``error`` waits for a rank until its timeout, ``warn`` for its grace period. A rank
+the verdict was reached without reads it when it comes: a timeout fails it at
+once; a pass it joins if it speaks the negotiated version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import secrets
-from datetime import timedelta
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-from torch.distributed._protocol_version import _diagnose, _messages
-from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._judge import judge
+from torch.distributed._protocol_version import _messages
+from torch.distributed._protocol_version._judge import judge, judge_payloads
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
-from torch.distributed._protocol_version._store import Check, Deadline, find_present, POLL_SECONDS, present, wait_for
+from torch.distributed._protocol_version._store import (
+    Deadline, delete, find_present, present, supports, wait_for, watching,
+)
 
 
-__all__ = ["ProtocolVersionError", "exchange", "parse_current", "raise_on_failure"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import timedelta
+
+    from torch._C._distributed_c10d import Store
+    from torch.distributed._protocol_version._families import Family
+
+
+__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "raise_on_failure"]
 
 logger = logging.getLogger(__name__)
 
-_CLOSED = " closed"
-_SUPERSEDED = b"superseded"  # the verdict of a check whose rank 0 died before judging
-_TOKEN_CHARS = 16
-# How long a first wait blocks before the rank looks for ranks without the check, at most.
+# A warn rank's wait for ranks it has no evidence about, and the delay before the
+# watcher looks for ranks without the check: min(1 s, timeout / 10).
 _GRACE_SECONDS = 1.0
-# Bounds of rank 0's wait for the others to read a failing verdict.
-_ACK_FLOOR_SECONDS, _ACK_CAP_SECONDS = 1.0, 30.0
+# What the watcher writes for a rank whose backend started without the check (its
+# payload), and for rank 0 in that case (the verdict: the others judge alone).
+NO_CHECK = '{"no_check": true}'
+NO_COORDINATOR = '{"no_coordinator": true}'
 
 
 class ProtocolVersionError(dist.DistError):
     """The ranks run builds that cannot talk to each other, or one published garbage."""
 
 
-def parse_current(key: str, raw: bytes) -> tuple[str, bool]:
-    """``b"<token>"`` -> ``(token, False)``; ``b"<token> closed"`` -> ``(token, True)``."""
-    text = raw.decode("ascii", errors="replace")
-    token = text.removesuffix(_CLOSED)
-    if len(token) != _TOKEN_CHARS or any(c not in "0123456789abcdef" for c in token):
-        raise InvalidPayload(
-            f"the key {key} holds {text[:40]!r}, which this check did not write: another "
-            "program uses this key in the store"
-        )
-    return token, token != text
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One rank's verdict and payload, and the payloads it judged (rank 0)."""
+
+    verdict: Verdict
+    info: RankInfo
+    judged: dict[int, bytes] = dataclasses.field(default_factory=dict)
 
 
-def _read_current(check: Check) -> tuple[str, bool]:
-    return parse_current(check.key("current"), check.store.get(check.key("current")))
+@dataclasses.dataclass
+class _Check:
+    """Everything one rank's check needs."""
+
+    store: Store
+    family: Family
+    namespace: str
+    rank: int
+    world_size: int
+    deadline: Deadline
+    grace: float
+    bounded: bool  # a warn rank without evidence: it waits its grace period for ranks not heard from
+    backend: str
+    info: RankInfo
+    payload: str
+    trace: Callable[[int], str] | None  # where a rank's backend leaves a key when it starts, if it does
+    doing: str = "publishing this rank's version"  # for the message, should the store fail
+
+    def key(self, *parts: object) -> str:
+        return self.family.key(self.namespace, *parts)
+
+    def slot(self, rank: int) -> str:
+        return self.key("rank", rank)
 
 
-def _coordinate(check: Check) -> Verdict:
-    """Rank 0: open a check, collect every payload, publish the verdict."""
-    store, key, token = check.store, check.key, check.token
-    check.doing = "opening the check"
-    previous = _read_current(check) if present(store, [key("current")]) else None
-    keys, values = [key(token, "rank", 0), key("current")], [check.payload, token]
-    if previous is not None:  # wake the ranks that wait for a check after it
-        keys.append(key(previous[0], "next"))
-        values.append(token)
-        if not previous[1]:  # its rank 0 died before judging: wake its ranks too
-            keys.append(key(previous[0], "verdict"))
-            values.append(_SUPERSEDED)
-    store.multi_set(keys, values)
+def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[int]]:
+    """Block until every rank of ``ranks`` has published, or was seen without the
+    check, within this rank's bound: the payloads, and who is missing."""
+    store, slots, trace = check.store, [check.slot(r) for r in ranks], check.trace
     check.doing = "collecting payloads"
-    verdict, published = _diagnose.collect(check, previous[0] if previous else None)
+
+    def fill_traced(clone: Store) -> bool:  # the watcher's look: O(m log n) for m ranks absent
+        found = set(find_present(clone, slots))
+        absent = [r for i, r in enumerate(ranks) if i not in found]
+        for i in find_present(clone, [trace(r) for r in absent]) if trace else ():
+            clone.set(check.slot(absent[i]), NO_CHECK)
+        return False
+
+    seconds = min(check.grace, check.deadline.remaining()) if check.bounded else check.deadline.remaining()
+    with watching(store, check.grace, fill_traced if trace else None):
+        complete = wait_for(store, slots, seconds)
+    found = [ranks[i] for i in (range(len(ranks)) if complete else find_present(store, slots))]
+    raws = dict(zip(found, store.multi_get([check.slot(r) for r in found]) if found else []))
+    return raws, [r for r in ranks if r not in raws]
+
+
+def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict:
+    """The verdict on the ranks collected: a timeout, unless a warn rank judges without the missing ones."""
+    payloads = {r: raw for r, raw in raws.items() if raw != NO_CHECK.encode()}
+    readers, traceless = len([r for r in payloads if r != check.rank]), check.trace is None
+    if missing and not check.bounded:
+        head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
+        detail = f"{head}: {_messages.never_arrived(missing, check.family, traceless)}."
+        return Verdict("timeout", detail, None, without=tuple(missing), readers=readers)
+    verdict = judge_payloads(check.family, payloads, [r for r in raws if r not in payloads], check.backend)
+    unheard = _messages.unaccounted(check.family, missing, check.grace, check.backend, traceless) if missing else ""
+    detail = "\n".join(filter(None, [verdict.detail, unheard]))
+    return dataclasses.replace(verdict, detail=detail, without=tuple(missing), readers=readers)
+
+
+def _coordinate(check: _Check) -> Outcome:
+    """Rank 0: collect every payload, judge, publish, and stay until the readers
+    left. Its own payload already there means an earlier check used this namespace."""
+    store = check.store
+    if present(store, [check.slot(0)]):
+        verdict = Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
+        store.set(check.key("verdict"), verdict.to_json())
+        return Outcome(verdict, check.info)
+    store.set(check.slot(0), check.payload)
+    raws, missing = _collect(check, list(range(1, check.world_size)))
+    raws[0] = check.payload.encode()
+    verdict = _judge(check, raws, missing)
     check.doing = "publishing the verdict"
-    # Closed first: a rank that has read the verdict and checks again never finds this check open.
-    store.multi_set([key("current"), key(token, "verdict")], [token + _CLOSED, verdict.to_json()])
-    if not (verdict.ok or verdict.warned):
-        check.doing = "waiting for the others to read the verdict"
-        _await_acks(check, published)
+    store.set(check.key("verdict"), verdict.to_json())
+    check.doing = "waiting for the others to read the verdict"
+    if verdict.readers and not _readers_left(check):
+        return Outcome(verdict, check.info, raws)
+    if not verdict.without:  # else a rank it was reached without may still come to read it
+        no_check = [r for r, raw in raws.items() if raw == NO_CHECK.encode()]
+        delete(store, [check.key("verdict"), check.key("read"), check.key("left"), *map(check.slot, [0, *no_check])])
+    return Outcome(verdict, check.info, raws)
+
+
+def _readers_left(check: _Check) -> bool:
+    """Rank 0: block until every rank that published has read the verdict
+    (``False`` where they cannot count, on a store without ``add``, or did not in time)."""
+    try:
+        check.store.add(check.key("read"), 0)
+    except RuntimeError as e:
+        if supports(e):
+            raise
+        return False
+    if wait_for(check.store, [check.key("left")], max(check.deadline.remaining(), check.grace)):
+        return True
+    logger.info("%s check: not every rank that published read the verdict in time.", check.family.title)
+    return False
+
+
+def _leave(check: _Check, verdict: Verdict) -> Verdict:
+    """Any rank but 0, having read ``verdict``: delete its payload and count itself
+    out. A count past the readers means an earlier check's verdict, in a namespace used twice."""
+    delete(check.store, [check.slot(check.rank)])
+    if check.rank in verdict.without:
+        return _late(check, verdict)
+    try:
+        count = check.store.add(check.key("read"), 1)
+    except RuntimeError as e:
+        if supports(e):
+            raise
+        return verdict
+    if count == verdict.readers:
+        check.store.set(check.key("left"), "")
+    if count > verdict.readers:
+        return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
 
 
-def _await_acks(check: Check, published: list[int]) -> None:
-    """Keep rank 0, which often hosts the store server, until every rank that
-    published has read a failing verdict: raising at once could take the server
-    down before they read it."""
-    acks = [check.key(check.token, "ack", r) for r in published]
-    seconds = min(max(check.deadline.remaining(), _ACK_FLOOR_SECONDS), _ACK_CAP_SECONDS)
-    if not acks or wait_for(check.store, acks, seconds):
-        return
-    confirmed = set(find_present(check.store, acks))
-    silent = [r for i, r in enumerate(published) if i not in confirmed]
-    logger.warning(
-        "%s check: within %.1fs, no word from %s that the verdict reached them.",
-        check.family.title, seconds, _messages.ranks_phrase(silent),
-    )
+def _late(check: _Check, verdict: Verdict) -> Verdict:
+    """This rank came after rank 0 reached ``verdict`` without it."""
+    family, info, negotiated = check.family, check.info, verdict.negotiated
+    came = f"rank {check.rank} arrived after rank 0 had reached its verdict without it"
+    if verdict.status == "timeout":
+        detail = _messages.late_timeout(family, check.backend, came, check.key(), verdict.detail)
+        return Verdict("timeout", detail, None)
+    if negotiated is None:  # the ranks judged already could not meet
+        detail = f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}"
+        return Verdict("mismatch", detail, None, info.mode == "error" or verdict.enforce)
+    if not info.min_version <= negotiated <= info.version:
+        detail = _messages.late_mismatch(family, check.backend, came, negotiated)
+        return Verdict("mismatch", detail, None, info.mode == "error")
+    text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
+    return Verdict("ok", f"{_messages.check_head(family, check.backend)}: {text}", negotiated, without=verdict.without)
 
 
-def _await_open(check: Check, closed: str | None) -> str | Verdict:
-    """Any rank but 0: the token of the check rank 0 opens after ``closed`` (the
-    last check, over before this rank could take part, or ``None``); or a verdict
-    reached without rank 0 (:mod:`._diagnose`)."""
-    marked: set[str | None] = set()
-    while True:
-        announce = check.key("current") if closed is None else check.key(closed, "next")
-        grace = check.grace - check.deadline.elapsed()
-        if wait_for(check.store, [announce], grace) if grace > 0 else present(check.store, [announce]):
-            token, is_closed = _read_current(check)
-            if not is_closed:
-                return token
-            if token != closed:
-                closed = token
-                continue
-        if closed not in marked:
-            late = _diagnose.judge_late(check, closed) if closed is not None else None
-            if late is not None:
-                return late
-            _diagnose.leave_mark(check, closed)
-            marked.add(closed)
-        if _diagnose.went_ahead(check, [0], closed):
-            return _diagnose.judge_without_coordinator(check, closed)
-        if check.deadline.expired():
-            return _diagnose.open_timeout(check, closed)
-        check.deadline.pause()
+def _participate(check: _Check) -> Outcome:
+    """Any rank but 0: await rank 0's verdict (on ``warn`` without evidence, rank 0
+    itself for the grace period only). Where rank 0's backend started without a
+    payload, rank 0 runs no check, and the others judge alone."""
+    store, verdict_key, trace = check.store, check.key("verdict"), check.trace
+    check.doing = "waiting for rank 0"
+    if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.deadline.remaining())):
+        return Outcome(_judge(check, {check.rank: check.payload.encode()}, [0]), check.info)
+
+    def relay_no_coordinator(clone: Store) -> bool:  # the watcher's look
+        if present(clone, [check.slot(0)]):  # rank 0 checks: its verdict will come
+            return True
+        if trace is None or not present(clone, [trace(0)]):
+            return False
+        clone.compare_set(verdict_key, "", NO_COORDINATOR)
+        return True
+
+    check.doing = "waiting for the verdict"
+    with watching(store, check.grace, relay_no_coordinator if trace else None):
+        arrived = wait_for(store, [verdict_key], check.deadline.remaining())
+    if not arrived and not present(store, [verdict_key]):  # rank 0's own account may have just come
+        return Outcome(_verdict_timeout(check), check.info)
+    raw = store.get(verdict_key)
+    if raw == NO_COORDINATOR.encode():
+        raws, missing = _collect(check, list(range(1, check.world_size)))
+        return Outcome(_judge(check, {**raws, 0: NO_CHECK.encode()}, missing), check.info, raws)
+    return Outcome(_leave(check, Verdict.from_json(verdict_key, raw)), check.info)
 
 
-def _participate(check: Check) -> Verdict:
-    """Any rank but 0: publish this rank's payload in an open check and await its verdict."""
-    store, key = check.store, check.key
-    closed = None  # a check that ended before this rank could take part
-    while True:
-        check.doing = "waiting for rank 0 to open the check"
-        token = _await_open(check, closed)
-        if isinstance(token, Verdict):
-            return token
-        check.doing = "publishing this rank's version"
-        store.set(key(token, "rank", check.rank), check.payload)
-        check.doing = "waiting for the verdict"
-        verdict_key = key(token, "verdict")
-        # warn: to the end of rank 0's grace period, which began before this rank published (half a second to judge)
-        if not wait_for(store, [verdict_key], check.grace + POLL_SECONDS if check.bounded else check.deadline.remaining()):
-            verdict = _diagnose.verdict_timeout(check, token)
-        else:
-            raw = store.get(verdict_key)
-            if raw == _SUPERSEDED:
-                closed = token
-                continue
-            verdict = Verdict.from_json(verdict_key, raw)
-        if not (verdict.ok or verdict.warned):  # a rank that gave up on its own is done with the store too
-            store.set(key(token, "ack", check.rank), "1")  # see _await_acks
-        return verdict
-
-
-def _with_context(error: RuntimeError, text: str) -> RuntimeError:
-    """``error``'s own type (DistStoreError, DistNetworkError...) with ``text`` in
-    front, so elastic agents and retry code that catch those types still do."""
-    try:
-        return type(error)(f"{text}: {error}")
-    except Exception:  # a type that takes other arguments
-        return RuntimeError(f"{text}: {error}")
+def _verdict_timeout(check: _Check) -> Verdict:
+    """A rank other than 0 reached its deadline without a verdict."""
+    found = set(find_present(check.store, [check.slot(r) for r in range(check.world_size)]))
+    text = _messages.no_verdict(check.family, check.rank, [r for r in range(check.world_size) if r not in found],
+                                check.trace is None)
+    head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
+    return Verdict("timeout", f"{head}: {text}.", None)
 
 
 def exchange(
-    store: dist.Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
-    backend_key: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
-) -> tuple[Verdict, RankInfo]:
-    """Run one check of ``family`` on ``store``: this rank's verdict and payload.
+    store: Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
+    namespace: str, trace: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
+) -> Outcome:
+    """Run one check of ``family`` on ``store`` as ``rank`` in ``mode`` (``error`` or ``warn``).
 
-    ``mode`` is this rank's ``error`` or ``warn`` (a ``warn`` rank waits for the
-    others for the grace period only, unless ``patient``); ``backend_key(rank)`` is where
-    a rank's backend writes a key as soon as it starts building (seen: a rank that
-    runs no check), or ``None``; ``name`` an RPC worker's name. Raises
-    ``SettingError`` on a bad override before any store traffic, and a store
-    failure as its own type with what the check was doing.
+    ``namespace`` is the same on every rank of one attempt and never used twice on a
+    store; ``trace(r)`` is where rank ``r``'s backend writes a key as it starts (the
+    evidence of a rank without the check), or ``None``; ``patient`` waits up to the
+    timeout on ``warn`` too (the preflight's roll call). Raises ``SettingError`` on a
+    bad override before any store traffic, and a store failure as its own type.
     """
     info = local_info(rank, family, mode, name)
+    payload = info.to_payload(family)
     if world_size == 1:
-        return judge(family, [info], backend), info
-    token, grace = secrets.token_hex(_TOKEN_CHARS // 2), min(_GRACE_SECONDS, timeout.total_seconds() / 10)
-    bounded = mode == "warn" and not patient
-    check = Check(
-        store, family, rank, world_size, Deadline(timedelta(seconds=grace) if bounded else timeout), backend, info,
-        info.to_payload(family), token, backend_key, grace, bounded,
+        return Outcome(judge(family, [info], backend), info, {0: payload.encode()})
+    grace, bounded = min(_GRACE_SECONDS, timeout.total_seconds() / 10), mode == "warn" and not patient and trace is None
+    check = _Check(
+        store, family, namespace, rank, world_size, Deadline(timeout), grace, bounded, backend, info, payload, trace
     )
     try:
-        return (_coordinate(check) if rank == 0 else _participate(check)), info
+        if rank == 0:
+            return _coordinate(check)
+        store.set(check.slot(rank), payload)
+        return _participate(check)
     except InvalidPayload as e:
-        return Verdict("invalid", f"{family.title} check ({_messages.backend_text(backend)}): {e}.", None), info
-    except RuntimeError as e:  # the store failed
-        raise _with_context(e, f"{family.title} check on rank {rank}: the store failed while {check.doing}") from e
+        return Outcome(Verdict("invalid", f"{_messages.check_head(family, backend)}: {e}.", None), info)
+    except RuntimeError as e:  # the store failed: its own type (DistStoreError...), so retry code still catches it
+        text = f"{family.title} check on rank {rank}: the store failed while {check.doing}"
+        raise (type(e)(f"{text}: {e}") if isinstance(e, dist.DistError) else RuntimeError(f"{text}: {e}")) from e
 
 
 def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:

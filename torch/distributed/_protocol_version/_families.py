@@ -26,33 +26,19 @@ class Family:
     note: str  # a sentence added to every mismatch message, or ""
 
     def key(self, *parts: object) -> str:
-        """``key("ab12", "rank", 1)`` -> ``"protocol_version/ab12/rank/1"``."""
+        """``key("c10d/0/0", "rank", 1)`` -> ``"protocol_version/c10d/0/0/rank/1"``."""
         return "/".join([self.key_prefix, *map(str, parts)])
 
 
 C10D = Family(
-    name="c10d",
-    title="torch.distributed protocol version",
-    version=_versions.PROTOCOL_VERSION,
-    min_version=_versions.MIN_PROTOCOL_VERSION,
-    version_env="TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE",
-    min_version_env="TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE",
-    key_prefix="protocol_version",
-    version_word="protocol version",
-    note="",
+    "c10d", "torch.distributed protocol version", _versions.PROTOCOL_VERSION, _versions.MIN_PROTOCOL_VERSION,
+    "TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE", "TORCH_DISTRIBUTED_MIN_PROTOCOL_VERSION_OVERRIDE",
+    "protocol_version", "protocol version", "",
 )
-
 RPC = Family(
-    name="rpc",
-    title="torch.distributed.rpc protocol version",
-    version=_versions.RPC_PROTOCOL_VERSION,
-    min_version=_versions.MIN_RPC_PROTOCOL_VERSION,
-    version_env="TORCH_DISTRIBUTED_RPC_PROTOCOL_VERSION_OVERRIDE",
-    min_version_env="TORCH_DISTRIBUTED_RPC_MIN_PROTOCOL_VERSION_OVERRIDE",
-    key_prefix="rpc_protocol_version",
-    version_word="RPC protocol version",
-    note=(
-        "This is the RPC wire protocol (torch.distributed.rpc), versioned apart from the "
-        "collectives' protocol of init_process_group."
-    ),
+    "rpc", "torch.distributed.rpc protocol version", _versions.RPC_PROTOCOL_VERSION, _versions.MIN_RPC_PROTOCOL_VERSION,
+    "TORCH_DISTRIBUTED_RPC_PROTOCOL_VERSION_OVERRIDE", "TORCH_DISTRIBUTED_RPC_MIN_PROTOCOL_VERSION_OVERRIDE",
+    "rpc_protocol_version", "RPC protocol version",
+    "This is the RPC wire protocol (torch.distributed.rpc), versioned apart from the collectives' protocol of "
+    "init_process_group.",
 )

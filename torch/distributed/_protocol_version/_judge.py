@@ -4,25 +4,23 @@ over payloads, so their properties are tested without processes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from torch.distributed._protocol_version import _messages
-from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._payload import (
-    InvalidPayload,
-    no_check_info,
-    parse_payload,
-    RankInfo,
-    Verdict,
-)
+from torch.distributed._protocol_version._payload import InvalidPayload, no_check_info, parse_payload, RankInfo, Verdict
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from torch.distributed._protocol_version._families import Family
 
 
 def negotiate(infos: Sequence[RankInfo]) -> int | None:
     """The highest version every rank speaks, or ``None``. Each pair is compatible
     (each one's version at least the other's minimum) exactly when the lowest
     version is at least the highest minimum; then the lowest version is it."""
-    lowest_version = min(info.version for info in infos)
-    highest_minimum = max(info.min_version for info in infos)
+    lowest_version, highest_minimum = min(i.version for i in infos), max(i.min_version for i in infos)
     return lowest_version if lowest_version >= highest_minimum else None
 
 
@@ -39,14 +37,9 @@ class Advice:
 
 
 def advise(infos: Sequence[RankInfo]) -> Advice:
-    required = max(info.min_version for info in infos)
-    lowest = min(info.version for info in infos)
-    return Advice(
-        upgrade=tuple(i.rank for i in infos if i.version < required),
-        required=required,
-        roll_back=tuple(i.rank for i in infos if i.min_version > lowest),
-        lowest=lowest,
-    )
+    required, lowest = max(i.min_version for i in infos), min(i.version for i in infos)
+    upgrade = tuple(i.rank for i in infos if i.version < required)
+    return Advice(upgrade, required, tuple(i.rank for i in infos if i.min_version > lowest), lowest)
 
 
 def judge(family: Family, infos: Sequence[RankInfo], backend: str) -> Verdict:

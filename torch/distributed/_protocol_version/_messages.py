@@ -3,19 +3,24 @@ are compressed and capped: a message stays a few KB at any world size."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Sequence
+from typing import TYPE_CHECKING
 
-from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._payload import NO_CHECK_VERSION, RankInfo
+from torch.distributed._protocol_version._payload import NO_CHECK_VERSION
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import timedelta
+
+    from torch.distributed._protocol_version._families import Family
+    from torch.distributed._protocol_version._payload import RankInfo
 
 
 MAX_LISTED = 8  # items one list shows before "and N more"
 MAX_SPANS = 16  # spans ("0-5", "9") one rank list shows before "and N more"
 NO_CHECK_BUILD = (
-    f"a build without the protocol version check (or with {CHECK_MODE_ENV}=off), "
-    f"taken as version {NO_CHECK_VERSION}"
+    f"a build without the protocol version check (or with {CHECK_MODE_ENV}=off), taken as version {NO_CHECK_VERSION}"
 )
 
 
@@ -38,30 +43,25 @@ def plural(count: int, word: str) -> str:
 
 def ranks_phrase(ranks: Sequence[int], singular_verb: str = "", plural_verb: str = "") -> str:
     """``[3]`` -> ``"rank 3"``, ``[0, 1, 2]`` -> ``"ranks 0-2"``, with a verb that agrees."""
-    count = len(set(ranks))
-    verb = singular_verb if count == 1 else plural_verb
-    return f"{plural(count, 'rank')} {compress_ranks(ranks)}{' ' + verb if verb else ''}"
+    verb = singular_verb if len(set(ranks)) == 1 else plural_verb
+    return f"{plural(len(set(ranks)), 'rank')} {compress_ranks(ranks)}{' ' + verb if verb else ''}"
 
 
-def list_some(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
+def _some(items: Sequence[str]) -> str:
     extra = len(items) - MAX_LISTED
-    return f"{shown} and {extra} more" if extra > 0 else shown
+    return ", ".join(items[:MAX_LISTED]) + (f" and {extra} more" if extra > 0 else "")
 
 
 def backend_text(backend: str) -> str:
     return f"backend {backend}"
 
 
+def check_head(family: Family, backend: str) -> str:
+    return f"{family.title} check ({backend_text(backend)})"
+
+
 def range_text(version: int, min_version: int, word: str = "protocol version") -> str:
     return f"{word} {version}" if version == min_version else f"{word}s {min_version}-{version}"
-
-
-def _members(members: Sequence[RankInfo]) -> str:
-    """``ranks 0-1`` and, where members have names (RPC workers), which."""
-    names = [m.name for m in members if m.name]
-    ranks = ranks_phrase([m.rank for m in members])
-    return f"{ranks} ({plural(len(names), 'worker')} {list_some(names)})" if names else ranks
 
 
 def short_commit(git_version: str) -> str:
@@ -70,28 +70,27 @@ def short_commit(git_version: str) -> str:
 
 
 def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -> list[str]:
-    """One line per build (range, torch version, commit): ranks, hosts, torch
-    version, and the commit where builds share a version string but not a commit."""
+    """One line per build (range, torch version, commit): ranks (and RPC worker
+    names), hosts, torch version, and the commit where builds share a version
+    string but not a commit."""
     groups: dict[tuple[bool, int, int, str, str], list[RankInfo]] = {}
     for info in infos:
-        key = (info.checked, info.version, info.min_version, info.torch_version, info.git_version)
-        groups.setdefault(key, []).append(info)
+        build = (info.checked, info.version, info.min_version, info.torch_version, info.git_version)
+        groups.setdefault(build, []).append(info)
     commits: dict[str, set[str]] = {}
     for checked, _, _, torch_version, git_version in groups:
-        if checked:
-            commits.setdefault(torch_version, set()).add(git_version)
+        commits.setdefault(torch_version, set()).update([git_version] if checked else [])
     lines = []
     for (checked, version, min_version, torch_version, git_version), members in sorted(groups.items()):
-        ranks = [m.rank for m in members]
+        ranks, names = ranks_phrase([m.rank for m in members]), [m.name for m in members if m.name]
         if not checked:
-            lines.append(f"  {NO_CHECK_BUILD}: {ranks_phrase(ranks)}")
+            lines.append(f"  {NO_CHECK_BUILD}: {ranks}")
             continue
+        who = f"{ranks} ({plural(len(names), 'worker')} {_some(names)})" if names else ranks
         hosts = sorted({m.hostname for m in members})
         commit = f", commit {short_commit(git_version)}" if len(commits[torch_version]) > 1 else ""
-        lines.append(
-            f"  {range_text(version, min_version, word)}: {_members(members)} on "
-            f"{plural(len(hosts), 'host')} {list_some(hosts)} (torch {torch_version}{commit})"
-        )
+        lines.append(f"  {range_text(version, min_version, word)}: {who} on {plural(len(hosts), 'host')} "
+                     f"{_some(hosts)} (torch {torch_version}{commit})")
     if len(lines) > MAX_LISTED:
         lines[MAX_LISTED:] = [f"  and {len(lines) - MAX_LISTED} more builds"]
     return lines
@@ -107,69 +106,48 @@ def overrides_note(infos: Sequence[RankInfo]) -> list[str]:
             "unset it in production." for name, ranks in sorted(by_name.items())]
 
 
-def mismatch_detail(
-    family: Family,
-    infos: Sequence[RankInfo],
-    backend: str,
-    upgrade: Sequence[int],
-    required: int,
-    roll_back: Sequence[int],
-    lowest: int,
-) -> str:
+def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upgrade: Sequence[int],
+                    required: int, roll_back: Sequence[int], lowest: int) -> str:
     """Who runs what, why they cannot meet, and which change would make them meet."""
-    demanding = [i.rank for i in infos if i.min_version == required]
-    word = family.version_word
-    return "\n".join(
-        [
-            f"{family.title} mismatch: the {len(infos)} ranks of this job "
-            f"({backend_text(backend)}) run builds that cannot talk to each other.",
-            *describe_groups(infos, word),
-            f"Why: {ranks_phrase(demanding, 'accepts', 'accept')} nothing older than "
-            f"{word} {required}, but {ranks_phrase(upgrade, 'speaks', 'speak')} "
-            f"at most version {max(i.version for i in infos if i.version < required)}.",
-            f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks {word} "
-            f"{required}, or roll {ranks_phrase(roll_back)} back to a build that "
-            f"accepts {word} {lowest}; then restart the job.",
-            *_unchecked_note(infos, upgrade),
-            *([family.note] if family.note else []),
-            *overrides_note(infos),
-        ]
-    )
-
-
-def _unchecked_note(infos: Sequence[RankInfo], upgrade: Sequence[int]) -> list[str]:
-    """Ranks judged as version 1 for running no check may run a newer build with
-    the check off: say what fixes that case too."""
+    demanding, word = [i.rank for i in infos if i.min_version == required], family.version_word
     unchecked = [i.rank for i in infos if not i.checked and i.rank in upgrade]
-    return [
-        f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, "
-        "unset it there instead: a rank that skips the check counts as version 1."
-    ] if unchecked else []
+    return "\n".join([
+        f"{family.title} mismatch: the {len(infos)} ranks of this job ({backend_text(backend)}) run builds that "
+        "cannot talk to each other.",
+        *describe_groups(infos, word),
+        f"Why: {ranks_phrase(demanding, 'accepts', 'accept')} nothing older than {word} {required}, but "
+        f"{ranks_phrase(upgrade, 'speaks', 'speak')} at most version "
+        f"{max(i.version for i in infos if i.version < required)}.",
+        f"What to do: upgrade {ranks_phrase(upgrade)} to a build that speaks {word} {required}, or roll "
+        f"{ranks_phrase(roll_back)} back to a build that accepts {word} {lowest}; then restart the job.",
+        # Ranks judged as version 1 for running no check may run a newer build with the check off.
+        *([f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, unset it there "
+           "instead: a rank that skips the check counts as version 1."] if unchecked else []),
+        *([family.note] if family.note else []),
+        *overrides_note(infos),
+    ])
 
 
 def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> str:
-    return (
-        f"{family.title} check ({backend_text(backend)}): {ranks_phrase(no_check, 'runs', 'run')} "
-        f"{NO_CHECK_BUILD}; every other rank accepts version {NO_CHECK_VERSION}, so the job "
-        "goes on. Roll the guardrail out to those nodes before raising the minimum version."
-    )
+    return (f"{check_head(family, backend)}: {ranks_phrase(no_check, 'runs', 'run')} {NO_CHECK_BUILD}; every other "
+            f"rank accepts version {NO_CHECK_VERSION}, so the job goes on. Roll the guardrail out to those nodes "
+            "before raising the minimum version.")
 
 
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
-    count = f"{len(problems)} {plural(len(problems), 'rank')}"
-    head = f"{family.title} check failed ({backend_text(backend)}): {count} published an invalid protocol version payload"
     shown = [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
     more = [f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
-    return "\n".join([f"{head}, so this job cannot be judged safe:", *shown, *more, (
-        "Something other than this check wrote to its keys in the store, "
-        "or a build that speaks another payload format joined the job.")])
+    return "\n".join([
+        f"{family.title} check failed ({backend_text(backend)}): {len(problems)} {plural(len(problems), 'rank')} "
+        "published an invalid protocol version payload, so this job cannot be judged safe:",
+        *shown, *more,
+        "Something other than this check wrote to its keys in the store, or a build that speaks another payload "
+        "format joined the job.",
+    ])
 
 
-def timeout_head(family: Family, timeout: timedelta, backend: str, bounded: bool) -> str:
-    seconds = f"{timeout.total_seconds():g}s"
-    if bounded:
-        return f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): no answer within the grace period of {seconds}"
-    return f"{family.title} check timed out after {seconds} ({backend_text(backend)})"
+def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
+    return f"{family.title} check timed out after {timeout.total_seconds():g}s ({backend_text(backend)})"
 
 
 def _silent(traceless: bool) -> str:
@@ -184,11 +162,20 @@ def never_arrived(ranks: Sequence[int], family: Family, traceless: bool) -> str:
     return f"{ranks_phrase(ranks)} never published {article} {family.version_word} ({_silent(traceless)})"
 
 
+def no_verdict(family: Family, rank: int, missing: Sequence[int], traceless: bool) -> str:
+    """What a rank other than 0 knows when its wait for the verdict times out."""
+    if 0 in missing:
+        return f"on rank {rank}: {never_arrived(missing, family, traceless)}; rank 0 collects every rank's version"
+    if missing:
+        return f"on rank {rank}: rank 0 has not delivered the verdict; {never_arrived(missing, family, traceless)}"
+    return f"on rank {rank}: every rank has published its version, but rank 0 has not delivered the verdict"
+
+
 def unaccounted(family: Family, ranks: Sequence[int], grace: float, backend: str, traceless: bool) -> str:
     """The ranks a ``warn`` rank judged without."""
-    return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without {ranks_phrase(ranks)}, "
-            f"not heard from within the grace period of {grace:g}s ({_silent(traceless)}); the job goes on, and a rank "
-            "with the check that arrives later says so.")
+    return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
+            f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace:g}s ({_silent(traceless)}); "
+            "the job goes on, and a rank with the check that arrives later says so.")
 
 
 def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> str:
@@ -199,10 +186,22 @@ def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> s
             "every rank on builds that share a version.")
 
 
+def late_timeout(family: Family, backend: str, came: str, namespace: str, detail: str) -> str:
+    """A rank that came after rank 0 gave up waiting for it."""
+    return (f"{check_head(family, backend)}: {came}: rank 0 gave up waiting for it and the job did not start "
+            f"(or an earlier attempt timed out under {namespace}, the same keys: pass a fresh store prefix per "
+            f"attempt). Rank 0's account:\n{detail}")
+
+
+def reused(family: Family, namespace: str, backend: str) -> str:
+    """A check that finds an earlier check's keys in its namespace."""
+    return (f"{check_head(family, backend)}: the store already holds an earlier check under {namespace} (an earlier "
+            "attempt that timed out or was killed); this attempt cannot be told apart from it. Pass a fresh store "
+            "or a fresh PrefixStore prefix per attempt.")
+
+
 def error_message(verdict_detail: str, info: RankInfo, family: Family) -> str:
     """The verdict's text, the same on every rank, and one last line about this rank."""
     who = f"rank {info.rank}, worker {info.name}" if info.name else f"rank {info.rank}"
-    return (
-        f"{verdict_detail}\nThis rank ({who}, host {info.hostname}) runs "
-        f"{range_text(info.version, info.min_version, family.version_word)}."
-    )
+    return (f"{verdict_detail}\nThis rank ({who}, host {info.hostname}) runs "
+            f"{range_text(info.version, info.min_version, family.version_word)}.")

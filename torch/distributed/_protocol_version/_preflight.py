@@ -5,40 +5,39 @@ Every rank runs the exchange ``init_process_group`` runs
 (:func:`._exchange.exchange`) through the store it would hand the check
 (``PrefixStore("default_pg")`` over the rendezvous store), and builds no
 backend. So every rank reaches the verdict the job would reach, and exits with
-it: 0 when ``init_process_group`` would go on, 1 otherwise. Rank 0 then reads
-the check's payloads back to print what every host runs.
+it: 0 when ``init_process_group`` would go on, 1 otherwise. Rank 0, which judged
+every payload, prints what every host runs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, TYPE_CHECKING
 
-import torch.distributed as dist
-from torch.distributed._protocol_version import _messages
-from torch.distributed._protocol_version._diagnose import gloo_key
-from torch.distributed._protocol_version._exchange import exchange, parse_current
+from torch._C._distributed_c10d import PrefixStore
+from torch.distributed._protocol_version import _attempt_namespace, _messages, gloo_key
+from torch.distributed._protocol_version._exchange import exchange, NO_CHECK, Outcome
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import InvalidPayload, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode
-from torch.distributed._protocol_version._store import find_present, present, wait_for
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from datetime import timedelta
+
+    from torch._C._distributed_c10d import Store
 
 
 __all__ = ["Report", "Roster", "preflight", "render_table", "roster"]
-
-logger = logging.getLogger(__name__)
 
 # The prefix init_process_group puts over a rendezvous store, and the name of the
 # first default group: where a job's check and its gloo keys live.
 STORE_PREFIX = "default_pg"
 GROUP_NAME = "0"
-# How long rank 0 waits for the others to read the verdict: it may host the store.
-READ_WAIT_S = 30.0
 EXIT_START, EXIT_NO_START = 0, 1
 _COLUMNS = ("host", "ranks", "protocol", "torch", "commit", "python")
 
@@ -64,24 +63,27 @@ class Report:
     obj: dict[str, Any]
 
 
-def roster(world_size: int, raws: dict[int, bytes], no_check: Sequence[int]) -> Roster:
+def roster(world_size: int, raws: dict[int, bytes]) -> Roster:
     """Parse the payloads of one check.
 
     Args:
         world_size: the number of ranks.
-        raws: the payloads found, by rank.
-        no_check: the ranks seen building their backend without the check.
+        raws: the payloads judged, by rank (:data:`._exchange.NO_CHECK` for a
+            rank seen building its backend without the check).
 
     Returns:
-        The roster; every rank in neither ``raws`` nor ``no_check`` is silent.
+        The roster; every rank not in ``raws`` is silent.
     """
     infos, invalid = [], []
+    no_check = [rank for rank, raw in raws.items() if raw == NO_CHECK.encode()]
     for rank, raw in sorted(raws.items()):
+        if raw == NO_CHECK.encode():
+            continue
         try:
             infos.append(parse_payload(rank, raw))
         except InvalidPayload as e:
             invalid.append((rank, str(e)))
-    silent = [r for r in range(world_size) if r not in raws and r not in no_check]
+    silent = [r for r in range(world_size) if r not in raws]
     return Roster(world_size, tuple(infos), tuple(sorted(no_check)), tuple(silent), tuple(invalid))
 
 
@@ -182,39 +184,6 @@ def _verdict_text(verdict: Verdict, info: RankInfo, world_size: int, backend: st
     return "\n".join(lines)
 
 
-def _token(store: dist.Store) -> str | None:
-    """The token of the last check opened on ``store``, or ``None``."""
-    current = C10D.key("current")
-    return parse_current(current, store.get(current))[0] if present(store, [current]) else None
-
-
-def _read_roster(
-    store: dist.Store, world_size: int, info: RankInfo, backend_key: Callable[[int], str] | None
-) -> tuple[str | None, Roster]:
-    """Rank 0, after the exchange: the token of the check it ran, its payloads,
-    and who went ahead without it (``info`` alone when there was no store traffic)."""
-    token = None if world_size == 1 else _token(store)
-    if token is None:
-        return None, Roster(1, (info,))
-    slots = [C10D.key(token, "rank", r) for r in range(world_size)]
-    found = find_present(store, slots)
-    raws = dict(zip(found, store.multi_get([slots[r] for r in found])))
-    absent = [r for r in range(world_size) if r not in raws]
-    no_check = []
-    if backend_key is not None and absent:
-        no_check = [absent[i] for i in find_present(store, [backend_key(r) for r in absent])]
-    return token, roster(world_size, raws, no_check)
-
-
-def _await_readers(store: dist.Store, token: str, found: Roster) -> None:
-    """Rank 0, after a passing verdict: stay until every rank with a payload has
-    read it (each then marks so under ``ack``, as the exchange itself has every
-    rank do for a failing verdict), as rank 0 may host the store (``--store``)."""
-    readers = [info.rank for info in found.infos if info.rank != 0]
-    if readers and not wait_for(store, [C10D.key(token, "ack", r) for r in readers], READ_WAIT_S):
-        logger.warning("%s preflight: not every rank read the verdict within %gs.", C10D.title, READ_WAIT_S)
-
-
 def _exit_alike_when_stopped(code: int) -> None:
     """Once this rank has its verdict, a SIGTERM ends it with the verdict's code.
 
@@ -228,7 +197,7 @@ def _exit_alike_when_stopped(code: int) -> None:
 
 
 def preflight(
-    store: dist.Store,
+    store: Store,
     rank: int,
     world_size: int,
     timeout: timedelta,
@@ -254,26 +223,26 @@ def preflight(
     Raises:
         SettingError: a bad setting (before any store traffic).
         RuntimeError: the store failed (the store error's own type).
-        InvalidPayload: something foreign at the check's ``current`` key.
     """
     mode = "warn" if check_mode() == "warn" else "error"
-    job_store = dist.PrefixStore(STORE_PREFIX, store)
-    backend_key = gloo_key(GROUP_NAME, "cpu") if backend == "gloo" else None
+    namespace, _ = _attempt_namespace("preflight", 0)  # a preflight process checks once
+    trace = gloo_key(GROUP_NAME, "cpu") if backend == "gloo" else None
     # Every rank it can hear from, within the timeout, on warn too: the preflight is a roll call.
-    verdict, info = exchange(job_store, C10D, rank, world_size, timeout, backend, mode, backend_key, patient=True)
-    code = _exit_code(verdict)
+    outcome = exchange(PrefixStore(STORE_PREFIX, store), C10D, rank, world_size, timeout, backend, mode,
+                       namespace, trace, patient=True)
+    verdict, code = outcome.verdict, _exit_code(outcome.verdict)
     _exit_alike_when_stopped(code)
-    text = _verdict_text(verdict, info, world_size, backend)
+    text = _verdict_text(verdict, outcome.info, world_size, backend)
     if rank != 0:
-        token = _token(job_store) if verdict.ok else None
-        if token is not None:
-            job_store.set(C10D.key(token, "ack", rank), "1")  # see _await_readers
         emit(Report(rank, code, text, {"rank": rank, "exit_code": code}))
         return code
-    token, found = _read_roster(job_store, world_size, info, backend_key)
+    found = _roster_of(outcome, world_size)
     obj = {"exit_code": code, "backend": backend, "status": verdict.status, "negotiated": verdict.negotiated}
     obj.update(verdict=text, **_roster_json(found))
     emit(Report(rank, code, f"{render_table(found, backend)}\n\n{text}", obj))
-    if token is not None and verdict.ok:
-        _await_readers(job_store, token, found)
     return code
+
+
+def _roster_of(outcome: Outcome, world_size: int) -> Roster:
+    """Rank 0's roster: what it judged (this rank alone when it judged nothing, an invalid payload)."""
+    return roster(world_size, outcome.judged or {0: outcome.info.to_payload(C10D).encode()})

@@ -1,109 +1,124 @@
-"""One check's context and deadline, bounded waits and presence tests. The
-store's own timeout (shared by every ``PrefixStore`` over it) is never changed."""
+"""Bounded store calls, and the watcher that turns a backend's trace into a key.
+The store's own timeout (shared by every ``PrefixStore`` over it) is never changed."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._payload import RankInfo
 
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from torch._C._distributed_c10d import Store
+
+
+__all__ = ["Deadline", "delete", "find_present", "present", "supports", "wait_for", "watching"]
+
+logger = logging.getLogger(__name__)
 
 # Store timeouts are whole milliseconds, and some stores read 0 as "forever".
 MIN_CALL_SECONDS = 0.05
-# Between two looks at the store, once a blocking wait has outlasted the grace period.
-POLL_SECONDS = 0.5
+# Between two looks of the watcher at a backend's trace.
+WATCH_SECONDS = 0.1
 
 
 class Deadline:
-    """One check's timeout, counted from this rank's arrival, as the store counts its own waits."""
+    """A timeout counted from this rank's arrival, as the store counts its own waits."""
 
     def __init__(self, timeout: timedelta) -> None:
-        self.timeout = timeout
-        self._start = time.monotonic()
-        self._end = self._start + timeout.total_seconds()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._start
+        self.timeout, self._end = timeout, time.monotonic() + timeout.total_seconds()
 
     def remaining(self) -> float:
         return self._end - time.monotonic()
 
-    def expired(self) -> bool:
-        return self.remaining() <= 0
 
-    def pause(self) -> None:
-        """Sleep before the next look; never past a tenth of what is left, so that
-        a rank arriving in the last moments is seen in time."""
-        time.sleep(max(min(POLL_SECONDS, self.remaining() / 10), 0.001))
+def supports(error: RuntimeError) -> bool:
+    """``False`` for the error of a Python ``Store`` subclass that lacks a method
+    ("Tried to call pure virtual function"); a store failure is a ``DistError``."""
+    return isinstance(error, dist.DistError) or "pure virtual" not in str(error)
 
 
-@dataclass
-class Check:
-    """Everything one rank's check needs; built once, passed down."""
-
-    store: dist.Store
-    family: Family
-    rank: int
-    world_size: int
-    deadline: Deadline
-    backend: str
-    info: RankInfo
-    payload: str
-    token: str  # rank 0's names the check it opens
-    backend_key: Callable[[int], str] | None  # see _exchange.exchange
-    grace: float  # how long a wait blocks before the rank looks for ranks without the check
-    bounded: bool  # a warn rank: it waits for the others for the grace period only
-    doing: str = "starting"  # for the message, should the store fail
-
-    def key(self, *parts: object) -> str:
-        return self.family.key(*parts)
-
-
-def is_timeout(error: RuntimeError) -> bool:
-    """TCPStore and HashStore time out with ``DistStoreError``, FileStore with a ``RuntimeError``."""
-    if isinstance(error, dist.DistNetworkError):
-        return False
-    return isinstance(error, dist.DistStoreError) or "timeout" in str(error).lower()
-
-
-def wait_for(store: dist.Store, keys: Sequence[str], seconds: float) -> bool:
+def wait_for(store: Store, keys: Sequence[str], seconds: float) -> bool:
     """Block until every key exists, for at most ``seconds``; ``False`` on a timeout
-    (``LookupError`` is how torchelastic's ``EtcdStore`` times out)."""
+    (TCPStore and HashStore raise ``DistStoreError``, FileStore a ``RuntimeError``,
+    torchelastic's ``EtcdStore`` a ``LookupError``)."""
     try:
         store.wait(list(keys), timedelta(seconds=max(seconds, MIN_CALL_SECONDS)))
         return True
     except LookupError:
         return False
     except RuntimeError as e:
-        if is_timeout(e):
+        if isinstance(e, dist.DistStoreError) or ("timeout" in str(e).lower() and not isinstance(e, dist.DistError)):
             return False
         raise
 
 
-def present(store: dist.Store, keys: Sequence[str]) -> bool:
-    """Whether every key exists, without waiting; a ``Store`` subclass with only
-    ``set``, ``get`` and ``wait`` is asked with the shortest ``wait`` instead."""
+def present(store: Store, keys: Sequence[str]) -> bool:
+    """Whether every key exists, without waiting (the shortest ``wait`` on a store without ``check``)."""
     try:
         return store.check(list(keys))
-    except dist.DistError:
-        raise
-    except RuntimeError:  # "Tried to call pure virtual function ... check"
+    except RuntimeError as e:
+        if supports(e):
+            raise
         return wait_for(store, keys, MIN_CALL_SECONDS)
 
 
-def find_present(store: dist.Store, keys: Sequence[str]) -> list[int]:
-    """Indices of the ``keys`` that exist, by bisection: O(m log n) presence
-    tests when ``m`` of ``n`` keys differ from the rest."""
-    if not keys:
-        return []
-    if present(store, keys):
+def find_present(store: Store, keys: Sequence[str]) -> list[int]:
+    """Indices of the ``keys`` that exist, by bisection: O(m log n) presence tests
+    when ``m`` of ``n`` keys differ from the rest."""
+    if not keys or present(store, keys):
         return list(range(len(keys)))
     if len(keys) == 1:
         return []
     middle = len(keys) // 2
     return find_present(store, keys[:middle]) + [middle + i for i in find_present(store, keys[middle:])]
+
+
+def delete(store: Store, keys: Sequence[str]) -> None:
+    """Delete ``keys``; a store without ``delete_key`` keeps them."""
+    try:
+        for key in keys:
+            store.delete_key(key)
+    except RuntimeError as e:
+        if supports(e):
+            raise
+
+
+@contextmanager
+def watching(store: Store, after: float, look: Callable[[Store], bool] | None) -> Iterator[None]:
+    """While the body blocks on the store, call ``look(clone)`` every :data:`WATCH_SECONDS`
+    from ``after`` seconds on, until it returns ``True``; ``None``: no watcher.
+
+    A wait can only wait for every key of a list, and a rank without the check writes
+    none of ours: ``look`` finds its backend's trace and writes the key the wait
+    misses, from a thread on a clone of the store (its own connection), so the wait
+    stays one blocking call.
+    """
+    if look is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            if not stop.wait(after):
+                clone = store.clone()  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
+                while not look(clone) and not stop.wait(WATCH_SECONDS):
+                    pass
+        except RuntimeError as e:  # the wait itself reports what the store does
+            logger.debug("protocol version watcher stopped: %s", e)
+
+    thread = threading.Thread(target=run, name="protocol-version-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
