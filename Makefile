@@ -14,7 +14,7 @@ STOCK_STAMP := .venv-stock/.installed
 CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
 PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
+.PHONY: demo test lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -31,8 +31,14 @@ hooked: $(STAMP)
 demo: hooked
 	$(PY) tools/demo.py
 
-test: hooked $(STOCK_STAMP)
+test: lint $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider
+
+# ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
+# on the package; make test runs it first.
+lint: hooked
+	$(PY) -m ruff check torch tools benchmarks test
+	$(PY) -m mypy torch/distributed/_protocol_version
 
 # The pages of docs/source with Sphinx and MyST, warnings as errors (make test runs
 # the same build: test/distributed/test_protocol_version_docs.py).

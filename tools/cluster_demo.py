@@ -30,7 +30,8 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from torch.testing._internal.distributed.protocol_version_builds import build_venvs
 from torch.testing._internal.distributed.protocol_version_utils import REPO_ROOT, STOCK_PYTHON
@@ -75,9 +76,11 @@ def describe(job: Job, host: Host) -> str:
         after = f" {left - job.agents_arrival():.2f} s after the last agent's arrival" if left else ""
         what = f"agent refused ({refused.type}){after}, started no worker"
     elif done is not None:
-        what = f"{'agent check passed; ' if passed else ''}all_reduce sum {done['sum']:g}, negotiated version {done['negotiated']}"
+        checked = "agent check passed; " if passed else ""
+        what = f"{checked}all_reduce sum {done['sum']:g}, negotiated version {done['negotiated']}"
     elif failed is not None:
-        what = f"worker's init failed {failed['time'] - job.last_arrival():.2f} s after the last arrival ({failed['error_type']})"
+        after = failed["time"] - job.last_arrival()
+        what = f"worker's init failed {after:.2f} s after the last arrival ({failed['error_type']})"
     elif job.event(host, "launched") is None:
         died = job.raised(host)
         what = f"no worker started{f'; torchrun died of {died.type}' if died else ''}"
@@ -109,7 +112,8 @@ def as_expected(cluster: Cluster, job: Job, expect: str) -> bool:
         return all(job.event(h, "done") is not None for h in cluster.hosts)
     if expect == AGENTS_REFUSE:
         return not job.launched() and any(job.raised(h, AGENT_TITLE) for h in cluster.hosts)
-    return any(job.event(h, "init_failed") for h in cluster.hosts) and not any(job.event(h, "done") for h in cluster.hosts)
+    hosts = cluster.hosts
+    return any(job.event(h, "init_failed") for h in hosts) and not any(job.event(h, "done") for h in hosts)
 
 
 def step(

@@ -113,7 +113,8 @@ _C10D_CALL = (
 def _c10d_hook(place: str, anchor_before: str, anchor_at: str) -> Hook:
     """A row of _new_process_group_helper: the backend loop has validated this
     backend (and stock every argument before the loop); it is constructed next."""
-    return Hook("distributed/distributed_c10d.py", "_new_process_group_helper", place, anchor_before, anchor_at, _C10D_CALL)
+    target, function = "distributed/distributed_c10d.py", "_new_process_group_helper"
+    return Hook(target, function, place, anchor_before, anchor_at, _C10D_CALL)
 
 
 HOOKS = (
@@ -174,7 +175,8 @@ HOOKS = (
     Hook(
         target="distributed/rpc/__init__.py",
         function="init_rpc",
-        place='where the store is wrapped in PrefixStore("rpc_prefix_N") right before autograd and the backend are initialised',
+        place='where the store is wrapped in PrefixStore("rpc_prefix_N") right before autograd and the backend are '
+        "initialised",
         anchor_before="            _init_counter += 1\n\n",
         anchor_at="        # Initialize autograd before RPC since _init_rpc_backend guarantees all\n",
         body=(
@@ -293,7 +295,8 @@ def install(torch_dir: Path) -> str:
     for rel in linked:
         (torch_dir / rel).symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
     hooks = f"installed the hooks in {', '.join(map(str, changed))}" if changed else "hooks already installed"
-    return f"{hooks} ({len(HOOKS)} in {len(TARGETS)} files under {torch_dir}); linked {len(linked)} paths to {REPO / 'torch'}"
+    where = f"{len(HOOKS)} in {len(TARGETS)} files under {torch_dir}"
+    return f"{hooks} ({where}); linked {len(linked)} paths to {REPO / 'torch'}"
 
 
 def revert(torch_dir: Path) -> str:
@@ -439,7 +442,8 @@ def toctree_entry(pages: list[str]) -> str:
 def export(checkout: Path) -> list[str]:
     """Apply the change in-tree to a PyTorch source checkout, to propose it upstream.
 
-    Copies real files (no links into this repo), inserts every hook, exports the pages without their fork-only blocks and lists
+    Copies real files (no links into this repo), inserts every hook, exports the pages without their fork-only
+    blocks and lists
     them in a toctree. Everything is read and checked before anything is written,
     so a refusal changes nothing; a second run reports every file "unchanged".
     Returns one line per file.

@@ -61,7 +61,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import protocol_version_hook
 from protocol_version_hook import REPO
@@ -396,7 +396,9 @@ def summary(patched: EnvRun, stock: EnvRun, diffs: dict[str, tuple[str, str]]) -
     }
 
 
-def compare(suite: Suite, args: argparse.Namespace, timeout: float, per_test_timeout: int) -> tuple[bool, dict[str, object]]:
+def compare(
+    suite: Suite, args: argparse.Namespace, timeout: float, per_test_timeout: int
+) -> tuple[bool, dict[str, object]]:
     """Run ``suite`` on both environments at once; whether they agree, and the summary."""
     patched = EnvRun("patched", args.patched_python)
     stock = EnvRun("stock", args.stock_python)

@@ -19,7 +19,8 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 from unittest import mock
 
 import torch.distributed as dist
@@ -273,6 +274,7 @@ class VerdictTrial:
 class VerdictResult:
     world_size: int
     late_rank: int
+    delay: float  # how late the odd rank arrives, seconds
     trials: list[VerdictTrial]
 
 
@@ -288,7 +290,7 @@ def measure_verdict(
             timeout=120.0 + trials * (delay + 5.0),
         )
     )
-    out = VerdictResult(world_size, late_rank, [])
+    out = VerdictResult(world_size, late_rank, delay, [])
     for trial in range(trials):
         rows = [rank_trials[trial] for rank_trials in values]
         arrivals = [row["arrived"] for row in rows]
@@ -311,45 +313,36 @@ def verdict_table(results: Sequence[VerdictResult]) -> str:
     rows = []
     for res in results:
         verdicts = [t.verdict for t in res.trials]
-        late_checks = [t.late_check for t in res.trials if t.late_check is not None]
         rows.append(
             [
                 res.world_size,
                 f"{res.late_rank}{' (coordinator)' if res.late_rank == 0 else ''}",
+                f"{res.delay:g}",
                 len(res.trials),
                 f"{sum(t.last_arrival_rank == res.late_rank for t in res.trials)}/{len(res.trials)}",
                 f"{min(t.errors for t in res.trials)}/{res.world_size}",
                 f"{median(verdicts) * 1e3:.1f}",
                 f"{max(verdicts) * 1e3:.1f}",
-                f"{median(late_checks) * 1e3:.1f}" if late_checks else "-",
             ]
         )
-    headers = [
-        "ranks",
-        "late odd rank",
-        "trials",
-        "late rank last",
-        "ranks raising mismatch",
-        "median ms",
-        "max ms",
-        "its check ms",
-    ]
+    headers = ["ranks", "odd rank", "late by s", "trials", "odd rank last", "ranks raising", "median ms", "max ms"]
     return format_table(headers, rows)
 
 
+# The brief's bounds on the time from the last arrival to the last rank's verdict.
+VERDICT_MEDIAN_S, VERDICT_MAX_S = 0.020, 0.050
+
+
 def verdict_targets(results: Sequence[VerdictResult]) -> list[Target]:
-    out = []
-    for res in results:
-        worst = max(t.verdict for t in res.trials)
-        all_raised = all(t.errors == res.world_size for t in res.trials)
-        deliberate = all(t.last_arrival_rank == res.late_rank for t in res.trials)
-        out.append(
-            Target(
-                f"time to verdict, {res.world_size} ranks, rank {res.late_rank} late and odd "
-                "(worst trial; every rank raised the mismatch; the late rank arrived last)",
-                f"{worst * 1e3:.0f} ms, all raised: {all_raised}, late rank last: {deliberate}",
-                "< 1 s",
-                worst < 1.0 and all_raised and deliberate,
-            )
+    """Over every spread: the median and the worst time from the last arrival to the last
+    rank's mismatch error, every rank raising it in every trial."""
+    verdicts = [t.verdict for res in results for t in res.trials]
+    all_raised = all(t.errors == res.world_size for res in results for t in res.trials)
+    return [
+        Target(
+            "time to verdict after the last arrival, every spread and odd rank (median, max; every rank raised)",
+            f"{median(verdicts) * 1e3:.1f} ms, {max(verdicts) * 1e3:.1f} ms, all raised: {all_raised}",
+            f"<= {VERDICT_MEDIAN_S * 1e3:.0f} ms, <= {VERDICT_MAX_S * 1e3:.0f} ms",
+            median(verdicts) <= VERDICT_MEDIAN_S and max(verdicts) <= VERDICT_MAX_S and all_raised,
         )
-    return out
+    ]

@@ -12,7 +12,7 @@ report). Variants are interleaved per repetition on fresh key prefixes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.distributed as dist
 from torch.distributed._protocol_version._preflight import EXIT_START, preflight

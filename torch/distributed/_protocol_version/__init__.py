@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 import weakref
 from collections import defaultdict
 from datetime import timedelta
@@ -97,12 +98,13 @@ def _check_protocol_version(
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:
         delete(store, [trace(rank)])
+    started = time.monotonic()
     outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None)
     raise_on_failure(outcome.verdict, outcome.info, C10D)
     if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
         _negotiated[group_store] = outcome.verdict.negotiated
-        logger.info("Rank %s: protocol version check passed: negotiated protocol version %s of %s ranks.",
-                    rank, outcome.verdict.negotiated, world_size)
+        logger.info("Rank %s: protocol version check passed in %.3fs: negotiated protocol version %s of %s ranks.",
+                    rank, time.monotonic() - started, outcome.verdict.negotiated, world_size)
 
 
 def get_group_protocol_version() -> int:
