@@ -9,16 +9,14 @@ and builds. What this module imports is what every ``init_process_group`` loads;
 ``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry points.
 """
 
-from __future__ import annotations
-
 import itertools
 import logging
 import os
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
@@ -31,10 +29,6 @@ from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
 )
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 
 __all__ = [
@@ -58,8 +52,8 @@ _negotiated: weakref.WeakKeyDictionary[Store, int | None] = weakref.WeakKeyDicti
 _rpc_negotiated: dict[str, int | None] = {"version": None}
 # Checks each rank made before: default groups in this process (threads may stand
 # for ranks), and calls of check_protocol_version with each store object.
-_default_inits: defaultdict[int, itertools.count[int]] = defaultdict(itertools.count)
-_calls: weakref.WeakKeyDictionary[Store, defaultdict[int, itertools.count[int]]] = weakref.WeakKeyDictionary()
+_default_inits: defaultdict[int, Iterator[int]] = defaultdict(itertools.count)
+_calls: weakref.WeakKeyDictionary[Store, defaultdict[int, Iterator[int]]] = weakref.WeakKeyDictionary()
 
 
 def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:

@@ -10,24 +10,16 @@ exchange as ``init_process_group``'s, so it works whatever backend the workers
 use, and whether or not they call ``init_process_group``. Loaded by the agent only.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import itertools
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV
-
-
-if TYPE_CHECKING:
-    from datetime import timedelta
-
-    from torch._C._distributed_c10d import Store
 
 
 __all__ = ["check_agent_protocol_version"]
@@ -70,7 +62,7 @@ def check_agent_protocol_version(store: Store, group_rank: int, group_world_size
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
-    timeout: timedelta = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
+    timeout = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
     backend = f"{rdzv_backend} rendezvous"
     outcome = exchange(store, AGENTS, group_rank, group_world_size, timeout, backend, mode, "round", trace)
     try:

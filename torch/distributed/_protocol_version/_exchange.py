@@ -11,28 +11,21 @@ the verdict was reached without reads it when it comes: a timeout fails it at
 once; a pass it joins if it speaks the negotiated version.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from datetime import timedelta
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import _messages
+from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._judge import judge, judge_payloads
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import (
-    Deadline, delete, find_present, present, supports, wait_for, watching,
+    count, Deadline, delete, find_present, present, wait_for, watching,
 )
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from datetime import timedelta
-
-    from torch._C._distributed_c10d import Store
-    from torch.distributed._protocol_version._families import Family
 
 
 __all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "raise_on_failure"]
@@ -122,58 +115,40 @@ def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict
 
 
 def _coordinate(check: _Check) -> Outcome:
-    """Rank 0: collect every payload, judge, publish, and stay until the readers
-    left. Its own payload already there means an earlier check used this namespace."""
-    store = check.store
+    """Rank 0: collect, judge, publish, and stay until the readers left; then delete the
+    keys, unless a rank reached without may still come to read them. Its own payload
+    already there means an earlier check used this namespace."""
+    store, verdict_key = check.store, check.key("verdict")
     if present(store, [check.slot(0)]):
         verdict = Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
-        store.set(check.key("verdict"), verdict.to_json())
+        store.set(verdict_key, verdict.to_json())
         return Outcome(verdict, check.info)
     store.set(check.slot(0), check.payload)
     raws, missing = _collect(check, list(range(1, check.world_size)))
     raws[0] = check.payload.encode()
     verdict = _judge(check, raws, missing)
     check.doing = "publishing the verdict"
-    store.set(check.key("verdict"), verdict.to_json())
+    store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
-    if verdict.readers and not _readers_left(check):
-        return Outcome(verdict, check.info, raws)
-    if not verdict.without:  # else a rank it was reached without may still come to read it
+    if verdict.readers and (count(store, check.key("read"), 0) is None or not wait_for(
+            store, [check.key("left")], max(check.deadline.remaining(), check.grace))):
+        return Outcome(verdict, check.info, raws)  # they cannot count (a store without add), or did not in time
+    if not verdict.without:
         no_check = [r for r, raw in raws.items() if raw == NO_CHECK.encode()]
-        delete(store, [check.key("verdict"), check.key("read"), check.key("left"), *map(check.slot, [0, *no_check])])
+        delete(store, [verdict_key, check.key("read"), check.key("left"), *map(check.slot, [0, *no_check])])
     return Outcome(verdict, check.info, raws)
 
 
-def _readers_left(check: _Check) -> bool:
-    """Rank 0: block until every rank that published has read the verdict
-    (``False`` where they cannot count, on a store without ``add``, or did not in time)."""
-    try:
-        check.store.add(check.key("read"), 0)
-    except RuntimeError as e:
-        if supports(e):
-            raise
-        return False
-    if wait_for(check.store, [check.key("left")], max(check.deadline.remaining(), check.grace)):
-        return True
-    logger.info("%s check: not every rank that published read the verdict in time.", check.family.title)
-    return False
-
-
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
-    """Any rank but 0, having read ``verdict``: delete its payload and count itself
-    out. A count past the readers means an earlier check's verdict, in a namespace used twice."""
+    """Any rank but 0, having read ``verdict``: delete its payload and count itself out.
+    A count past the readers means an earlier check's verdict, in a namespace used twice."""
     delete(check.store, [check.slot(check.rank)])
     if check.rank in verdict.without:
         return _late(check, verdict)
-    try:
-        count = check.store.add(check.key("read"), 1)
-    except RuntimeError as e:
-        if supports(e):
-            raise
-        return verdict
-    if count == verdict.readers:
+    read = count(check.store, check.key("read"), 1)
+    if read == verdict.readers:
         check.store.set(check.key("left"), "")
-    if count > verdict.readers:
+    if read is not None and read > verdict.readers:
         return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
 
@@ -196,15 +171,15 @@ def _late(check: _Check, verdict: Verdict) -> Verdict:
 
 
 def _participate(check: _Check) -> Outcome:
-    """Any rank but 0: await rank 0's verdict (on ``warn`` without evidence, rank 0
-    itself for the grace period only). Where rank 0's backend started without a
-    payload, rank 0 runs no check, and the others judge alone."""
+    """Any rank but 0: await rank 0's verdict (on ``warn`` without evidence, rank 0 itself
+    for the grace period only). Where rank 0's backend started without a payload, rank 0
+    runs no check: the watcher says so in its place, and the others judge alone."""
     store, verdict_key, trace = check.store, check.key("verdict"), check.trace
     check.doing = "waiting for rank 0"
     if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.deadline.remaining())):
         return Outcome(_judge(check, {check.rank: check.payload.encode()}, [0]), check.info)
 
-    def relay_no_coordinator(clone: Store) -> bool:  # the watcher's look
+    def relay_no_coordinator(clone: Store) -> bool:  # the watcher's look; True: done looking
         if present(clone, [check.slot(0)]):  # rank 0 checks: its verdict will come
             return True
         if trace is None or not present(clone, [trace(0)]):
@@ -215,22 +190,17 @@ def _participate(check: _Check) -> Outcome:
     check.doing = "waiting for the verdict"
     with watching(store, check.grace, relay_no_coordinator if trace else None):
         arrived = wait_for(store, [verdict_key], check.deadline.remaining())
-    if not arrived and not present(store, [verdict_key]):  # rank 0's own account may have just come
-        return Outcome(_verdict_timeout(check), check.info)
+    if not arrived and not present(store, [verdict_key]):  # else rank 0's own account has just come
+        found = set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
+        missing = [r for r in range(check.world_size) if r not in found]
+        head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
+        text = _messages.no_verdict(check.family, check.rank, missing, trace is None)
+        return Outcome(Verdict("timeout", f"{head}: {text}.", None), check.info)
     raw = store.get(verdict_key)
     if raw == NO_COORDINATOR.encode():
         raws, missing = _collect(check, list(range(1, check.world_size)))
         return Outcome(_judge(check, {**raws, 0: NO_CHECK.encode()}, missing), check.info, raws)
     return Outcome(_leave(check, Verdict.from_json(verdict_key, raw)), check.info)
-
-
-def _verdict_timeout(check: _Check) -> Verdict:
-    """A rank other than 0 reached its deadline without a verdict."""
-    found = set(find_present(check.store, [check.slot(r) for r in range(check.world_size)]))
-    text = _messages.no_verdict(check.family, check.rank, [r for r in range(check.world_size) if r not in found],
-                                check.trace is None)
-    head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
-    return Verdict("timeout", f"{head}: {text}.", None)
 
 
 def exchange(

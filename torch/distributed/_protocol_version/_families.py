@@ -1,8 +1,6 @@
 """Protocol families: each wire versioned on its own, as a row of data (its
 versions, test overrides, store namespace and words), not as a code path."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch.distributed._protocol_version import _versions

@@ -1,19 +1,12 @@
 """The compatibility rule, the negotiated version and the advice: pure functions
 over payloads, so their properties are tested without processes."""
 
-from __future__ import annotations
-
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch.distributed._protocol_version import _messages
+from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._payload import InvalidPayload, no_check_info, parse_payload, RankInfo, Verdict
-
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from torch.distributed._protocol_version._families import Family
 
 
 def negotiate(infos: Sequence[RankInfo]) -> int | None:

@@ -1,20 +1,12 @@
 """Every sentence a user reads, built from plain data. Lists of ranks and hosts
 are compressed and capped: a message stays a few KB at any world size."""
 
-from __future__ import annotations
+from collections.abc import Sequence
+from datetime import timedelta
 
-from typing import TYPE_CHECKING
-
-from torch.distributed._protocol_version._payload import NO_CHECK_VERSION
+from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._payload import NO_CHECK_VERSION, RankInfo
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
-
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from datetime import timedelta
-
-    from torch.distributed._protocol_version._families import Family
-    from torch.distributed._protocol_version._payload import RankInfo
 
 
 MAX_LISTED = 8  # items one list shows before "and N more"

@@ -2,22 +2,17 @@
 JSON, validated field by field, never unpickled or evaluated; unknown fields are
 ignored and missing optional ones defaulted, so builds of different ages agree."""
 
-from __future__ import annotations
-
 import functools
 import importlib.metadata
 import json
 import platform
 import socket
 from dataclasses import dataclass
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import torch
+from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._settings import MAX_VERSION, overrides_set, version_range
-
-
-if TYPE_CHECKING:
-    from torch.distributed._protocol_version._families import Family
 
 
 __all__ = ["InvalidPayload", "RankInfo", "Verdict", "load_object", "local_info", "no_check_info", "parse_payload"]
@@ -171,7 +166,7 @@ class Verdict:
         return json.dumps({**fields, "enforce": self.enforce, "without": list(self.without), "readers": self.readers})
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes) -> Verdict:
+    def from_json(cls, key: str, raw: bytes) -> "Verdict":
         """Parse the verdict read from ``key``; raises :class:`InvalidPayload` naming it."""
         try:
             obj = load_object(raw)

@@ -16,22 +16,17 @@ directly on it: ``init_process_group`` is never called, so the hook sits in
   group's members go on.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from datetime import timedelta
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
+from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import _messages, _rpc_negotiated, RESTART_COUNT_ENV
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import active_mode
-
-
-if TYPE_CHECKING:
-    from torch._C._distributed_c10d import Store
 
 
 logger = logging.getLogger(__name__)

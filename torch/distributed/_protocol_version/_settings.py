@@ -1,14 +1,9 @@
 """This rank's settings, read from the environment and validated before any store
 traffic, so a typo fails at once with the variable's name."""
 
-from __future__ import annotations
-
 import os
-from typing import TYPE_CHECKING
 
-
-if TYPE_CHECKING:
-    from torch.distributed._protocol_version._families import Family
+from torch.distributed._protocol_version._families import Family
 
 
 __all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "active_mode", "check_mode",

@@ -1,25 +1,18 @@
 """Bounded store calls, and the watcher that turns a backend's trace into a key.
 The store's own timeout (shared by every ``PrefixStore`` over it) is never changed."""
 
-from __future__ import annotations
-
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store
 
 
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
-
-    from torch._C._distributed_c10d import Store
-
-
-__all__ = ["Deadline", "delete", "find_present", "present", "supports", "wait_for", "watching"]
+__all__ = ["Deadline", "count", "delete", "find_present", "present", "supports", "wait_for", "watching"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +72,16 @@ def find_present(store: Store, keys: Sequence[str]) -> list[int]:
         return []
     middle = len(keys) // 2
     return find_present(store, keys[:middle]) + [middle + i for i in find_present(store, keys[middle:])]
+
+
+def count(store: Store, key: str, amount: int) -> int | None:
+    """``store.add(key, amount)``; ``None`` on a store without ``add``."""
+    try:
+        return store.add(key, amount)
+    except RuntimeError as e:
+        if supports(e):
+            raise
+        return None
 
 
 def delete(store: Store, keys: Sequence[str]) -> None:
