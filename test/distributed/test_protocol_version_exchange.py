@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -25,7 +26,8 @@ from unittest import mock
 
 import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _rpc
+from torch.distributed._protocol_version import _exchange, _rpc
+from torch.distributed._protocol_version._families import C10D
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
@@ -99,6 +101,26 @@ class TestWarnKeepsTheNegotiatedVersion(TestCase):
         results = spawn_ranks(late_gloo_init, 2, args=(find_free_port(), {1: 2.0}, 30.0), common_env=WARN)
         self.assertEqual([r.value["version"] for r in results], [1, 1], results)
         self.assertEqual([r.value["log"] for r in results], [[], []], results)
+
+
+class TestWarnWithoutEvidence(TestCase):
+    def test_a_late_rank_0_does_not_wait_for_a_rank_that_went_on_without_it(self) -> None:
+        # No trace (a backend like NCCL): a warn rank waits its grace period for rank 0,
+        # then goes on into the backend; rank 0, coming later, must not wait for it to read.
+        store, went_on = dist.HashStore(), threading.Event()
+
+        def body(store: dist.Store, rank: int, world_size: int) -> Any:
+            if rank == 0:
+                went_on.wait()
+            outcome = _exchange.exchange(store, C10D, rank, world_size, timedelta(seconds=30), "probe", "warn", "ns")
+            if rank == 1:
+                went_on.set()
+            return outcome.verdict
+
+        outcomes = RankThreads(2, 30.0, body).start({0: store, 1: store}).join()
+        self.assertEqual(outcomes[1].value.without, (0,), outcomes)
+        self.assertEqual((outcomes[0].value.negotiated, outcomes[0].value.without), (1, ()), outcomes)
+        self.assertLess(outcomes[0].finished - outcomes[1].finished, 10.0, "rank 0 waited for a reader that went on")
 
 
 class TestRpcRecordsOnlyAFullVerdict(TestCase):

@@ -1,13 +1,8 @@
-"""The check of torchrun's agents, run once per rendezvous namespace, before any worker starts.
-
-``SimpleElasticAgent._rendezvous`` calls :func:`check_agent_protocol_version`
-right after ``next_rendezvous()``, before ``_assign_worker_ranks``: every agent
-of the round takes part, on the store of the round (the c10d rendezvous prefixes
-it with the round, so each round has its own namespace; the static one keeps one
-namespace for the job, and a node there restarts its workers alone, so its agents
-check their first round only). The check is the same
-exchange as ``init_process_group``'s, so it works whatever backend the workers
-use, and whether or not they call ``init_process_group``. Loaded by the agent only.
+"""The check of torchrun's agents, before any worker starts: ``SimpleElasticAgent._rendezvous``
+calls :func:`check_agent_protocol_version` right after ``next_rendezvous()``, on the
+round's store (the c10d rendezvous prefixes it per round; the static one keeps one for
+the job, where a node restarts its workers alone, so an agent checks its first round
+only). The same exchange as ``init_process_group``'s, whatever backend the workers use.
 """
 
 import dataclasses

@@ -130,9 +130,10 @@ def _coordinate(check: _Check) -> Outcome:
     check.doing = "publishing the verdict"
     store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
-    if verdict.readers and (count(store, check.key("read"), 0) is None or not wait_for(
+    read = count(store, check.key("read"), 0) if verdict.readers else 0  # None: a store without add
+    if read is None or (read < verdict.readers and not wait_for(
             store, [check.key("left")], max(check.deadline.remaining(), check.grace))):
-        return Outcome(verdict, check.info, raws)  # they cannot count (a store without add), or did not in time
+        return Outcome(verdict, check.info, raws)
     if not verdict.without:
         no_check = [r for r, raw in raws.items() if raw == NO_CHECK.encode()]
         delete(store, [verdict_key, check.key("read"), check.key("left"), *map(check.slot, [0, *no_check])])
@@ -177,6 +178,7 @@ def _participate(check: _Check) -> Outcome:
     store, verdict_key, trace = check.store, check.key("verdict"), check.trace
     check.doing = "waiting for rank 0"
     if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.deadline.remaining())):
+        count(store, check.key("read"), 1)  # rank 0 may still judge its payload: it will not read the verdict
         return Outcome(_judge(check, {check.rank: check.payload.encode()}, [0]), check.info)
 
     def relay_no_coordinator(clone: Store) -> bool:  # the watcher's look; True: done looking

@@ -1,19 +1,10 @@
-"""The RPC family: the check ``init_rpc`` runs before it builds its backend.
-
-``init_rpc`` builds its own store (a rendezvous for a static group, the options'
-``init_method`` for a dynamic one), wraps it in ``PrefixStore("rpc_prefix_N")``
-and hands it to the TensorPipe backend, which builds a ``ProcessGroupGloo``
-directly on it: ``init_process_group`` is never called, so the hook sits in
-``init_rpc``, after the prefixed store exists and before ``_init_rpc_backend``.
-
-* A **static group** (``world_size`` given) runs the same exchange as the
-  collectives, in the RPC family's own key namespace, with each worker's name in
-  its payload: every worker returns the negotiated RPC version or raises.
-* A **dynamic group** (no ``world_size``) has no fixed set of workers to wait
-  for. Its first worker records, once, the version the group runs: the lowest RPC
-  version it accepts, so that every build it can talk to may join. A joining
-  worker whose range holds that version joins; any other fails alone, and the
-  group's members go on.
+"""The RPC family: the check ``init_rpc`` runs once its store is wrapped in
+``PrefixStore("rpc_prefix_N")``, before it builds the backend (a ``ProcessGroupGloo`` on
+that store; ``init_process_group`` is never called). A static group (``world_size``
+given) runs the collectives' exchange in the RPC family's namespace. A dynamic group
+has no set of workers to wait for: its first worker records the version the group
+runs, the lowest it accepts; a joining worker whose range holds it joins, any other
+fails alone, and the group's members go on.
 """
 
 import logging
