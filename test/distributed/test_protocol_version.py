@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _diagnose, _exchange, _judge, _messages, _store
+from torch.distributed._protocol_version import _exchange, _judge, _messages, _store
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import RankInfo
 from torch.distributed._protocol_version._settings import check_mode
@@ -131,17 +131,60 @@ def init_capturing_log(rank: int, world_size: int, port: int) -> dict[str, Any]:
     return {"sum": tensor.item(), "log": records, "group_version": group_version}
 
 
-def init_off_on_own_store(rank: int, world_size: int, port: int) -> bool:
-    """With the check off, init on a store we hold and report whether any key of
-    the check's namespace exists afterwards (there must be none)."""
-    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+class RecordingStore(dist.Store):
+    """A real store behind a Python store that records every key written, counted
+    or deleted through it (gloo needs only ``set``, ``get`` and ``wait``)."""
+
+    def __init__(self, inner: dist.Store) -> None:
+        super().__init__()
+        self._inner = inner
+        self.written: list[str] = []
+
+    def set(self, key: str, value: Any) -> None:
+        self.written.append(key)
+        self._inner.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._inner.get(key)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self._inner.wait(keys, timeout) if timeout is not None else self._inner.wait(keys)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._inner.check(keys)
+
+    def add(self, key: str, value: int) -> int:
+        self.written.append(key)
+        return self._inner.add(key, value)
+
+    def delete_key(self, key: str) -> bool:
+        self.written.append(key)
+        return self._inner.delete_key(key)
+
+
+def init_on_recording_store(rank: int, world_size: int, port: int) -> list[str]:
+    """Init on a store that records what is written through it; report the keys of
+    the check's namespace among them (with the check off there must be none)."""
+    inner = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    store = RecordingStore(inner)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
-        touched = store.check([C10D.key("current")])
-        dist.barrier()  # rank 0 hosts the store: keep it up until every rank has looked
+        dist.barrier()  # rank 0 hosts the store: keep it up until every rank is through
     finally:
         dist.destroy_process_group()
-    return touched
+    return [key for key in store.written if key.startswith(C10D.key_prefix + "/")]
+
+
+def _check(
+    store: dist.Store, rank: int, world_size: int, info: RankInfo, backend: str, timeout_s: float = 60.0, *,
+    bounded: bool = False, trace: Any = None, namespace: str = "c10d/0/0",
+) -> _exchange._Check:
+    """One rank's check as the exchange builds it, for the functions that word its verdicts."""
+    return _exchange._Check(
+        store=store, family=C10D, namespace=namespace, rank=rank, world_size=world_size,
+        deadline=_store.Deadline(timedelta(seconds=timeout_s)), grace=1.0, bounded=bounded, backend=backend,
+        info=info, payload=info.to_payload(C10D), trace=trace,
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -231,13 +274,10 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
     def test_warn_names_the_ranks_it_judged_without(self) -> None:
         info = rank_info(0, 1)
         warn = RankInfo(**{**vars(info), "mode": "warn"})
-        check = _store.Check(
-            dist.HashStore(), C10D, 0, 4, _store.Deadline(timedelta(seconds=1)), "nccl",
-            warn, "{}", "0123456789abcdef", None, 1.0, True,
-        )
+        check = _check(dist.HashStore(), 0, 4, warn, "nccl", timeout_s=10, bounded=True)
         raws = {0: warn.to_payload(C10D).encode(), 1: rank_info(1, 1).to_payload(C10D).encode()}
-        verdict = _diagnose._judge_accounted(check, raws, [], [2, 3])
-        self.assertEqual((verdict.status, verdict.negotiated), ("ok", 1))
+        verdict = _exchange._judge(check, raws, [2, 3])
+        self.assertEqual((verdict.status, verdict.negotiated, verdict.without), ("ok", 1, (2, 3)))
         self.assertExpectedInline(
             verdict.detail,
             """\
@@ -245,15 +285,48 @@ torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOC
         )
 
     def test_timeout_message(self) -> None:
-        check = _store.Check(
-            dist.HashStore(), C10D, 0, 8, _store.Deadline(timedelta(seconds=120)), "gloo",
-            rank_info(0, 1), "{}", "0123456789abcdef", _diagnose.gloo_key("0", "cpu"), 1.0, False,
+        # Rank 0's account: the ranks it never heard from. (Rank 5, seen without the
+        # check through gloo's key, no longer gets a line of its own: it did arrive.)
+        check = _check(dist.HashStore(), 0, 8, rank_info(0, 1), "gloo", timeout_s=120, trace=pv.gloo_key("0", "cpu"))
+        payload = rank_info(1, 1).to_payload(C10D).encode()
+        raws = {**dict.fromkeys([0, 1, 4, 6], payload), 5: _exchange.NO_CHECK.encode()}
+        verdict = _exchange._judge(check, raws, [2, 3, 7])
+        self.assertEqual((verdict.status, verdict.without, verdict.readers), ("timeout", (2, 3, 7), 3))
+        self.assertExpectedInline(
+            verdict.detail,
+            """\
+torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version (not started, still starting, or exited).""",
+        )
+
+    def test_timeout_message_of_a_rank_waiting_for_the_verdict(self) -> None:
+        # A rank other than 0 that got no verdict names, from the store, who never published.
+        store = dist.HashStore()
+
+        def account(world_size: int, published: list[int], backend: str = "gloo") -> str:
+            namespace = f"test/{published}"
+            store.multi_set([C10D.key(namespace, "rank", r) for r in published], ["{}"] * len(published))
+            trace = pv.gloo_key("0", "cpu") if backend == "gloo" else None
+            outcome = _exchange.exchange(
+                store, C10D, 1, world_size, timedelta(seconds=0.2), backend, "error", namespace, trace
+            )
+            self.assertEqual(outcome.verdict.status, "timeout")
+            return outcome.verdict.detail
+
+        self.assertExpectedInline(
+            account(8, [0, 4, 5, 6]),
+            """\
+torch.distributed protocol version check timed out after 0.2s (backend gloo): on rank 1: rank 0 has not delivered the verdict; ranks 2-3,7 never published a protocol version (not started, still starting, or exited).""",
+        )
+        # Without a backend trace, a rank without the check is silent too: the text says so.
+        self.assertExpectedInline(
+            account(8, [2], "nccl"),
+            """\
+torch.distributed protocol version check timed out after 0.2s (backend nccl): on rank 1: ranks 0,3-7 never published a protocol version (not started, still starting, exited, or a build without the check on a backend that leaves no trace in the store); rank 0 collects every rank's version.""",
         )
         self.assertExpectedInline(
-            _diagnose._timeout(check, [2, 3, 7], [5]).detail,
+            account(3, [0, 2]),
             """\
-torch.distributed protocol version check timed out after 120s (backend gloo): ranks 2-3,7 never published a protocol version (not started, still starting, or exited).
-Meanwhile rank 5 runs a build without the protocol version check (or with TORCH_DISTRIBUTED_PROTOCOL_CHECK=off), taken as version 1.""",
+torch.distributed protocol version check timed out after 0.2s (backend gloo): on rank 1: every rank has published its version, but rank 0 has not delivered the verdict.""",
         )
 
     def test_long_host_lists_are_capped(self) -> None:
@@ -280,13 +353,23 @@ class TestCheckOnOneStore(TestCase):
             if ok:
                 self.assertEqual(results, {0: 1, 1: 1, 2: 1})
             else:
-                self.assertTrue(all(isinstance(r, RuntimeError) and MISMATCH in str(r) for r in results.values()), results)
+                for result in results.values():
+                    self.assertIsInstance(result, pv.ProtocolVersionError, results)
+                    self.assertIn(MISMATCH, str(result))
+        # Each check, passed or failed, removed its keys once every rank had read its verdict.
+        self.assertEqual(store.num_keys(), 0)
 
     def test_missing_coordinator_is_named(self) -> None:
         results = self._run(dist.HashStore(), {1: 1, 2: 1}, 3, timeout=2.0)
         for result in results.values():
             self.assertIsInstance(result, dist.DistStoreError)
-            self.assertIn("rank 0, which collects every rank's version, has not opened the check; ranks 1-2 are waiting for it", str(result))
+        # Each waiting rank speaks for itself, and names rank 0 alone: ranks 1-2 did publish.
+        for rank, result in results.items():
+            self.assertIn(
+                f"timed out after 2s (backend unknown): on rank {rank}: rank 0 never published a protocol version (",
+                str(result),
+            )
+            self.assertIn("); rank 0 collects every rank's version.", str(result))
 
     def test_world_size_one_needs_no_peer(self) -> None:
         store = dist.HashStore()
@@ -421,9 +504,15 @@ class TestMultiProcess(TestCase):
 
     def test_off_mode_touches_nothing_and_lets_a_mismatch_through(self) -> None:
         results = spawn_ranks(
-            init_off_on_own_store, 2, args=(find_free_port(),), rank_env=versions_env({1: 2}), common_env={CHECK_MODE_ENV: "off"}
+            init_on_recording_store, 2, args=(find_free_port(),), rank_env=versions_env({1: 2}),
+            common_env={CHECK_MODE_ENV: "off"},
         )
-        self.assertEqual([(r.error, r.value) for r in results], [(None, False)] * 2)
+        self.assertEqual([(r.error, r.value) for r in results], [(None, [])] * 2)
+        # The same store records the check's keys when the check runs.
+        checked = spawn_ranks(init_on_recording_store, 2, args=(find_free_port(),))
+        for result in checked:
+            self.assertIsNone(result.error, result)
+            self.assertIn(C10D.key("c10d/0/0", "rank", result.rank), result.value)
 
 
 instantiate_parametrized_tests(TestVersionOverride)

@@ -13,6 +13,7 @@ every rank is connected.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -26,11 +27,12 @@ from unittest import mock
 
 import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _exchange, _rpc
+from torch.distributed._protocol_version import _exchange, _judge, _rpc
 from torch.distributed._protocol_version._families import C10D
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
+    rank_info,
     RankThreads,
     spawn_ranks,
     VERSION_OVERRIDE_ENV,
@@ -221,6 +223,20 @@ class TestLateRankAfterTheOthersGaveUp(TestCase):
         self.assertIsInstance(late.exception, dist.DistStoreError, late)
         self.assertLess(late.finished - started, 5.0, "the late rank waited for its timeout")
         self.assertIn("rank 2 arrived after rank 0 had reached its verdict without it: rank 0 gave up", late.error)
+
+
+class TestReusedNamespace(TestCase):
+    def test_an_earlier_attempts_pass_is_not_taken_by_a_rank_that_does_not_speak_it(self) -> None:
+        # An earlier attempt, killed after rank 0 passed it and one rank read it, left
+        # its verdict; a new rank 1 on version 2 reusing the store must not pass on it.
+        base, namespace = dist.HashStore(), "check/0/0"
+        verdict = dataclasses.replace(_judge.judge(C10D, [rank_info(r, 1) for r in range(3)], "unknown"), readers=2)
+        old = dist.PrefixStore("job", base)
+        old.multi_set([C10D.key(namespace, "rank", 0), C10D.key(namespace, "verdict")],
+                      [rank_info(0, 1).to_payload(C10D), verdict.to_json()])
+        old.add(C10D.key(namespace, "read"), 1)
+        with mock.patch.dict(os.environ, V2), self.assertRaisesRegex(dist.DistStoreError, "already holds an earlier"):
+            pv.check_protocol_version(dist.PrefixStore("job", base), 1, 3, timedelta(seconds=5))
 
 
 class TestPublicNames(TestCase):

@@ -9,7 +9,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -96,12 +95,15 @@ class TestRangeRules(TestCase):
         store = dist.HashStore()
         threads = RankThreads(len(rank_ranges), timeout_s=10)
         infos = {r: rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)}
+        # Every rank's first check with this store: they all check under one namespace.
+        namespace, _ = pv._attempt_namespace("check", 0)
         with mock.patch.object(_exchange, "local_info", lambda r, family, mode, name="": infos[r]):
-            for rank in order:
+            for rank in order[:-1]:
                 threads.start({rank: store})
-                # Publish one at a time, in the chosen order (rank 0 opens the epoch
-                # whenever its turn comes; the others wait for it).
-                time.sleep(0.02)
+                # Publish one at a time, in the chosen order: a rank's payload stays until
+                # the verdict, which needs the last rank too, so the next starts once it is there.
+                store.wait([C10D.key(namespace, "rank", rank)], timedelta(seconds=10))
+            threads.start({order[-1]: store})
             outcomes = threads.join()
         return {rank: outcome.result for rank, outcome in outcomes.items()}
 

@@ -142,14 +142,16 @@ def _coordinate(check: _Check) -> Outcome:
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: delete its payload and count itself out.
-    A count past the readers means an earlier check's verdict, in a namespace used twice."""
+    A count past the readers, or a version this rank does not speak, means an earlier
+    check's verdict, in a namespace used twice."""
     delete(check.store, [check.slot(check.rank)])
     if check.rank in verdict.without:
         return _late(check, verdict)
-    read = count(check.store, check.key("read"), 1)
+    read, info = count(check.store, check.key("read"), 1), check.info
     if read == verdict.readers:
         check.store.set(check.key("left"), "")
-    if read is not None and read > verdict.readers:
+    spoken = info.min_version <= (verdict.negotiated or info.min_version) <= info.version
+    if (read or 0) > verdict.readers or not spoken:
         return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
 
