@@ -41,7 +41,7 @@ from hypothesis import given, settings, strategies as st
 from torch.distributed._protocol_version import _cli, _exchange, _judge, _messages, _preflight
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import (
-    backend_versions,
+    _build,
     InvalidPayload,
     local_info,
     parse_payload,
@@ -59,6 +59,7 @@ from torch.testing._internal.distributed.protocol_version_utils import (
     STOCK_PYTHON,
     rank_info,
     RankThreads,
+    read_verdict_as,
     run_in_own_session,
     VERSION_OVERRIDE_ENV,
 )
@@ -117,15 +118,14 @@ class TestBuildIdentity(TestCase):
         """Ranks 0 and 1 run the real check; ranks 2 and 3 publish what an older
         guardrail build writes, where such a rank would."""
         store = dist.HashStore()
+        for rank, raw in ((2, OLD_PAYLOAD), (3, FIRST_PAYLOAD)):  # the first check with this store object
+            store.set(C10D.key("check/0/0", "rank", rank), raw)
         threads = RankThreads(4, timeout_s=30.0).start({0: store, 1: store})
-        current = C10D.key("current")
-        store.wait([current], timedelta(seconds=30))
-        token, closed = _exchange.parse_current(current, store.get(current))
-        self.assertFalse(closed)
-        for rank, raw in ((2, OLD_PAYLOAD), (3, FIRST_PAYLOAD)):
-            store.set(C10D.key(token, "rank", rank), raw)
+        verdict = Verdict.from_json("verdict", read_verdict_as(store, [2, 3]))
         outcomes = threads.join()
         self.assertEqual({rank: o.result for rank, o in outcomes.items()}, {0: 1, 1: 1})
+        self.assertEqual((verdict.status, verdict.negotiated, verdict.readers), ("ok", 1, 3))
+        self.assertEqual(store.num_keys(), 0)  # every rank read the verdict: nothing is left
 
     def test_commit_shown_only_where_it_tells_builds_apart(self) -> None:
         two_commits = [built(rank_info(0, 1)), built(rank_info(1, 2, host="node-b"), COMMIT_B)]
@@ -154,7 +154,7 @@ class TestBuildIdentity(TestCase):
 
     def test_identity_fields_are_validated_and_capped(self) -> None:
         base = json.loads(OLD_PAYLOAD)
-        with self.assertRaisesRegex(InvalidPayload, "'backend_versions' must map"):
+        with self.assertRaisesRegex(InvalidPayload, "'backend_versions' an object"):
             parse_payload(1, json.dumps({**base, "backend_versions": ["nccl", "2.21"]}).encode())
         with self.assertRaisesRegex(InvalidPayload, "'git_version' must be a string"):
             parse_payload(1, json.dumps({**base, "git_version": 7}).encode())
@@ -250,7 +250,8 @@ node-016  64-67  1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7""",
     def test_ranks_without_the_check_silent_and_invalid(self) -> None:
         raws = {r: payload(built(rank_info(r, 1))) for r in range(3)}
         raws[3] = b"protocol_version=1"
-        roster = _preflight.roster(1000, raws, no_check=[4, *range(10, 990)])
+        raws.update(dict.fromkeys([4, *range(10, 990)], _exchange.NO_CHECK.encode()))
+        roster = _preflight.roster(1000, raws)
         self.assertExpectedInline(
             _preflight.render_table(roster, "gloo"),
             """\
@@ -284,6 +285,32 @@ class TestPreflightOnWarn(TestCase):
         self.assertEqual({r: report.exit_code for r, report in reports.items()}, {0: 0, 1: 0, 2: 0})
         self.assertIn("3 ranks, 3 with the check on 1 host", reports[0].text)
         self.assertNotIn("judged without", reports[0].text)
+
+
+class TestPreflightRoster(TestCase):
+    def test_rank_0_prints_the_payloads_it_judged(self) -> None:
+        """Rank 0's table is built from the payloads it judged: a rank whose slot
+        holds garbage is listed as invalid beside the ranks that checked, and no
+        rank's job would start."""
+        store = dist.HashStore()
+        job = dist.PrefixStore(_preflight.STORE_PREFIX, store)
+        namespace = "preflight/0/0"
+        job.set(C10D.key(namespace, "rank", 2), b"protocol_version=1")
+        reports: dict[int, _preflight.Report] = {}
+
+        def body(s: dist.Store, rank: int, world_size: int) -> int:
+            return _preflight.preflight(s, rank, world_size, timedelta(seconds=30), "gloo",
+                                        lambda r: reports.__setitem__(r.rank, r))
+
+        threads = RankThreads(3, 30.0, body).start({0: store, 1: store})
+        read_verdict_as(job, [2], namespace)
+        self.assertEqual({r: o.result for r, o in threads.join().items()}, {0: 1, 1: 1})
+        self.assertEqual(reports[0].obj["status"], "invalid")
+        self.assertEqual(reports[0].obj["invalid"], {"2": "not valid JSON (Expecting value: line 1 column 1 (char 0))"})
+        self.assertEqual([host["ranks"] for host in reports[0].obj["hosts"]], [[0, 1]])
+        self.assertIn("3 ranks, 2 with the check on 1 host", reports[0].text)
+        self.assertIn("\ninvalid payload: rank 2\n", reports[0].text)
+        self.assertIn("rank 2: not valid JSON", reports[1].text)
 
 
 # --------------------------------------------------------------------------- #
@@ -374,14 +401,14 @@ class TestNodeCli(TestCase):
                 "torch_version": importlib.metadata.version("torch"),
                 "git_version": torch.version.git_version,
                 "python_version": platform.python_version(),
-                "backend_versions": dict(backend_versions()),
+                "backend_versions": dict(_build()[1]),
             },
         )
 
     def test_text_names_the_build(self) -> None:
         out = run_cli()
         self.assertEqual(out.returncode, 0, out.stderr)
-        libraries = ", ".join(f"{name} {v}" for name, v in backend_versions()) or "none reported"
+        libraries = ", ".join(f"{name} {v}" for name, v in _build()[1]) or "none reported"
         masked = (
             out.stdout.replace(importlib.metadata.version("torch"), "<torch>")
             .replace(torch.version.git_version, "<commit>")
@@ -547,14 +574,12 @@ class TestPreflightExplicitStore(TestCase):
         procs = {rank: self.start(self.preflight_cmd(port, rank, 3)) for rank in range(2)}
         client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=BOUND_S))
         job = dist.PrefixStore(_preflight.STORE_PREFIX, client)
-        current = C10D.key("current")
-        job.wait([current])
-        token, _ = _exchange.parse_current(current, job.get(current))
-        job.wait([C10D.key(token, "rank", 1)])
+        namespace = "preflight/0/0"  # a preflight's, on a first attempt
+        job.wait([C10D.key(namespace, "rank", 1)])
         os.kill(procs[1].pid, signal.SIGSTOP)
         procs[2] = self.start(self.preflight_cmd(port, 2, 3))
         self.assertEqual(procs[2].wait(BOUND_S), 0)
-        verdict_key = C10D.key(token, "verdict")
+        verdict_key = C10D.key(namespace, "verdict")
         self.assertEqual(Verdict.from_json(verdict_key, job.get(verdict_key)).status, "ok")
         with self.assertRaises(subprocess.TimeoutExpired):  # without its wait, rank 0 is gone at once
             procs[0].wait(timeout=3)

@@ -11,21 +11,24 @@ the independence of the two families, timeouts, re-init, and hostile store data.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import _exchange, _rpc
-from torch.distributed._protocol_version._families import RPC
+from torch.distributed._protocol_version._families import C10D, RPC
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
     env_init,
     RankResult,
     RankThreads,
+    read_verdict_as,
     spawn_ranks,
     VERSION_OVERRIDE_ENV,
 )
@@ -137,10 +140,12 @@ class TestStaticGroup(RpcTestCase):
     def test_silent_worker_is_named(self) -> None:
         # Rank 0 hosts the tcp:// store, which waits for its third client with
         # init_rpc's own 30-minute rendezvous timeout, as on stock: only rank 1
-        # reaches the check, and it names the worker that never came.
+        # reaches the check, and it names the workers it never heard from: rank 2,
+        # which never came, and rank 0, which collects every worker's version.
         results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=40)
         self.assertEqual(results[1].error_type, "DistStoreError", results[1])
-        self.assertIn("rank 2 never published", results[1].error)
+        self.assertIn("timed out after 5s (backend tensorpipe): on rank 1: ranks 0,2 never published", results[1].error)
+        self.assertIn("rank 0 collects every rank's version", results[1].error)
         self.assertIn(results[0].error_type, ("NoReport", "DistStoreError"), results[0])
 
     def test_reinit_after_shutdown_three_times(self) -> None:
@@ -166,21 +171,24 @@ class TestDynamicGroup(RpcTestCase):
         self.assertEqual(results[2].value, {"version": 1, "sum": 2.0})  # a later compatible joiner still joins
         self.assertEqual(results[1].error_type, "ProtocolVersionError", results[1])
         self.assertIn("worker worker1 (rank 1) cannot join the dynamic RPC group", results[1].error)
-        self.assertIn("set by its first worker worker0 (rank 0", results[1].error)
+        # The group's record is its first worker's payload: its name, host and build, not its rank.
+        self.assertRegex(results[1].error, r"set by its first worker worker0 \(host [^,]+, torch 2\.13\.0")
 
 
 class TestStoreData(TestCase):
     """What the RPC check reads from the store is parsed, never trusted."""
 
     def test_hostile_payload_is_named(self) -> None:
+        # A pickle where rank 1 of the static group's check (namespace: the restart count) publishes.
         store = dist.HashStore()
-        body = lambda s, r, n: _exchange.exchange(s, RPC, r, n, timedelta(seconds=20), "tensorpipe", "error")  # noqa: E731
-        rank_0 = RankThreads(2, 20.0, body).start({0: store})
-        store.wait([RPC.key("current")], timedelta(seconds=20))
-        store.set(RPC.key(store.get(RPC.key("current")).decode(), "rank", 1), b"\x80\x04K\x01.")  # a pickle
-        verdict, _ = rank_0.join()[0].value
-        self.assertEqual(verdict.status, "invalid")
-        self.assertIn("rank 1: not valid JSON", verdict.detail)
+        store.set(RPC.key("0", "rank", 1), b"\x80\x04K\x01.")
+        body = lambda s, r, n: _exchange.exchange(s, RPC, r, n, timedelta(seconds=5), "tensorpipe", "error", "0")  # noqa: E731
+        rank_0 = RankThreads(2, 5.0, body).start({0: store})
+        read_verdict_as(store, [1], "0", RPC)  # rank 1 counts itself out, so rank 0 need not wait to its timeout
+        outcome = rank_0.join()[0].value
+        self.assertEqual(outcome.verdict.status, "invalid")
+        self.assertIn("rank 1: not valid JSON", outcome.verdict.detail)
+        self.assertTrue(outcome.verdict.detail.startswith("torch.distributed.rpc protocol version check failed"))
 
     def test_hostile_dynamic_record(self) -> None:
         for record in (b"garbage", json.dumps({"version": 7, "rank": 0, "founder": {"protocol_version": 1}}).encode()):
@@ -188,15 +196,45 @@ class TestStoreData(TestCase):
             store.set(RPC.key("dynamic", "group"), record)
             verdict, _ = _rpc._join(store, "w", 1, "error")
             self.assertEqual(verdict.status, "invalid", record)
+            self.assertIn("the dynamic RPC group's record is invalid", verdict.detail)
+            self.assertEqual(store.get(RPC.key("dynamic", "group")), record)  # a joiner never overwrites it
+
+    def test_dynamic_record_is_the_founders_payload(self) -> None:
+        """The first worker's compare_set leaves its own payload as the group's
+        record; a joiner judges itself against the lowest version that founder accepts."""
+        store = dist.HashStore()
+        with mock.patch.dict(os.environ, {RPC_ENV: "3", RPC_MIN_ENV: "2"}):
+            founder, info = _rpc._join(store, "w0", 0, "error")
+        self.assertEqual((founder.status, founder.negotiated), ("ok", 2))
+        self.assertEqual(store.get(RPC.key("dynamic", "group")).decode(), info.to_payload(RPC))
+        with mock.patch.dict(os.environ, {RPC_ENV: "2"}):
+            self.assertEqual(_rpc._join(store, "w1", 1, "error")[0].negotiated, 2)
+        with mock.patch.dict(os.environ, {RPC_ENV: "1"}):
+            refused, _ = _rpc._join(store, "w2", 2, "warn")
+        self.assertEqual((refused.status, refused.enforce), ("mismatch", False))
+        self.assertIn("the group runs RPC protocol version 2, set by its first worker w0 (host", refused.detail)
+        self.assertEqual(store.get(RPC.key("dynamic", "group")).decode(), info.to_payload(RPC))
 
     def test_threads_share_the_exchange(self) -> None:
-        # The RPC family runs the collectives' exchange in its own namespace.
+        # The RPC family runs the collectives' exchange in its own key namespace, and leaves nothing behind.
         store = dist.HashStore()
-        body = lambda s, r, n: _exchange.exchange(s, RPC, r, n, timedelta(seconds=20), "tensorpipe", "error", name=f"w{r}")  # noqa: E731
-        outcomes = RankThreads(3, 20.0, body).start({r: store for r in range(3)}).join()
-        self.assertEqual({o.value[0].negotiated for o in outcomes.values()}, {pv.RPC_PROTOCOL_VERSION})
-        self.assertEqual([o.value[1].name for o in outcomes.values()], ["w0", "w1", "w2"])
-        self.assertTrue(store.check([RPC.key("current")]) and not store.check([pv._families.C10D.key("current")]))
+
+        def body(s: dist.Store, r: int, n: int) -> _exchange.Outcome:
+            return _exchange.exchange(s, RPC, r, n, timedelta(seconds=20), "tensorpipe", "error", "0", name=f"w{r}")
+
+        threads = RankThreads(3, 20.0, body).start(dict.fromkeys((0, 1), store))
+        store.wait([RPC.key("0", "rank", 0), RPC.key("0", "rank", 1)], timedelta(seconds=20))
+        self.assertFalse(store.check([C10D.key("0", "rank", 0)]))
+        outcomes = threads.start({2: store}).join()
+        self.assertEqual({o.value.verdict.negotiated for o in outcomes.values()}, {pv.RPC_PROTOCOL_VERSION})
+        self.assertEqual([o.value.info.name for o in outcomes.values()], ["w0", "w1", "w2"])
+        self.assertEqual(store.num_keys(), 0)
+
+    def test_get_rpc_protocol_version_is_a_plain_attribute(self) -> None:
+        self.assertIn("get_rpc_protocol_version", vars(pv))
+        self.assertIn("get_rpc_protocol_version", pv.__all__)
+        with self.assertRaisesRegex(RuntimeError, "needs RPC: call torch.distributed.rpc.init_rpc"):
+            pv.get_rpc_protocol_version()
 
 
 if __name__ == "__main__":

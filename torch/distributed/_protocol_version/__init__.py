@@ -22,9 +22,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import (
-    active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError, version_range,
-)
+from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError
 from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
@@ -35,8 +33,7 @@ __all__ = [
     "CHECK_MODE_ENV", "CHECK_MODES", "MIN_PROTOCOL_VERSION", "MIN_RPC_PROTOCOL_VERSION",
     "MIN_VERSION_OVERRIDE_ENV", "PROTOCOL_VERSION", "ProtocolVersionError", "RPC_MIN_VERSION_OVERRIDE_ENV",
     "RPC_PROTOCOL_VERSION", "RPC_VERSION_OVERRIDE_ENV", "SettingError", "VERSION_OVERRIDE_ENV",
-    "check_protocol_version", "get_group_protocol_version", "get_min_protocol_version",
-    "get_protocol_version", "get_rpc_protocol_version",
+    "check_protocol_version", "get_group_protocol_version", "get_rpc_protocol_version",
 ]
 
 VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV = C10D.version_env, C10D.min_version_env
@@ -134,17 +131,14 @@ def check_protocol_version(
 ) -> int:
     """Check that every rank speaks a common protocol version, through ``store``.
 
-    For frameworks that build process groups without ``init_process_group``: call it
-    on every rank with the same store before building the group. It ignores
-    ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` (calling it is the decision to check) and
-    removes its keys once every rank has read the verdict. Calls with one store object
-    are told apart by how many each rank made with it; a new store object over the
-    same keys (fresh processes of a new attempt) needs a fresh ``PrefixStore`` prefix,
-    as upstream's store barrier does.
+    For frameworks that build process groups without ``init_process_group``: call it on
+    every rank before building the group (calling it is the decision to check:
+    ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` is ignored). Calls with one store object are told
+    apart; a new store object over the same keys (fresh processes of a new attempt)
+    needs a fresh ``PrefixStore`` prefix, as upstream's store barrier does.
 
     Args:
-        store: a store all ranks of this group, and only they, use for the check
-            (``set``, ``get``, ``wait``; ``check``, ``add`` and ``delete_key`` where it has them).
+        store: a store all ranks of this group, and only they, use for the check.
         rank: this rank, in ``[0, world_size)``.
         world_size: the number of ranks.
         timeout: how long this rank waits for the others, from its arrival.
@@ -178,31 +172,6 @@ def check_protocol_version(
     if outcome.verdict.negotiated is None:  # raised already: every rank here runs "error"
         raise ProtocolVersionError(outcome.verdict.detail)
     return outcome.verdict.negotiated
-
-
-def get_protocol_version() -> int:
-    """Return the protocol version this rank announces.
-
-    Returns:
-        :data:`PROTOCOL_VERSION`, or ``TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE``.
-
-    Raises:
-        SettingError: an override variable holds an invalid value.
-    """
-    return version_range(C10D)[1]
-
-
-def get_min_protocol_version() -> int:
-    """Return the oldest protocol version this rank accepts.
-
-    Returns:
-        The minimum override; else the version override (exactly that version);
-        else :data:`MIN_PROTOCOL_VERSION`.
-
-    Raises:
-        SettingError: an override variable holds an invalid value.
-    """
-    return version_range(C10D)[0]
 
 
 def get_rpc_protocol_version() -> int:

@@ -13,6 +13,7 @@ once; a pass it joins if it speaks the negotiated version.
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -24,7 +25,7 @@ from torch.distributed._protocol_version._judge import judge, judge_payloads
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import (
-    count, Deadline, delete, find_present, present, wait_for, watching,
+    count, delete, find_present, present, wait_for, watching,
 )
 
 
@@ -63,7 +64,8 @@ class _Check:
     namespace: str
     rank: int
     world_size: int
-    deadline: Deadline
+    timeout: timedelta  # counted from this rank's arrival, as the store counts its own waits
+    end: float  # time.monotonic() at the end of the timeout
     grace: float
     bounded: bool  # a warn rank without evidence: it waits its grace period for ranks not heard from
     backend: str
@@ -74,6 +76,9 @@ class _Check:
 
     def key(self, *parts: object) -> str:
         return self.family.key(self.namespace, *parts)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
 
     def slot(self, rank: int) -> str:
         return self.key("rank", rank)
@@ -92,7 +97,7 @@ def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[in
             clone.set(check.slot(absent[i]), NO_CHECK)
         return False
 
-    seconds = min(check.grace, check.deadline.remaining()) if check.bounded else check.deadline.remaining()
+    seconds = min(check.grace, check.remaining()) if check.bounded else check.remaining()
     with watching(store, check.grace, fill_traced if trace else None):
         complete = wait_for(store, slots, seconds)
     found = [ranks[i] for i in (range(len(ranks)) if complete else find_present(store, slots))]
@@ -105,7 +110,7 @@ def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict
     payloads = {r: raw for r, raw in raws.items() if raw != NO_CHECK.encode()}
     readers, traceless = len([r for r in payloads if r != check.rank]), check.trace is None
     if missing and not check.bounded:
-        head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
+        head = _messages.timeout_head(check.family, check.timeout, check.backend)
         detail = f"{head}: {_messages.never_arrived(missing, check.family, traceless)}."
         return Verdict("timeout", detail, None, without=tuple(missing), readers=readers)
     verdict = judge_payloads(check.family, payloads, [r for r in raws if r not in payloads], check.backend)
@@ -132,7 +137,7 @@ def _coordinate(check: _Check) -> Outcome:
     check.doing = "waiting for the others to read the verdict"
     read = count(store, check.key("read"), 0) if verdict.readers else 0  # None: a store without add
     if read is None or (read < verdict.readers and not wait_for(
-            store, [check.key("left")], max(check.deadline.remaining(), check.grace))):
+            store, [check.key("left")], max(check.remaining(), check.grace))):
         return Outcome(verdict, check.info, raws)
     if not verdict.without:
         no_check = [r for r, raw in raws.items() if raw == NO_CHECK.encode()]
@@ -179,7 +184,7 @@ def _participate(check: _Check) -> Outcome:
     runs no check: the watcher says so in its place, and the others judge alone."""
     store, verdict_key, trace = check.store, check.key("verdict"), check.trace
     check.doing = "waiting for rank 0"
-    if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.deadline.remaining())):
+    if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.remaining())):
         count(store, check.key("read"), 1)  # rank 0 may still judge its payload: it will not read the verdict
         return Outcome(_judge(check, {check.rank: check.payload.encode()}, [0]), check.info)
 
@@ -193,11 +198,11 @@ def _participate(check: _Check) -> Outcome:
 
     check.doing = "waiting for the verdict"
     with watching(store, check.grace, relay_no_coordinator if trace else None):
-        arrived = wait_for(store, [verdict_key], check.deadline.remaining())
+        arrived = wait_for(store, [verdict_key], check.remaining())
     if not arrived and not present(store, [verdict_key]):  # else rank 0's own account has just come
         found = set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
         missing = [r for r in range(check.world_size) if r not in found]
-        head = _messages.timeout_head(check.family, check.deadline.timeout, check.backend)
+        head = _messages.timeout_head(check.family, check.timeout, check.backend)
         text = _messages.no_verdict(check.family, check.rank, missing, trace is None)
         return Outcome(Verdict("timeout", f"{head}: {text}.", None), check.info)
     raw = store.get(verdict_key)
@@ -225,7 +230,8 @@ def exchange(
         return Outcome(judge(family, [info], backend), info, {0: payload.encode()})
     grace, bounded = min(_GRACE_SECONDS, timeout.total_seconds() / 10), mode == "warn" and not patient and trace is None
     check = _Check(
-        store, family, namespace, rank, world_size, Deadline(timeout), grace, bounded, backend, info, payload, trace
+        store, family, namespace, rank, world_size, timeout, time.monotonic() + timeout.total_seconds(), grace,
+        bounded, backend, info, payload, trace,
     )
     try:
         if rank == 0:

@@ -128,11 +128,10 @@ def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> s
 
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
     shown = [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
-    more = [f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
     return "\n".join([
         f"{family.title} check failed ({backend_text(backend)}): {len(problems)} {plural(len(problems), 'rank')} "
         "published an invalid protocol version payload, so this job cannot be judged safe:",
-        *shown, *more,
+        *shown, *([f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []),
         "Something other than this check wrote to its keys in the store, or a build that speaks another payload "
         "format joined the job.",
     ])
@@ -143,19 +142,16 @@ def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
 
 
 def _silent(traceless: bool) -> str:
-    """Why a rank has not published (on a backend without a trace, a rank without the check is silent too)."""
     no_trace = "exited, or a build without the check on a backend that leaves no trace in the store"
     return f"not started, still starting, {no_trace if traceless else 'or exited'}"
 
 
 def never_arrived(ranks: Sequence[int], family: Family, traceless: bool) -> str:
-    """Ranks with no payload, and why that may be."""
-    article = "an" if family.version_word[0] in "AEIOU" else "a"
+    article = "an" if family.version_word[0] in "AEIOUR" else "a"  # "an RPC ...": read letter by letter
     return f"{ranks_phrase(ranks)} never published {article} {family.version_word} ({_silent(traceless)})"
 
 
 def no_verdict(family: Family, rank: int, missing: Sequence[int], traceless: bool) -> str:
-    """What a rank other than 0 knows when its wait for the verdict times out."""
     if 0 in missing:
         return f"on rank {rank}: {never_arrived(missing, family, traceless)}; rank 0 collects every rank's version"
     if missing:
@@ -164,14 +160,12 @@ def no_verdict(family: Family, rank: int, missing: Sequence[int], traceless: boo
 
 
 def unaccounted(family: Family, ranks: Sequence[int], grace: float, backend: str, traceless: bool) -> str:
-    """The ranks a ``warn`` rank judged without."""
     return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
             f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace:g}s ({_silent(traceless)}); "
             "the job goes on, and a rank with the check that arrives later says so.")
 
 
 def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> str:
-    """A rank that came after the verdict does not speak the version the others negotiated."""
     word = f"{family.version_word} {negotiated}"
     return (f"{family.title} mismatch ({backend_text(backend)}): {came}, and the others negotiated {word}, which this "
             f"rank does not speak.\nWhat to do: run this rank on a build that speaks {word}, or restart the job with "
@@ -179,14 +173,12 @@ def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> s
 
 
 def late_timeout(family: Family, backend: str, came: str, namespace: str, detail: str) -> str:
-    """A rank that came after rank 0 gave up waiting for it."""
     return (f"{check_head(family, backend)}: {came}: rank 0 gave up waiting for it and the job did not start "
             f"(or an earlier attempt timed out under {namespace}, the same keys: pass a fresh store prefix per "
             f"attempt). Rank 0's account:\n{detail}")
 
 
 def reused(family: Family, namespace: str, backend: str) -> str:
-    """A check that finds an earlier check's keys in its namespace."""
     return (f"{check_head(family, backend)}: the store already holds an earlier check under {namespace} (an earlier "
             "attempt that timed out or was killed); this attempt cannot be told apart from it. Pass a fresh store "
             "or a fresh PrefixStore prefix per attempt.")

@@ -57,9 +57,8 @@ class RankInfo:
 
 @functools.cache
 def _build() -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The installed distribution's version, which tells a build repackaged with a
-    local label (``2.13.0+cpu.protocolv2``) from the one it came from; and NCCL's
-    version where built (gloo is compiled into torch: the commit identifies it)."""
+    """The installed distribution's version (it tells ``2.13.0+cpu.protocolv2`` from its base),
+    and NCCL's where built (gloo is compiled into torch: the commit identifies it)."""
     try:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:  # a source build run in place
@@ -141,9 +140,8 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One check's outcome, computed by rank 0 and read by everyone. ``enforce``
-    is False only for a mismatch on which every checking rank runs ``warn``: the
-    strictest mode present decides for all ranks."""
+    """One check's outcome, computed by rank 0 and read by everyone. ``enforce`` is False
+    only for a mismatch every checking rank runs ``warn`` on: the strictest mode decides."""
 
     status: str  # one of _STATUSES
     detail: str
@@ -157,13 +155,11 @@ class Verdict:
         return self.negotiated is not None
 
     @property
-    def warned(self) -> bool:
-        """A mismatch every checking rank runs ``warn`` on: init goes on."""
+    def warned(self) -> bool:  # a mismatch every checking rank runs warn on: init goes on
         return self.status == "mismatch" and not self.enforce
 
     def to_json(self) -> str:
-        fields = {"status": self.status, "detail": self.detail, "negotiated": self.negotiated}
-        return json.dumps({**fields, "enforce": self.enforce, "without": list(self.without), "readers": self.readers})
+        return json.dumps({**vars(self), "without": list(self.without)})
 
     @classmethod
     def from_json(cls, key: str, raw: bytes) -> "Verdict":
@@ -180,5 +176,5 @@ class Verdict:
             raise InvalidPayload(f"the key {key} holds an 'ok' verdict without a negotiated version")
         if not isinstance(without, list) or not all(type(r) is int for r in without) or type(readers) is not int:
             raise InvalidPayload(f"the key {key} holds a verdict with invalid 'without' or 'readers' fields")
-        negotiated = negotiated if status == "ok" else None
-        return cls(status, detail, negotiated, obj.get("enforce") is not False, tuple(without), readers)
+        return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False,
+                   tuple(without), readers)

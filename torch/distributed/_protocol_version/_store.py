@@ -3,7 +3,6 @@ The store's own timeout (shared by every ``PrefixStore`` over it) is never chang
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
 
-__all__ = ["Deadline", "count", "delete", "find_present", "present", "supports", "wait_for", "watching"]
+__all__ = ["count", "delete", "find_present", "present", "supports", "wait_for", "watching"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,16 +19,6 @@ logger = logging.getLogger(__name__)
 MIN_CALL_SECONDS = 0.05
 # Between two looks of the watcher at a backend's trace.
 WATCH_SECONDS = 0.1
-
-
-class Deadline:
-    """A timeout counted from this rank's arrival, as the store counts its own waits."""
-
-    def __init__(self, timeout: timedelta) -> None:
-        self.timeout, self._end = timeout, time.monotonic() + timeout.total_seconds()
-
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
 
 
 def supports(error: RuntimeError) -> bool:

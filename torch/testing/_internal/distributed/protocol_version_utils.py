@@ -14,6 +14,7 @@ benchmarks all import them the same way. Two ways to run the ranks of a job:
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -36,6 +37,7 @@ from torch.distributed._protocol_version import (
     RPC_VERSION_OVERRIDE_ENV,
     VERSION_OVERRIDE_ENV,
 )
+from torch.distributed._protocol_version._families import C10D, Family
 from torch.distributed._protocol_version._payload import RankInfo
 
 
@@ -327,6 +329,30 @@ class RankThreads:
         if any(thread.is_alive() for thread in self._threads):
             raise TimeoutError(f"a rank still runs {SLACK_S}s past its {self.timeout_s}s timeout")
         return dict(sorted(self.outcomes.items()))
+
+
+def read_verdict_as(
+    store: dist.Store,
+    ranks: Sequence[int],
+    namespace: str = "check/0/0",
+    family: Family = C10D,
+    timeout_s: float = SLACK_S,
+) -> bytes:
+    """Play ``ranks``, whose payloads a test wrote into their slots of the check
+    under ``namespace`` (``check/0/0``: the first ``check_protocol_version`` call
+    with a store object), through the rest of the check as a rank of this build
+    does: wait for rank 0's verdict, delete its slot and count itself out; the last
+    reader sets ``left``, so rank 0 need not wait to its timeout for them. Returns
+    the verdict as read."""
+    verdict_key = family.key(namespace, "verdict")
+    store.wait([verdict_key], timedelta(seconds=timeout_s))
+    raw = store.get(verdict_key)
+    readers = json.loads(raw)["readers"]
+    for rank in ranks:
+        store.delete_key(family.key(namespace, "rank", rank))
+        if store.add(family.key(namespace, "read"), 1) == readers:
+            store.set(family.key(namespace, "left"), "")
+    return raw
 
 
 def run_in_own_session(
