@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _exchange, _judge, _messages, _store
+from torch.distributed._protocol_version import _exchange, _judge, _messages
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import RankInfo
-from torch.distributed._protocol_version._settings import check_mode
+from torch.distributed._protocol_version._settings import check_mode, version_range
 from torch.distributed._protocol_version import CHECK_MODE_ENV, VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     find_free_port,
@@ -182,7 +182,7 @@ def _check(
     """One rank's check as the exchange builds it, for the functions that word its verdicts."""
     return _exchange._Check(
         store=store, family=C10D, namespace=namespace, rank=rank, world_size=world_size,
-        deadline=_store.Deadline(timedelta(seconds=timeout_s)), grace=1.0, bounded=bounded, backend=backend,
+        timeout=timedelta(seconds=timeout_s), end=time.monotonic() + timeout_s, grace=1.0, bounded=bounded, backend=backend,
         info=info, payload=info.to_payload(C10D), trace=trace,
     )
 
@@ -196,20 +196,20 @@ class TestVersionOverride(TestCase):
     def test_default_is_the_build_constant(self) -> None:
         with mock.patch.dict(os.environ, clear=False) as env:
             env.pop(VERSION_OVERRIDE_ENV, None)
-            self.assertEqual(pv.get_protocol_version(), pv.PROTOCOL_VERSION)
+            self.assertEqual(version_range(C10D)[1], pv.PROTOCOL_VERSION)
             self.assertEqual(pv.PROTOCOL_VERSION, 1)
 
     @parametrize("raw,expected", [("7", 7), ("  42\n", 42), ("0", 0), (str(2**63 - 1), 2**63 - 1)])
     def test_valid_override(self, raw: str, expected: int) -> None:
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
-            self.assertEqual(pv.get_protocol_version(), expected)
-            self.assertEqual(pv.get_min_protocol_version(), expected)
+            self.assertEqual(version_range(C10D)[1], expected)
+            self.assertEqual(version_range(C10D)[0], expected)
 
     @parametrize("raw", ["", " ", "abc", "1.5", "1e3", "-1", "+1", "1_0", "0x1", str(2**63), "\u0661", "１"])
     def test_invalid_override_names_variable_and_value(self, raw: str) -> None:
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
             with self.assertRaises(RuntimeError) as ctx:
-                pv.get_protocol_version()
+                version_range(C10D)[1]
         self.assertIn(VERSION_OVERRIDE_ENV, str(ctx.exception))
         self.assertIn(repr(raw), str(ctx.exception))
 
@@ -227,9 +227,9 @@ class TestVersionOverride(TestCase):
         valid = stripped.isascii() and stripped.isdigit() and int(stripped) < 2**63
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: raw}):
             if valid:
-                self.assertEqual(pv.get_protocol_version(), int(stripped))
+                self.assertEqual(version_range(C10D)[1], int(stripped))
             else:
-                self.assertRaisesRegex(RuntimeError, VERSION_OVERRIDE_ENV, pv.get_protocol_version)
+                self.assertRaisesRegex(RuntimeError, VERSION_OVERRIDE_ENV, version_range, C10D)
 
     def test_bad_override_fails_before_any_store_traffic(self) -> None:
         store = dist.HashStore()

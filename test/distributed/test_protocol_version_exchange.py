@@ -147,7 +147,7 @@ class TestBoundedStore(TestCase):
     def test_fifty_checks_on_one_store_leave_no_key(self) -> None:
         store = dist.HashStore()
         for _ in range(50):
-            outcomes = RankThreads(3, 20.0).start({r: store for r in range(3)}).join()
+            outcomes = RankThreads(3, 20.0).start(dict.fromkeys(range(3), store)).join()
             self.assertEqual([o.value for o in outcomes.values()], [1, 1, 1], outcomes)
         self.assertEqual(store.num_keys(), 0)
 
@@ -237,6 +237,44 @@ class TestReusedNamespace(TestCase):
         old.add(C10D.key(namespace, "read"), 1)
         with mock.patch.dict(os.environ, V2), self.assertRaisesRegex(dist.DistStoreError, "already holds an earlier"):
             pv.check_protocol_version(dist.PrefixStore("job", base), 1, 3, timedelta(seconds=5))
+
+
+def init_after_a_single_rank_init(rank: int, world_size: int, port: int) -> int:
+    """Rank 0 first runs a group of its own (world size 1); then both ranks init together."""
+    if rank == 0:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.destroy_process_group()
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=20))
+    try:
+        return pv.get_group_protocol_version()
+    finally:
+        dist.destroy_process_group()
+
+
+class TestNamespaces(TestCase):
+    def test_a_single_rank_group_before_does_not_move_a_rank_to_another_namespace(self) -> None:
+        results = spawn_ranks(init_after_a_single_rank_init, 2, args=(find_free_port(),))
+        self.assertEqual([r.value for r in results], [1, 1], results)
+
+    def test_the_restart_count_counts_only_where_workers_share_the_agents_store(self) -> None:
+        with mock.patch.dict(os.environ, {pv.RESTART_COUNT_ENV: "2"}):
+            os.environ.pop(pv.AGENT_STORE_ENV, None)
+            self.assertEqual(pv._attempt_namespace("c10d", 1), ("c10d/0/1", False))
+            os.environ[pv.AGENT_STORE_ENV] = "True"
+            self.assertEqual(pv._attempt_namespace("c10d", 0), ("c10d/2/0", False))
+            del os.environ[pv.AGENT_STORE_ENV]
+
+
+class TestPassingVerdicts(TestCase):
+    def test_rank_0_does_not_wait_for_a_reader_of_a_passing_verdict(self) -> None:
+        # Rank 1 published and never reads (it went on, or died): rank 0 still returns at once.
+        store = dist.HashStore()
+        store.set(C10D.key("ns", "rank", 1), rank_info(1, 1).to_payload(C10D))
+        started = time.monotonic()
+        outcome = _exchange.exchange(store, C10D, 0, 2, timedelta(seconds=30), "probe", "error", "ns")
+        self.assertEqual(outcome.verdict.negotiated, 1)
+        self.assertLess(time.monotonic() - started, 5.0)
 
 
 class TestPublicNames(TestCase):

@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 from unittest import mock
 
 import torch.distributed as dist
@@ -444,7 +445,7 @@ class TestHostilePayloads(GuardrailEnvTestCase):
             # The probes work: a consumer that unpickled or evaluated would create a marker.
             controls = [os.path.join(tmp, name) for name in ("control-unpickled", "control-evaluated")]
             pickle.loads(creates_file_when_unpickled(controls[0])).close()
-            eval(creates_file_when_evaluated(controls[1]))  # noqa: S307 - our own literal
+            eval(creates_file_when_evaluated(controls[1]))
             self.assertTrue(all(os.path.exists(path) for path in controls))
             outcomes = self.judge_with_hostile_ranks(
                 [

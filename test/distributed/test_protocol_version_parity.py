@@ -31,7 +31,8 @@ from unittest import mock
 import torch.distributed as dist
 from hypothesis import given, HealthCheck, settings, strategies as st
 from torch.distributed import _protocol_version as pv
-from torch.distributed._protocol_version import _exchange, _judge, _messages, _store
+from torch.distributed._protocol_version._settings import version_range
+from torch.distributed._protocol_version import _exchange, _judge, _messages
 from torch.distributed._protocol_version._families import C10D
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed import protocol_version_job
@@ -322,7 +323,7 @@ class TestSharedStore(TestCase):
     def test_concurrent_checks_leave_the_timeout_alone(self) -> None:
         store = dist.HashStore()
         store.set_timeout(timedelta(minutes=5))
-        outcomes = RankThreads(64, timeout_s=10.0).start({r: store for r in range(64)}).join()
+        outcomes = RankThreads(64, timeout_s=10.0).start(dict.fromkeys(range(64), store)).join()
         self.assertEqual({o.value for o in outcomes.values()}, {pv.PROTOCOL_VERSION})
         self.assertEqual(store.timeout, timedelta(minutes=5))
 
@@ -384,7 +385,7 @@ class TestSettingsAndArguments(TestCase):
     def test_huge_override_names_the_variable(self) -> None:
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "9" * 5000}):
             with self.assertRaisesRegex(pv.SettingError, f"^{VERSION_OVERRIDE_ENV}="):
-                pv.get_protocol_version()
+                version_range(C10D)[1]
 
     def test_bad_override_fails_init_in_every_mode(self) -> None:
         # Like the CLI: a typo in a guardrail variable is an error even with the check off.
@@ -441,7 +442,7 @@ class TestMessageSize(TestCase):
         info = rank_info(0, 1)
         check = _exchange._Check(
             store=dist.HashStore(), family=C10D, namespace="c10d/0/0", rank=0, world_size=100_000,
-            deadline=_store.Deadline(timedelta(seconds=60)), grace=1.0, bounded=False, backend="gloo", info=info,
+            timeout=timedelta(seconds=60), end=time.monotonic() + 60, grace=1.0, bounded=False, backend="gloo", info=info,
             payload=info.to_payload(C10D), trace=pv.gloo_key("0", "cpu"),
         )
         missing = list(range(1, 100_000, 2))
@@ -545,7 +546,7 @@ class TestAnyStore(TestCase):
         # the helper before each group it builds: each is judged on its own.
         store = MinimalStore(dist.HashStore())
         for _ in range(3):
-            outcomes = RankThreads(3, timeout_s=20.0).start({r: store for r in range(3)}).join()
+            outcomes = RankThreads(3, timeout_s=20.0).start(dict.fromkeys(range(3), store)).join()
             self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
         late = RankThreads(3, timeout_s=3.0).start({0: store, 1: store}).join()
         for outcome in late.values():
@@ -579,10 +580,10 @@ def _leave_behind(base: dist.Store, attempt: str) -> dict[int, ThreadOutcome]:
     namespace, _ = pv._attempt_namespace("check", 0)
     payload = rank_info(0, 1).to_payload(C10D)
     if attempt == "passed":
-        return RankThreads(3, timeout_s=10.0).start({r: store for r in range(3)}).join()
+        return RankThreads(3, timeout_s=10.0).start(dict.fromkeys(range(3), store)).join()
     if attempt in ("rank_2_absent", "rank_0_absent"):
         present = (0, 1) if attempt == "rank_2_absent" else (1, 2)
-        return RankThreads(3, timeout_s=0.5).start({r: store for r in present}).join()
+        return RankThreads(3, timeout_s=0.5).start(dict.fromkeys(present, store)).join()
     if attempt == "killed_before_verdict":  # rank 0 and rank 1 published, then the job was killed
         store.multi_set([C10D.key(namespace, "rank", r) for r in (0, 1)], [payload] * 2)
     else:  # rank 0 published a pass and rank 1 read it; the job was killed before rank 2 did
@@ -638,7 +639,7 @@ class TestLongLivedStore(TestCase):
                 self.assertEqual(base.num_keys(), 0)
         store = _fresh_process_store(base)
         threads = RankThreads(3, timeout_s=6.0, body=_arrive_after(dict(enumerate(delays)), timeout_s=6.0))
-        outcomes = threads.start({r: store for r in range(3)}).join()
+        outcomes = threads.start(dict.fromkeys(range(3), store)).join()
         self.assert_pass_or_reuse_account(outcomes)
         if set(earlier) <= {"passed"}:
             self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
@@ -659,7 +660,7 @@ class TestLongLivedStore(TestCase):
             self.assertLess(outcome.finished - threads.released_wall, 5.0, f"rank {rank} waited for its timeout")
         # The same ranks with a fresh prefix pass.
         fresh = dist.PrefixStore("attempt-2", base)
-        outcomes = RankThreads(3, timeout_s=20.0).start({r: fresh for r in range(3)}).join()
+        outcomes = RankThreads(3, timeout_s=20.0).start(dict.fromkeys(range(3), fresh)).join()
         self.assertEqual({r: o.value for r, o in outcomes.items()}, {0: 1, 1: 1, 2: 1}, outcomes)
 
 
@@ -681,7 +682,7 @@ class TestReinitOnOneStore(TestCase):
 
         key = pv.gloo_key("0", "cpu")
         with mock.patch.object(pv, "_default_inits", defaultdict(itertools.count)):
-            first = RankThreads(3, 20.0, hook).start({r: store for r in range(3)}).join()
+            first = RankThreads(3, 20.0, hook).start(dict.fromkeys(range(3), store)).join()
             self.assertEqual({r: o.value for r, o in first.items()}, {0: 1, 1: 1, 2: 1}, first)
             store.multi_set([key(r) for r in range(3)], ["address"] * 3)  # what gloo left
             second = RankThreads(3, 20.0, hook)

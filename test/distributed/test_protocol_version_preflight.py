@@ -32,7 +32,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 from unittest import mock
 
 import torch

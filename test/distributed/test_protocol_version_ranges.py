@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import assume, given, settings, strategies as st
 from torch.distributed import _protocol_version as pv
+from torch.distributed._protocol_version._settings import version_range
 from torch.distributed._protocol_version import _exchange, _judge, _messages
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version import (
@@ -63,7 +64,7 @@ class TestRangeRules(TestCase):
     def test_negotiated_version_is_the_highest_every_rank_speaks(self, rank_ranges: list[tuple[int, int]]) -> None:
         infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
         negotiated = _judge.negotiate(infos)
-        spoken_by_all = [v for v in range(0, 7) if all(i.min_version <= v <= i.version for i in infos)]
+        spoken_by_all = [v for v in range(7) if all(i.min_version <= v <= i.version for i in infos)]
         self.assertEqual(negotiated, max(spoken_by_all) if spoken_by_all else None)
 
     @settings(max_examples=200, deadline=None)
@@ -161,14 +162,14 @@ This rank (rank 0, host node-a) runs protocol versions 1-2.""",
 
     def test_min_override(self) -> None:
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "5", MIN_VERSION_OVERRIDE_ENV: "3"}):
-            self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (3, 5))
+            self.assertEqual(version_range(C10D), (3, 5))
         with mock.patch.dict(os.environ, {MIN_VERSION_OVERRIDE_ENV: "0"}):
             os.environ.pop(VERSION_OVERRIDE_ENV, None)
-            self.assertEqual((pv.get_min_protocol_version(), pv.get_protocol_version()), (0, pv.PROTOCOL_VERSION))
+            self.assertEqual(version_range(C10D), (0, pv.PROTOCOL_VERSION))
         with mock.patch.dict(os.environ, {VERSION_OVERRIDE_ENV: "2", MIN_VERSION_OVERRIDE_ENV: "3"}):
-            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}=3 is above", pv.get_min_protocol_version)
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}=3 is above", version_range, C10D)
         with mock.patch.dict(os.environ, {MIN_VERSION_OVERRIDE_ENV: "x"}):
-            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}='x'", pv.get_min_protocol_version)
+            self.assertRaisesRegex(RuntimeError, f"{MIN_VERSION_OVERRIDE_ENV}='x'", version_range, C10D)
 
 
 # --------------------------------------------------------------------------- #

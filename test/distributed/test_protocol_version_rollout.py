@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch.distributed as dist
 from torch.distributed._protocol_version import get_group_protocol_version

@@ -38,7 +38,7 @@ __all__ = [
 
 VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV = C10D.version_env, C10D.min_version_env
 RPC_VERSION_OVERRIDE_ENV, RPC_MIN_VERSION_OVERRIDE_ENV = RPC.version_env, RPC.min_version_env
-RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+RESTART_COUNT_ENV, AGENT_STORE_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ _calls: weakref.WeakKeyDictionary[Store, defaultdict[int, Iterator[int]]] = weak
 
 def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
     """A check's namespace, the same on every rank of one attempt and never used twice
-    on a store, and whether it is the attempt's first: torchrun's restart count tells
-    fresh processes of a new attempt apart (they share the agent's store), ``count``
-    (checks of this kind the rank made before) re-inits in one process."""
-    restart = os.environ.get(RESTART_COUNT_ENV, "0")
+    on a store, and whether it is the attempt's first. ``count`` (checks of this kind the
+    rank made before) tells re-inits in one process apart; torchrun's restart count tells
+    attempts apart where its workers share the agent's store, which outlives an attempt
+    (elsewhere each attempt has a store of its own, and a node that restarts its workers
+    for another node's sake keeps its count)."""
+    restart = os.environ.get(RESTART_COUNT_ENV, "0") if os.environ.get(AGENT_STORE_ENV) == "True" else "0"
     return f"{kind}/{restart}/{count}", restart == "0" and count == 0
 
 
@@ -82,10 +84,10 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
-    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]))
     mode = active_mode(C10D) if 0 <= rank < world_size else None  # the backend refuses such a rank, as on stock
-    if mode is None:
+    if mode is None or world_size == 1:
         return
+    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]))
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:
         delete(store, [trace(rank)])

@@ -120,9 +120,9 @@ def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict
 
 
 def _coordinate(check: _Check) -> Outcome:
-    """Rank 0: collect, judge, publish, and stay until the readers left; then delete the
-    keys, unless a rank reached without may still come to read them. Its own payload
-    already there means an earlier check used this namespace."""
+    """Rank 0: collect, judge, publish. It stays for a failing verdict only (it often hosts
+    the store), while the readers read it, at most its grace period; the last reader
+    removes the keys. Its own payload already there means an earlier check used this namespace."""
     store, verdict_key = check.store, check.key("verdict")
     if present(store, [check.slot(0)]):
         verdict = Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
@@ -133,29 +133,31 @@ def _coordinate(check: _Check) -> Outcome:
     raws[0] = check.payload.encode()
     verdict = _judge(check, raws, missing)
     check.doing = "publishing the verdict"
+    delete(store, [check.slot(r) for r, raw in raws.items() if raw == NO_CHECK.encode()])
     store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
-    read = count(store, check.key("read"), 0) if verdict.readers else 0  # None: a store without add
-    if read is None or (read < verdict.readers and not wait_for(
-            store, [check.key("left")], max(check.remaining(), check.grace))):
-        return Outcome(verdict, check.info, raws)
-    if not verdict.without:
-        no_check = [r for r, raw in raws.items() if raw == NO_CHECK.encode()]
-        delete(store, [verdict_key, check.key("read"), check.key("left"), *map(check.slot, [0, *no_check])])
+    if not verdict.readers and not verdict.without:
+        delete(store, [verdict_key, check.slot(0)])
+    elif not verdict.ok and wait_for(store, [check.key("left")], check.grace):
+        delete(store, [check.key("left")])
     return Outcome(verdict, check.info, raws)
 
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
-    """Any rank but 0, having read ``verdict``: delete its payload and count itself out.
-    A count past the readers, or a version this rank does not speak, means an earlier
-    check's verdict, in a namespace used twice."""
-    delete(check.store, [check.slot(check.rank)])
+    """Any rank but 0, having read ``verdict``: delete its payload and count itself out; the
+    last reader tells a waiting rank 0 and removes the keys, unless a rank the verdict was
+    reached without may still come to read it. A count past the readers, or a version this
+    rank does not speak, means an earlier check's verdict, in a namespace used twice."""
+    store, info = check.store, check.info
+    delete(store, [check.slot(check.rank)])
     if check.rank in verdict.without:
         return _late(check, verdict)
-    read, info = count(check.store, check.key("read"), 1), check.info
-    if read == verdict.readers:
-        check.store.set(check.key("left"), "")
-    spoken = info.min_version <= (verdict.negotiated or info.min_version) <= info.version
+    read = count(store, check.key("read"), 1)
+    if read == verdict.readers and not verdict.without:
+        delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
+    if read == verdict.readers and not verdict.ok:  # after the deletes: rank 0 may take the store down
+        store.set(check.key("left"), "")
+    spoken = verdict.negotiated is None or info.min_version <= verdict.negotiated <= info.version
     if (read or 0) > verdict.readers or not spoken:
         return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
@@ -201,6 +203,7 @@ def _participate(check: _Check) -> Outcome:
         arrived = wait_for(store, [verdict_key], check.remaining())
     if not arrived and not present(store, [verdict_key]):  # else rank 0's own account has just come
         found = set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
+        delete(store, [check.slot(check.rank)])  # this rank is done with the check
         missing = [r for r in range(check.world_size) if r not in found]
         head = _messages.timeout_head(check.family, check.timeout, check.backend)
         text = _messages.no_verdict(check.family, check.rank, missing, trace is None)

@@ -8,12 +8,11 @@ fails alone, and the group's members go on.
 """
 
 import logging
-import os
 from datetime import timedelta
 from typing import Any
 
 from torch._C._distributed_c10d import Store
-from torch.distributed._protocol_version import _messages, _rpc_negotiated, RESTART_COUNT_ENV
+from torch.distributed._protocol_version import _attempt_namespace, _messages, _rpc_negotiated
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
 from torch.distributed._protocol_version._families import RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo, Verdict
@@ -55,14 +54,14 @@ def check_rpc_protocol_version(store: Store, name: str, rank: int, world_size: i
     if mode is None:
         return
     if world_size:
-        # init_rpc prefixes its store per init; torchrun's restarts reuse that prefix on the agent's store,
-        # where a restart may find the last attempt's gloo keys (gloo is built on the store's root: "0/<rank>").
-        restart = os.environ.get(RESTART_COUNT_ENV, "0")
+        # init_rpc prefixes its store per init; a restarted attempt may find the last one's gloo keys
+        # (gloo is built on the store's root: "0/<rank>").
+        namespace, first = _attempt_namespace("rpc", 0)
         seconds = getattr(options, "rpc_timeout", 0) or 0
         seconds = seconds if seconds > 0 else 60  # init_rpc's own default without a positive timeout
-        trace = (lambda r: f"0/{r}") if restart == "0" else None
+        trace = (lambda r: f"0/{r}") if first else None
         timeout = timedelta(seconds=seconds)
-        outcome = exchange(store, RPC, rank, world_size, timeout, "tensorpipe", mode, restart, trace, name)
+        outcome = exchange(store, RPC, rank, world_size, timeout, "tensorpipe", mode, namespace, trace, name)
         verdict, info = outcome.verdict, outcome.info
     else:
         verdict, info = _join(store, name, rank, mode)
