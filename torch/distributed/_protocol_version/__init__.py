@@ -85,9 +85,10 @@ def _check_protocol_version(
         return
     _negotiated[group_store] = None
     mode = active_mode(C10D) if 0 <= rank < world_size else None  # the backend refuses such a rank, as on stock
-    if mode is None or world_size == 1:
+    if mode is None:
         return
-    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]))
+    # Only checks that reach the store count: a single rank's makes no store traffic.
+    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]) if world_size > 1 else 0)
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:
         delete(store, [trace(rank)])
