@@ -132,7 +132,7 @@ class TestRpcRecordsOnlyAFullVerdict(TestCase):
 
     def test_a_verdict_reached_without_a_worker_records_no_rpc_version(self) -> None:
         # A restarted attempt has no gloo trace to look at: warn waits its grace period only.
-        env = {**WARN, pv.RESTART_COUNT_ENV: "1"}
+        env = {**WARN, pv.RESTART_COUNT_ENV: "1", pv.AGENT_STORE_ENV: "True"}
         with mock.patch.dict(os.environ, env), self.assertLogs("torch.distributed._protocol_version", "WARNING") as logs:
             alone = RankThreads(2, 10.0, self._check).start({0: dist.HashStore()}).join()
         self.assertIsNone(alone[0].value, alone)

@@ -90,6 +90,8 @@ FIRST_CHECK = "check/0/0"
 # init_process_group's first default group in a process, under its "default_pg" prefix.
 FIRST_DEFAULT_GROUP = "c10d/0/0"
 RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+# Set by torchrun when its workers share the agent's store, the one case an attempt's store outlives it.
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
 def slot(rank: int, namespace: str = FIRST_CHECK) -> str:
@@ -248,7 +250,7 @@ class GuardrailEnvTestCase(TestCase):
     def setUp(self) -> None:
         super().setUp()
         self.enterContext(mock.patch.dict(os.environ))
-        for name in (*GUARDRAIL_ENVS, RESTART_COUNT_ENV):
+        for name in (*GUARDRAIL_ENVS, RESTART_COUNT_ENV, AGENT_STORE_ENV):
             os.environ.pop(name, None)
         self.enterContext(mock.patch.object(_exchange, "local_info", _local_info))
 
@@ -607,7 +609,7 @@ class TestRestartOnTheSameStore(GuardrailEnvTestCase):
         server = tcp_server(use_libuv)
         self.run_attempt_1(attempt_1, server.port)
         if fresh == "restart_count":
-            with mock.patch.dict(os.environ, {RESTART_COUNT_ENV: "1"}):  # as torchrun sets it for attempt 2
+            with mock.patch.dict(os.environ, {RESTART_COUNT_ENV: "1", AGENT_STORE_ENV: "True"}):  # as torchrun sets them
                 outcomes = self.run_attempt_2(server.port, rank_0, namespace="check/1/0")
             self.assertLeftNothing(server, 3, "check/1/0")
         else:

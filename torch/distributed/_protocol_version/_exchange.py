@@ -145,20 +145,21 @@ def _coordinate(check: _Check) -> Outcome:
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: delete its payload and count itself out; the
-    last reader tells a waiting rank 0 and removes the keys, unless a rank the verdict was
-    reached without may still come to read it. A count past the readers, or a version this
-    rank does not speak, means an earlier check's verdict, in a namespace used twice."""
+    last of the readers tells a waiting rank 0, the last of every rank removes the keys. A
+    count past every rank, or a version this rank does not speak, means an earlier check's
+    verdict, in a namespace used twice."""
     store, info = check.store, check.info
     delete(store, [check.slot(check.rank)])
-    if check.rank in verdict.without:
-        return _late(check, verdict)
-    read = count(store, check.key("read"), 1)
-    if read == verdict.readers and not verdict.without:
+    read = count(store, check.key("read"), 1)  # ranks it was reached without count too, when they come
+    everyone = verdict.readers + len(verdict.without)
+    if read == everyone:
         delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
     if read == verdict.readers and not verdict.ok:  # after the deletes: rank 0 may take the store down
         store.set(check.key("left"), "")
+    if check.rank in verdict.without:
+        return _late(check, verdict)
     spoken = verdict.negotiated is None or info.min_version <= verdict.negotiated <= info.version
-    if (read or 0) > verdict.readers or not spoken:
+    if (read or 0) > everyone or not spoken:
         return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
 
@@ -203,7 +204,6 @@ def _participate(check: _Check) -> Outcome:
         arrived = wait_for(store, [verdict_key], check.remaining())
     if not arrived and not present(store, [verdict_key]):  # else rank 0's own account has just come
         found = set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
-        delete(store, [check.slot(check.rank)])  # this rank is done with the check
         missing = [r for r in range(check.world_size) if r not in found]
         head = _messages.timeout_head(check.family, check.timeout, check.backend)
         text = _messages.no_verdict(check.family, check.rank, missing, trace is None)
