@@ -16,6 +16,9 @@ Mutations, by name:
 * ``unhook_agent``: torchrun's agent (``elastic/agent/server/api.py``) as stock.
 * ``noop``: ``torch.distributed._protocol_version`` with ``_check_protocol_version``
   redefined to do nothing: the hook still calls it, and nothing is checked.
+* ``blind``: ``torch.distributed._protocol_version._store`` with ``watching``
+  redefined to start no watcher: the exchange runs as before, but a rank without
+  the check (seen only through its backend's trace) is never noticed.
 
 A mutated module carries ``MARKER`` (the mutation's name) so a rank can report
 which code it really ran. Only the standard library and the hook tool are
@@ -31,10 +34,10 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from protocol_version_hook import is_patched, unpatch  # noqa: E402
+from protocol_version_hook import is_patched, unpatch
 
 
 MARKER = "__protocol_version_mutation__"
@@ -43,6 +46,18 @@ _NOOP_CHECK = '''
 
 def _check_protocol_version(*args: object) -> None:
     """Mutation ``noop``: the guardrail checks nothing."""
+'''
+
+
+_BLIND_WATCHER = '''
+
+import contextlib as _mutation_contextlib
+
+
+@_mutation_contextlib.contextmanager
+def watching(store, after, look):  # type: ignore[no-redef]
+    """Mutation ``blind``: no watcher, whatever the trace shows."""
+    yield
 '''
 
 
@@ -59,11 +74,18 @@ def _noop(source: str) -> str:
     return source + _NOOP_CHECK
 
 
+def _blind(source: str) -> str:
+    if "def watching(" not in source:
+        raise RuntimeError("_store has no watching() to take out: the package layout changed")
+    return source + _BLIND_WATCHER
+
+
 MUTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
     "unhook": ("torch.distributed.distributed_c10d", _unhook("distributed/distributed_c10d.py")),
     "unhook_rpc": ("torch.distributed.rpc", _unhook("distributed/rpc/__init__.py")),
     "unhook_agent": ("torch.distributed.elastic.agent.server.api", _unhook("distributed/elastic/agent/server/api.py")),
     "noop": ("torch.distributed._protocol_version", _noop),
+    "blind": ("torch.distributed._protocol_version._store", _blind),
 }
 
 

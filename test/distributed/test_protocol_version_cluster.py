@@ -35,7 +35,8 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from torch.distributed._protocol_version import CHECK_MODE_ENV, PROTOCOL_VERSION
 from torch.testing._internal.common_utils import (
@@ -356,7 +357,9 @@ class TestProtocolVersionCluster(_ClusterTestCase):
 
             def cut_link(report_dir: Path) -> None:
                 deadline = time.monotonic() + JOB_BOUND_S
-                started = lambda: sum(any(e["event"] == "start" for e in v) for v in read_reports(report_dir).values())
+                def started() -> int:
+                    return sum(any(e["event"] == "start" for e in v) for v in read_reports(report_dir).values())
+
                 while started() < NNODES and time.monotonic() < deadline:
                     time.sleep(0.1)
                 time.sleep(1.0)  # hosts 0 and 1 are inside the check by now
@@ -454,7 +457,7 @@ class TestAgentCheckCluster(_ClusterTestCase):
         job = self.launch([FORK] * NNODES, worker_args=["--fail-on-attempt", "0"], max_restarts=1)
         self.assert_ran(job, attempt=1)
         for host in self.hosts:
-            self.assertEqual([r.round for r in job.rounds(host)], [0, 1], host.name)
+            self.assertEqual([r.round for r in job.rounds(host)], [0, 1], self.output(job, host))
             self.events_of(job, host, "failed_on_purpose", attempt=0)
             self.assertEqual(job.events_of(host, "failed_on_purpose", attempt=1), [], host.name)
         waited = self.assert_agents_passed(job, rounds=2)
@@ -517,7 +520,7 @@ class TestAgentCheckCluster(_ClusterTestCase):
         waited = {}
         for host in checking:
             message = messages[host.name]
-            self.assertIn(f"rank {group_rank} never published", message)
+            self.assertIn(f"rank {group_rank} never published", message, "\n".join(self.output(job, h) for h in self.hosts))
             self.assertIn(f"With {IDENTICAL_ENV}=1", message)
             waited[host.name] = round(job.left(host) - first, 2)
             self.assertGreaterEqual(waited[host.name], STORE_TIMEOUT_S, host.name)

@@ -9,7 +9,8 @@ protocol_version_mutation.py): the shared .venv is not touched. Each mutated ran
 reports what it really compiled, so a mutation that silently failed to apply
 cannot pass for a guardrail that lets mismatches through. The same is done for
 the RPC hook and for torchrun's agents (their hook taken out, a version-2 agent
-starts its workers).
+starts its workers), and for the watcher of ``_store`` that notices a rank without
+the check (taken out, a stock agent beside a version-1 agent is never seen).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-from unittest import mock
+from typing import Any
+from collections.abc import Callable
+from unittest import mock, skipUnless
 
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import RPC_VERSION_OVERRIDE_ENV, VERSION_OVERRIDE_ENV
@@ -27,7 +29,14 @@ from torch.testing._internal.common_utils import find_free_port, run_tests, Test
 from protocol_version_mutation import sitecustomize_pythonpath
 from test_protocol_version_agents import Agent, AGENT_MISMATCH, AgentLauncher
 from protocol_version_probe import init_rank, rpc_rank
-from torch.testing._internal.distributed.protocol_version_utils import MISMATCH, RankResult, spawn_ranks, versions_env
+from torch.testing._internal.distributed.protocol_version_utils import (
+    MISMATCH,
+    NO_STOCK_REASON,
+    RankResult,
+    spawn_ranks,
+    STOCK_PYTHON,
+    versions_env,
+)
 
 
 # Rank 1 runs a build that speaks only version 2; rank 0 speaks only version 1.
@@ -99,15 +108,34 @@ class TestRpcGuardrailMutation(TestCase):
 
 
 class TestAgentHookMutation(AgentLauncher):
+    def pythonpath(self, mutation: str) -> str:
+        return os.pathsep.join(filter(None, [sitecustomize_pythonpath(self.dir, mutation), os.environ.get("PYTHONPATH")]))
+
     def test_without_the_agent_hook_a_version_2_agent_starts_its_workers(self) -> None:
         """The agents' refusals (test_protocol_version_agents.py) come from their
         hook: taken out in memory (``unhook_agent``), two agents, one at version
         2, start their workers, as stock torchrun does."""
-        pythonpath = os.pathsep.join(filter(None, [sitecustomize_pythonpath(self.dir, "unhook_agent"), os.environ.get("PYTHONPATH")]))
-        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], env={"PYTHONPATH": pythonpath})
+        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], env={"PYTHONPATH": self.pythonpath("unhook_agent")})
         self.assert_ran(agents, init=False)
         for agent in agents:
             self.assertNotIn(AGENT_MISMATCH, agent.output)
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_without_the_watcher_a_stock_agent_is_never_seen(self) -> None:
+        """A stock agent beside a version-1 agent runs with a warning
+        (test_a_stock_agent_beside_version_1_runs_with_a_warning_naming_it)
+        because the watcher turns the stock agent's role info into its slot.
+        Without it (``blind``, in the checking agent only) the checking agent
+        waits for the stock one up to the store's timeout and stops the job:
+        it raises the timeout, names no build without the check, and no worker
+        starts."""
+        checking, stock = self.launch([Agent(env={"PYTHONPATH": self.pythonpath("blind")}), Agent(python=STOCK_PYTHON)])
+        for agent in (checking, stock):
+            self.assertNotEqual(agent.returncode, 0, agent.output[-4000:])
+        self.assertRegex(checking.output, r"DistStoreError: torch\.distributed protocol version \(torchrun agents\) "
+                         r"check timed out after \d+s(.|\n)*rank [01] never published")
+        self.assertNotIn("without the protocol version check", checking.output)
+        self.assertEqual(self.started(), [])
 
 
 if __name__ == "__main__":

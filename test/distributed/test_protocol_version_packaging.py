@@ -39,8 +39,8 @@ from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL
 
 REPO = REPO_ROOT
 sys.path.insert(0, str(REPO / "tools"))
-import build_patched_wheel as bw  # noqa: E402
-import protocol_version_hook as hook  # noqa: E402
+import build_patched_wheel as bw
+import protocol_version_hook as hook
 
 
 PROBE = Path(__file__).resolve().parent / "protocol_version_probe.py"

@@ -10,6 +10,7 @@ workers on one node with a c10d rendezvous on a free port (``--standalone``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -157,7 +158,7 @@ class TorchrunProtocolVersionTest(TestCase):
         for m in launch.worker_lines("start="):
             first_start.setdefault(int(m[1]), float(m[3]))
         starts = [first_start[a] for a in attempts]
-        gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
         self.assertTrue(all(gap < ATTEMPT_BOUND_S for gap in gaps), gaps)
         self.assertLess(launch.wall_s, (restarts + 1) * ATTEMPT_BOUND_S)
 

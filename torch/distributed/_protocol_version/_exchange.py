@@ -68,6 +68,7 @@ class _Check:
     end: float  # time.monotonic() at the end of the timeout
     grace: float
     bounded: bool  # a warn rank without evidence: it waits its grace period for ranks not heard from
+    patient: bool  # the preflight's roll call: wait up to the timeout on warn too, and hold the store for the readers
     backend: str
     info: RankInfo
     payload: str
@@ -132,13 +133,15 @@ def _coordinate(check: _Check) -> Outcome:
     raws, missing = _collect(check, list(range(1, check.world_size)))
     raws[0] = check.payload.encode()
     verdict = _judge(check, raws, missing)
+    # The readers may lose a store hosted by rank 0 once it raises a mismatch or the preflight exits.
+    verdict = dataclasses.replace(verdict, hold=check.patient or verdict.status in ("mismatch", "invalid"))
     check.doing = "publishing the verdict"
     delete(store, [check.slot(r) for r, raw in raws.items() if raw == NO_CHECK.encode()])
     store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
     if not verdict.readers and not verdict.without:
         delete(store, [verdict_key, check.slot(0)])
-    elif not verdict.ok and wait_for(store, [check.key("left")], check.grace):
+    elif verdict.hold and wait_for(store, [check.key("left")], check.remaining() if check.patient else check.grace):
         delete(store, [check.key("left")])
     return Outcome(verdict, check.info, raws)
 
@@ -154,7 +157,7 @@ def _leave(check: _Check, verdict: Verdict) -> Verdict:
     everyone = verdict.readers + len(verdict.without)
     if read == everyone:
         delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
-    if read == verdict.readers and not verdict.ok:  # after the deletes: rank 0 may take the store down
+    if read == verdict.readers and verdict.hold:  # after the deletes: rank 0 may take the store down
         store.set(check.key("left"), "")
     if check.rank in verdict.without:
         return _late(check, verdict)
@@ -234,7 +237,7 @@ def exchange(
     grace, bounded = min(_GRACE_SECONDS, timeout.total_seconds() / 10), mode == "warn" and not patient and trace is None
     check = _Check(
         store, family, namespace, rank, world_size, timeout, time.monotonic() + timeout.total_seconds(), grace,
-        bounded, backend, info, payload, trace,
+        bounded, patient, backend, info, payload, trace,
     )
     try:
         if rank == 0:

@@ -148,7 +148,8 @@ class Verdict:
     negotiated: int | None
     enforce: bool = True
     without: tuple[int, ...] = ()  # the ranks it was reached without (not heard from in time)
-    readers: int = 0  # the ranks that published and read it: rank 0 waits for them
+    readers: int = 0  # the ranks that published and read it
+    hold: bool = False  # rank 0 waits for the readers (a mismatch, or the preflight's verdict)
 
     @property
     def ok(self) -> bool:
@@ -177,4 +178,4 @@ class Verdict:
         if not isinstance(without, list) or not all(type(r) is int for r in without) or type(readers) is not int:
             raise InvalidPayload(f"the key {key} holds a verdict with invalid 'without' or 'readers' fields")
         return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False,
-                   tuple(without), readers)
+                   tuple(without), readers, obj.get("hold") is True)

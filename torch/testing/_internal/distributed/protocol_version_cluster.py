@@ -41,9 +41,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
 
 from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS
+
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 # Every namespace and scratch directory is named PREFIX-<owner pid>-<serial>-...,
@@ -185,7 +190,7 @@ class Cluster:
         self._holders: dict[int, subprocess.Popen[str]] = {}
         self._scratch: Path | None = None
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         remove_leftovers()
         atexit.register(self.close)
         try:

@@ -61,11 +61,11 @@ def _report_dir():
 # First thing: the worker process exists.
 _report(_report_dir(), "launched")
 
-import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import importlib.metadata
+import importlib.util
+from datetime import timedelta
+from pathlib import Path
 
 
 CHECK_MODULE = "torch.distributed._protocol_version"
@@ -97,7 +97,8 @@ def main() -> None:
     # torch.__version__ is upstream's and the same in every build.
     distribution = importlib.metadata.version("torch")
     _report(args.report_dir, "start", distribution=distribution, has_check=has_check)
-    if args.fail_on_attempt is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == args.fail_on_attempt:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if args.fail_on_attempt is not None and attempt == args.fail_on_attempt:
         _report(args.report_dir, "failed_on_purpose")
         sys.exit(1)
     if args.hold is not None:

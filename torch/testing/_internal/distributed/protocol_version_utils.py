@@ -25,7 +25,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -134,7 +135,7 @@ def spawn_ranks(
     started = list(range(world_size)) if ranks is None else list(ranks)
     procs = {}
     for rank in started:
-        env: dict[str, str | None] = {name: None for name in GUARDRAIL_ENVS}
+        env: dict[str, str | None] = dict.fromkeys(GUARDRAIL_ENVS)
         env.update(common_env or {})
         env.update((rank_env or {}).get(rank, {}))
         proc = ctx.Process(target=_child, args=(fn, rank, world_size, env, args, results))
@@ -311,7 +312,7 @@ class RankThreads:
         outcome = ThreadOutcome()
         try:
             outcome.value = self.body(store, rank, self.world_size)
-        except Exception as e:  # noqa: BLE001 - reported to the caller as an outcome
+        except Exception as e:
             outcome.exception = e
         outcome.finished = time.monotonic()
         self.outcomes[rank] = outcome
