@@ -148,21 +148,20 @@ def _coordinate(check: _Check) -> Outcome:
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: delete its payload and count itself out; the
-    last of the readers tells a waiting rank 0, the last of every rank removes the keys. A
-    count past every rank, or a version this rank does not speak, means an earlier check's
-    verdict, in a namespace used twice."""
+    last reader removes the keys (unless ranks it was reached without may still come) and
+    tells rank 0 when it holds the store. A count past the readers, or a version this rank
+    does not speak, means an earlier check's verdict, in a namespace used twice."""
     store, info = check.store, check.info
     delete(store, [check.slot(check.rank)])
-    read = count(store, check.key("read"), 1)  # ranks it was reached without count too, when they come
-    everyone = verdict.readers + len(verdict.without)
-    if read == everyone:
+    if check.rank in verdict.without:  # its keys stay: other ranks it was reached without may still come
+        return _late(check, verdict)
+    read = count(store, check.key("read"), 1)
+    if read == verdict.readers and not verdict.without:
         delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
     if read == verdict.readers and verdict.hold:  # after the deletes: rank 0 may take the store down
         store.set(check.key("left"), "")
-    if check.rank in verdict.without:
-        return _late(check, verdict)
     spoken = verdict.negotiated is None or info.min_version <= verdict.negotiated <= info.version
-    if (read or 0) > everyone or not spoken:
+    if (read or 0) > verdict.readers or not spoken:
         return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
     return verdict
 
