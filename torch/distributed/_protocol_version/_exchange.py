@@ -133,15 +133,16 @@ def _coordinate(check: _Check) -> Outcome:
     raws, missing = _collect(check, list(range(1, check.world_size)))
     raws[0] = check.payload.encode()
     verdict = _judge(check, raws, missing)
-    # The readers may lose a store hosted by rank 0 once it raises a mismatch or the preflight exits.
-    verdict = dataclasses.replace(verdict, hold=check.patient or verdict.status in ("mismatch", "invalid"))
+    # The readers may lose a store hosted by rank 0 once it raises, or once the preflight exits.
+    verdict = dataclasses.replace(verdict, hold=check.patient or not verdict.ok)
     check.doing = "publishing the verdict"
     delete(store, [check.slot(r) for r, raw in raws.items() if raw == NO_CHECK.encode()])
     store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
     if not verdict.readers and not verdict.without:
         delete(store, [verdict_key, check.slot(0)])
-    elif verdict.hold and wait_for(store, [check.key("left")], check.remaining() if check.patient else check.grace):
+    elif verdict.hold and verdict.readers and wait_for(
+            store, [check.key("left")], check.remaining() if check.patient else check.grace):
         delete(store, [check.key("left")])
     return Outcome(verdict, check.info, raws)
 
