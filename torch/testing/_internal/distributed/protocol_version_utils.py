@@ -343,16 +343,21 @@ def read_verdict_as(
     under ``namespace`` (``check/0/0``: the first ``check_protocol_version`` call
     with a store object), through the rest of the check as a rank of this build
     does: wait for rank 0's verdict, delete its slot and count itself out; the last
-    reader sets ``left``, so rank 0 need not wait to its timeout for them. Returns
-    the verdict as read."""
+    reader removes the check's keys (unless the verdict was reached without some
+    ranks), then sets ``left`` where rank 0 holds the store for its readers.
+    Returns the verdict as read."""
     verdict_key = family.key(namespace, "verdict")
     store.wait([verdict_key], timedelta(seconds=timeout_s))
     raw = store.get(verdict_key)
-    readers = json.loads(raw)["readers"]
+    verdict = json.loads(raw)
     for rank in ranks:
         store.delete_key(family.key(namespace, "rank", rank))
-        if store.add(family.key(namespace, "read"), 1) == readers:
-            store.set(family.key(namespace, "left"), "")
+        if store.add(family.key(namespace, "read"), 1) == verdict["readers"]:
+            if not verdict.get("without"):
+                for key in (verdict_key, family.key(namespace, "read"), family.key(namespace, "rank", 0)):
+                    store.delete_key(key)
+            if verdict.get("hold"):
+                store.set(family.key(namespace, "left"), "")
     return raw
 
 
