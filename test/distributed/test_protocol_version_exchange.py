@@ -31,6 +31,7 @@ from torch.distributed._protocol_version import _exchange, _judge, _rpc
 from torch.distributed._protocol_version._families import C10D
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
+    WarningCollector,
     CHECK_MODE_ENV,
     rank_info,
     RankThreads,
@@ -44,15 +45,6 @@ WARN = {CHECK_MODE_ENV: "warn"}
 V2 = {VERSION_OVERRIDE_ENV: "2"}
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def late_gloo_init(rank: int, world_size: int, port: int, delays: dict[int, float], timeout_s: float) -> dict[str, Any]:
     """Connect (rank 0 hosts the store), wait until every rank is connected, arrive
     ``delays[rank]`` seconds later, init gloo, all_reduce, destroy. Returns the sum,
@@ -63,7 +55,7 @@ def late_gloo_init(rank: int, world_size: int, port: int, delays: dict[int, floa
     store.set(f"connected/{rank}", "1")
     store.wait([f"connected/{r}" for r in range(world_size)])
     time.sleep(delays.get(rank, 0.0))  # the arrival itself is the scenario
-    collect = _Collect()
+    collect = WarningCollector()
     logging.getLogger("torch.distributed._protocol_version").addHandler(collect)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed._protocol_version import get_group_protocol_version
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
 from torch.testing._internal.distributed.protocol_version_utils import (
+    WarningCollector,
     CHECK_MODE_ENV,
     register_traceless_backend,
     VERSION_OVERRIDE_ENV,
@@ -40,15 +41,6 @@ GRACE_S = 1.0  # min(1 s, timeout / 10) for every timeout used here
 WORLD = 3
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def traceless_init(
     rank: int, world_size: int, port: int, timeout_s: float, delays: Mapping[int, float], hosted: bool = False
 ) -> dict[str, Any]:
@@ -60,7 +52,7 @@ def traceless_init(
 
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0 and not hosted, timeout=timedelta(seconds=60))
     backend = register_traceless_backend()
-    collect = _Collect()
+    collect = WarningCollector()
     logging.getLogger("torch.distributed._protocol_version").addHandler(collect)
     store.set(f"connected/{rank}", "1")
     store.wait([f"connected/{r}" for r in range(world_size)])

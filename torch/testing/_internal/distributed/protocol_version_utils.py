@@ -15,6 +15,7 @@ benchmarks all import them the same way. Two ways to run the ranks of a job:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -71,6 +72,17 @@ OLD_PAYLOAD = (
 # Slack for joining rank threads and for timed assertions: the reference box has
 # 2 cores, shared with other test runs.
 SLACK_S = 15.0
+
+
+class WarningCollector(logging.Handler):
+    """Collects the messages of the WARNING records it handles (attach it to a logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @dataclass
