@@ -40,7 +40,6 @@ import torch.distributed as dist
 from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import _exchange, _messages
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version import VERSION_OVERRIDE_ENV
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
     parametrize,
@@ -146,7 +145,7 @@ def _local_info(rank: int, family: Any, mode: str, name: str = "") -> Any:
     version = getattr(_this_thread, "version", None)
     if version is None:
         return info
-    return dataclasses.replace(info, version=version, min_version=version, overrides=(VERSION_OVERRIDE_ENV,))
+    return dataclasses.replace(info, version=version, min_version=version)
 
 
 def versioned_check(timeout_s: float, versions: Mapping[int, int | None]) -> Any:

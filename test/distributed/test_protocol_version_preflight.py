@@ -41,7 +41,6 @@ from hypothesis import given, settings, strategies as st
 from torch.distributed._protocol_version import _cli, _exchange, _judge, _messages, _preflight
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import (
-    _build,
     InvalidPayload,
     local_info,
     parse_payload,
@@ -154,7 +153,7 @@ class TestBuildIdentity(TestCase):
 
     def test_identity_fields_are_validated_and_capped(self) -> None:
         base = json.loads(OLD_PAYLOAD)
-        with self.assertRaisesRegex(InvalidPayload, "'backend_versions' an object"):
+        with self.assertRaisesRegex(InvalidPayload, "'backend_versions' must be an object"):
             parse_payload(1, json.dumps({**base, "backend_versions": ["nccl", "2.21"]}).encode())
         with self.assertRaisesRegex(InvalidPayload, "'git_version' must be a string"):
             parse_payload(1, json.dumps({**base, "git_version": 7}).encode())
@@ -368,7 +367,7 @@ def masked_table(output: str) -> str:
     block = output[start : output.index("\n", end)]
     mask = {
         socket.gethostname(): "<host>",
-        _messages.short_commit(torch.version.git_version): "<commit>",
+        torch.version.git_version[:12]: "<commit>",
         platform.python_version(): "<python>",
     }
     lines = []
@@ -401,14 +400,14 @@ class TestNodeCli(TestCase):
                 "torch_version": importlib.metadata.version("torch"),
                 "git_version": torch.version.git_version,
                 "python_version": platform.python_version(),
-                "backend_versions": dict(_build()[1]),
+                "backend_versions": dict(local_info(0, C10D, "error").backend_versions),
             },
         )
 
     def test_text_names_the_build(self) -> None:
         out = run_cli()
         self.assertEqual(out.returncode, 0, out.stderr)
-        libraries = ", ".join(f"{name} {v}" for name, v in _build()[1]) or "none reported"
+        libraries = ", ".join(f"{name} {v}" for name, v in local_info(0, C10D, "error").backend_versions) or "none reported"
         masked = (
             out.stdout.replace(importlib.metadata.version("torch"), "<torch>")
             .replace(torch.version.git_version, "<commit>")

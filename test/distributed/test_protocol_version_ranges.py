@@ -122,7 +122,7 @@ class TestAdvice(TestCase):
     ) -> None:
         infos = [rank_info(r, high, min_version=low) for r, (low, high) in enumerate(rank_ranges)]
         assume(_judge.negotiate(infos) is None)
-        advice = _judge.advise(infos)
+        upgrade, required, roll_back, lowest = _judge.advise(infos)
 
         def replaced(ranks: tuple[int, ...], target: int) -> list[Any]:
             # Any build whose range holds the target will do: [target - below, target + above].
@@ -132,13 +132,13 @@ class TestAdvice(TestCase):
                 for i in infos
             ]
 
-        self.assertIsNotNone(_judge.negotiate(replaced(advice.upgrade, advice.required)))
-        self.assertIsNotNone(_judge.negotiate(replaced(advice.roll_back, advice.lowest)))
+        self.assertIsNotNone(_judge.negotiate(replaced(upgrade, required)))
+        self.assertIsNotNone(_judge.negotiate(replaced(roll_back, lowest)))
 
     def test_rolling_back_the_strictest_rank_alone_is_not_enough(self) -> None:
         # 1..1, 2..3, 3..3: rolling back rank 2 alone leaves ranks 0 and 1 apart.
         infos = [rank_info(0, 1), rank_info(1, 3, min_version=2), rank_info(2, 3)]
-        self.assertEqual(_judge.advise(infos), _judge.Advice((0,), 3, (1, 2), 1))
+        self.assertEqual(_judge.advise(infos), ((0,), 3, (1, 2), 1))
 
 
 class TestRangeMessages(TestCase):

@@ -1,13 +1,8 @@
-"""Protocol version guardrail for ``torch.distributed``.
-
-Every build declares the range of c10d wire protocol versions it speaks,
-``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``. ``_new_process_group_helper`` calls
-:func:`_check_protocol_version` for the default group once stock has validated its
-arguments, right before the first backend is built: a job that mixes incompatible
-builds fails there, on every rank, with one message that names the ranks, hosts
-and builds. What this module imports is what every ``init_process_group`` loads;
-``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry points.
-"""
+"""Protocol version guardrail for ``torch.distributed``: every build speaks the c10d wire protocol
+versions ``[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]``, and ``_new_process_group_helper`` calls
+:func:`_check_protocol_version` right before it builds the default group's backend, so that a job
+mixing incompatible builds fails there, on every rank, with one message naming ranks, hosts and
+builds. ``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry points."""
 
 import itertools
 import logging
@@ -42,31 +37,24 @@ RESTART_COUNT_ENV, AGENT_STORE_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC
 
 logger = logging.getLogger(__name__)
 
-# The version each checked default group negotiated (None: none), keyed by the store
-# the group is registered with: the entry lives and dies with its group.
+# The version each checked default group negotiated (None: none), keyed by its store: it dies with the group.
 _negotiated: weakref.WeakKeyDictionary[Store, int | None] = weakref.WeakKeyDictionary()
-# The RPC protocol version the last init_rpc of this process negotiated (set by ``_rpc``).
-_rpc_negotiated: dict[str, int | None] = {"version": None}
-# Checks each rank made before: default groups in this process (threads may stand
-# for ranks), and calls of check_protocol_version with each store object.
+_rpc_negotiated: dict[str, int | None] = {"version": None}  # the last init_rpc's, set by ``_rpc``
+# Checks each rank made before: default groups (threads may stand for ranks), and calls with each store object.
 _default_inits: defaultdict[int, Iterator[int]] = defaultdict(itertools.count)
 _calls: weakref.WeakKeyDictionary[Store, defaultdict[int, Iterator[int]]] = weakref.WeakKeyDictionary()
 
 
 def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
-    """A check's namespace, the same on every rank of one attempt and never used twice
-    on a store, and whether it is the attempt's first. ``count`` (checks of this kind the
-    rank made before) tells re-inits in one process apart; torchrun's restart count tells
-    attempts apart where its workers share the agent's store, which outlives an attempt
-    (elsewhere each attempt has a store of its own, and a node that restarts its workers
-    for another node's sake keeps its count)."""
+    """A check's namespace, the same on every rank of one attempt and never used twice on a store, and
+    whether it is the attempt's first. ``count`` tells re-inits in one process apart; torchrun's restart
+    count tells attempts apart where workers share the agent's store (elsewhere each attempt has its own)."""
     restart = os.environ.get(RESTART_COUNT_ENV, "0") if os.environ.get(AGENT_STORE_ENV) == "True" else "0"
     return f"{kind}/{restart}/{count}", restart == "0" and count == 0
 
 
 def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
-    """Where ``ProcessGroupGloo`` writes a rank's address as it starts, relative to the
-    store ``_new_process_group_helper`` is given; a test asserts it against real gloo."""
+    """Where ``ProcessGroupGloo`` writes a rank's address as it starts (a test asserts it against real gloo)."""
     return lambda rank: f"{group_name}//{device}//0/{rank}"
 
 
@@ -74,13 +62,9 @@ def _check_protocol_version(
     store: Store, group_store: Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
 ) -> None:
-    """The hook ``_new_process_group_helper`` calls right before it builds a backend.
-
-    Checks the default group once (later groups have the same ranks); the fake backend
-    has no store. Gloo's key per rank shows a rank without the check, but only in the
-    first group of a first attempt: later ones may find an earlier group's key, which
-    gloo would also read as the rank's address, so each rank deletes its own first.
-    """
+    """The hook ``_new_process_group_helper`` calls right before it builds a backend: checks the default
+    group once. Gloo's key per rank shows a rank without the check only in the first group of a first
+    attempt: later ones may find an earlier group's key (gloo would read it too), so each deletes its own."""
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
@@ -102,10 +86,8 @@ def _check_protocol_version(
 
 
 def get_group_protocol_version() -> int:
-    """Return the protocol version the default process group negotiated.
-
-    Code that changes the wire protocol branches on this: new behaviour switches on
-    only once every rank speaks the new version.
+    """Return the protocol version the default process group negotiated, for code that switches on
+    new wire behaviour only once every rank speaks it.
 
     Returns:
         The highest version every rank of the default group speaks.
@@ -134,11 +116,9 @@ def check_protocol_version(
 ) -> int:
     """Check that every rank speaks a common protocol version, through ``store``.
 
-    For frameworks that build process groups without ``init_process_group``: call it on
-    every rank before building the group (calling it is the decision to check:
-    ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` is ignored). Calls with one store object are told
-    apart; a new store object over the same keys (fresh processes of a new attempt)
-    needs a fresh ``PrefixStore`` prefix, as upstream's store barrier does.
+    For frameworks that build process groups without ``init_process_group``: call it on every rank
+    before building the group (``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` is ignored). Calls with one store
+    object are told apart; a new attempt's fresh processes need a fresh ``PrefixStore`` prefix.
 
     Args:
         store: a store all ranks of this group, and only they, use for the check.

@@ -1,9 +1,5 @@
-"""The check of torchrun's agents, before any worker starts: ``SimpleElasticAgent._rendezvous``
-calls :func:`check_agent_protocol_version` right after ``next_rendezvous()``, on the
-round's store (the c10d rendezvous prefixes it per round; the static one keeps one for
-the job, where a node restarts its workers alone, so an agent checks its first round
-only). The same exchange as ``init_process_group``'s, whatever backend the workers use.
-"""
+"""The check of torchrun's agents, which ``SimpleElasticAgent._rendezvous`` runs right after
+``next_rendezvous()`` on the round's store, before any worker starts, whatever their backend."""
 
 import dataclasses
 import itertools
@@ -34,12 +30,12 @@ _rounds = itertools.count()  # the rounds this agent process has rendezvoused
 
 
 def check_agent_protocol_version(store: Store, group_rank: int, group_world_size: int, rdzv_backend: str) -> None:
-    """Check that every agent of this rendezvous round speaks a common protocol version, before any starts its workers.
+    """Check that every agent of this rendezvous round speaks a common protocol version.
 
     An agent without the check is seen by ``torchelastic/role_info/<group rank>``, which
-    ``_assign_worker_ranks`` writes unless ``TORCH_ELASTIC_WORKER_IDENTICAL=1``. Waits for
-    the others up to the store's timeout, the bound of every wait ``_assign_worker_ranks``
-    makes on stock. Under the static rendezvous, checks the agent's first round only.
+    ``_assign_worker_ranks`` writes unless ``TORCH_ELASTIC_WORKER_IDENTICAL=1``. Waits up to
+    the store's timeout, as ``_assign_worker_ranks`` does. The static rendezvous keeps one
+    store for the job, where a node restarts its workers alone: there only the first round is checked.
 
     Args:
         store: the store of the rendezvous round.

@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import TCPStore
 from torch.distributed._protocol_version import _preflight
 from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import local_info
-from torch.distributed._protocol_version._settings import check_mode, overrides_set, SettingError, version_range
+from torch.distributed._protocol_version._settings import check_mode, SettingError, version_range
 
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def describe_build() -> dict[str, Any]:
         "python_version": info.python_version,
         "backend_versions": dict(info.backend_versions),
         "check_mode": mode,
-        "overrides": {name: os.environ[name] for family in (C10D, RPC) for name in overrides_set(family)},
+        "overrides": {n: os.environ[n] for f in (C10D, RPC) for n in (f.version_env, f.min_version_env)
+                      if n in os.environ},
     }
 
 

@@ -1,15 +1,9 @@
-"""The store protocol of one check, under ``<family prefix>/<namespace>/``.
-
-Every rank publishes its payload (``rank/<r>``); rank 0 blocks until every other
-payload is there, judges and publishes the ``verdict``; every other rank blocks on
-it, reads it, deletes its payload and counts itself out (``read``), the last one
-setting ``left``, on which rank 0 (which often hosts the store) blocks before it
-deletes the rest. O(1) calls per rank. Ranks without the check are seen only where
-a backend leaves a trace (gloo's key per rank), by a watcher; without that evidence
-``error`` waits for a rank until its timeout, ``warn`` for its grace period. A rank
-the verdict was reached without reads it when it comes: a timeout fails it at
-once; a pass it joins if it speaks the negotiated version.
-"""
+"""The store protocol of one check, under ``<family prefix>/<namespace>/``: every rank
+publishes its payload (``rank/<r>``); rank 0 blocks until every other one is there, judges
+and publishes the ``verdict``; each other rank blocks on it, deletes its payload and counts
+itself out (``read``), and the last removes the keys. A rank without the check is seen only
+through its backend's trace (gloo's key per rank); without it ``error`` waits for a rank
+until its timeout, ``warn`` for its grace period."""
 
 import dataclasses
 import logging
@@ -57,8 +51,6 @@ class Outcome:
 
 @dataclasses.dataclass
 class _Check:
-    """Everything one rank's check needs."""
-
     store: Store
     family: Family
     namespace: str
@@ -78,16 +70,15 @@ class _Check:
     def key(self, *parts: object) -> str:
         return self.family.key(self.namespace, *parts)
 
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
     def slot(self, rank: int) -> str:
         return self.key("rank", rank)
 
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
 
 def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[int]]:
-    """Block until every rank of ``ranks`` has published, or was seen without the
-    check, within this rank's bound: the payloads, and who is missing."""
+    """Block until every rank of ``ranks`` published or was seen without the check: the payloads, and who is missing."""
     store, slots, trace = check.store, [check.slot(r) for r in ranks], check.trace
     check.doing = "collecting payloads"
 
@@ -121,9 +112,8 @@ def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict
 
 
 def _coordinate(check: _Check) -> Outcome:
-    """Rank 0: collect, judge, publish. It stays for a failing verdict only (it often hosts
-    the store), while the readers read it, at most its grace period; the last reader
-    removes the keys. Its own payload already there means an earlier check used this namespace."""
+    """Rank 0: collect, judge, publish; for a failing verdict, hold the store (it often hosts it)
+    while the readers read, for its grace period. Its own payload there means a reused namespace."""
     store, verdict_key = check.store, check.key("verdict")
     if present(store, [check.slot(0)]):
         verdict = Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
@@ -148,10 +138,9 @@ def _coordinate(check: _Check) -> Outcome:
 
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
-    """Any rank but 0, having read ``verdict``: delete its payload and count itself out; the
-    last reader removes the keys (unless ranks it was reached without may still come) and
-    tells rank 0 when it holds the store. A count past the readers, or a version this rank
-    does not speak, means an earlier check's verdict, in a namespace used twice."""
+    """Any rank but 0, having read ``verdict``: count itself out; the last reader removes the keys
+    (unless late ranks may come) and releases rank 0. A count past the readers, or a version this
+    rank does not speak, means an earlier check's verdict: a reused namespace."""
     store, info = check.store, check.info
     delete(store, [check.slot(check.rank)])
     if check.rank in verdict.without:  # its keys stay: other ranks it was reached without may still come
@@ -174,20 +163,18 @@ def _late(check: _Check, verdict: Verdict) -> Verdict:
     if verdict.status == "timeout":
         detail = _messages.late_timeout(family, check.backend, came, check.key(), verdict.detail)
         return Verdict("timeout", detail, None)
-    if negotiated is None:  # the ranks judged already could not meet
-        detail = f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}"
-        return Verdict("mismatch", detail, None, info.mode == "error" or verdict.enforce)
-    if not info.min_version <= negotiated <= info.version:
-        detail = _messages.late_mismatch(family, check.backend, came, negotiated)
-        return Verdict("mismatch", detail, None, info.mode == "error")
-    text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
-    return Verdict("ok", f"{_messages.check_head(family, check.backend)}: {text}", negotiated, without=verdict.without)
+    if negotiated is not None and info.min_version <= negotiated <= info.version:
+        text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
+        detail = f"{_messages.check_head(family, check.backend)}: {text}"
+        return Verdict("ok", detail, negotiated, without=verdict.without)
+    detail = (f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}" if negotiated is None
+              else _messages.late_mismatch(family, check.backend, came, negotiated))
+    return Verdict("mismatch", detail, None, info.mode == "error" or (negotiated is None and verdict.enforce))
 
 
 def _participate(check: _Check) -> Outcome:
-    """Any rank but 0: await rank 0's verdict (on ``warn`` without evidence, rank 0 itself
-    for the grace period only). Where rank 0's backend started without a payload, rank 0
-    runs no check: the watcher says so in its place, and the others judge alone."""
+    """Any rank but 0: await rank 0's verdict (on ``warn`` without evidence, rank 0 for the grace
+    period only). Where rank 0's backend started without a payload, the others judge alone."""
     store, verdict_key, trace = check.store, check.key("verdict"), check.trace
     check.doing = "waiting for rank 0"
     if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.remaining())):
@@ -222,23 +209,18 @@ def exchange(
     store: Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
     namespace: str, trace: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
 ) -> Outcome:
-    """Run one check of ``family`` on ``store`` as ``rank`` in ``mode`` (``error`` or ``warn``).
-
-    ``namespace`` is the same on every rank of one attempt and never used twice on a
-    store; ``trace(r)`` is where rank ``r``'s backend writes a key as it starts (the
-    evidence of a rank without the check), or ``None``; ``patient`` waits up to the
-    timeout on ``warn`` too (the preflight's roll call). Raises ``SettingError`` on a
-    bad override before any store traffic, and a store failure as its own type.
-    """
+    """Run one check of ``family`` as ``rank`` in ``mode`` (``error`` or ``warn``) under ``namespace``, the same
+    on every rank of one attempt and never used twice on a store. ``trace(r)`` is where rank ``r``'s backend
+    writes a key as it starts; ``patient`` waits up to the timeout on ``warn`` too (the preflight's roll call).
+    Raises ``SettingError`` on a bad override before any store traffic, and a store failure as its own type."""
     info = local_info(rank, family, mode, name)
     payload = info.to_payload(family)
     if world_size == 1:
         return Outcome(judge(family, [info], backend), info, {0: payload.encode()})
     grace, bounded = min(_GRACE_SECONDS, timeout.total_seconds() / 10), mode == "warn" and not patient and trace is None
-    check = _Check(
-        store, family, namespace, rank, world_size, timeout, time.monotonic() + timeout.total_seconds(), grace,
-        bounded, patient, backend, info, payload, trace,
-    )
+    end = time.monotonic() + timeout.total_seconds()
+    check = _Check(store, family, namespace, rank, world_size, timeout, end, grace, bounded, patient, backend, info,
+                   payload, trace)
     try:
         if rank == 0:
             return _coordinate(check)
@@ -252,9 +234,8 @@ def exchange(
 
 
 def raise_on_failure(verdict: Verdict, info: RankInfo, family: Family) -> None:
-    """Raise what a failing verdict means (``DistStoreError`` for a timeout, as
-    the store's own waits do, unless this rank runs ``warn``; ``ProtocolVersionError``
-    otherwise, unless every checking rank runs ``warn``); log what a verdict must say."""
+    """Raise what a failing verdict means: ``DistStoreError`` for a timeout, as the store's own waits do,
+    unless this rank runs ``warn``; else ``ProtocolVersionError``, unless every checking rank runs ``warn``."""
     if verdict.ok:
         if verdict.detail:
             logger.warning("%s", verdict.detail)

@@ -1,8 +1,6 @@
-"""The compatibility rule, the negotiated version and the advice: pure functions
-over payloads, so their properties are tested without processes."""
+"""The compatibility rule and the advice: pure functions over payloads, tested without processes."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._families import Family
@@ -17,36 +15,22 @@ def negotiate(infos: Sequence[RankInfo]) -> int | None:
     return lowest_version if lowest_version >= highest_minimum else None
 
 
-@dataclass(frozen=True)
-class Advice:
-    """Two changes, each alone enough to meet :func:`negotiate`'s rule: upgrade
-    every rank below the highest minimum to a build that speaks it, or roll back
-    every rank whose minimum is above the lowest version to one that accepts it."""
-
-    upgrade: tuple[int, ...]
-    required: int  # the version the upgraded ranks must speak
-    roll_back: tuple[int, ...]
-    lowest: int  # the version the rolled-back ranks must accept
-
-
-def advise(infos: Sequence[RankInfo]) -> Advice:
+def advise(infos: Sequence[RankInfo]) -> tuple[tuple[int, ...], int, tuple[int, ...], int]:
+    """Two changes, each alone enough to meet :func:`negotiate`'s rule: upgrade these ranks
+    to a build that speaks this version, or roll those back to one that accepts that one."""
     required, lowest = max(i.min_version for i in infos), min(i.version for i in infos)
     upgrade = tuple(i.rank for i in infos if i.version < required)
-    return Advice(upgrade, required, tuple(i.rank for i in infos if i.min_version > lowest), lowest)
+    return upgrade, required, tuple(i.rank for i in infos if i.min_version > lowest), lowest
 
 
 def judge(family: Family, infos: Sequence[RankInfo], backend: str) -> Verdict:
-    """The verdict on a complete set of ranks; on a mismatch the strictest mode
-    among the checking ranks decides for everyone."""
+    """The verdict on a complete set of ranks; on a mismatch the strictest mode among the checking ranks decides."""
     no_check = [i.rank for i in infos if not i.checked]
     negotiated = negotiate(infos)
     if negotiated is not None:
-        detail = _messages.no_check_warning(family, no_check, backend) if no_check else ""
-        return Verdict("ok", detail, negotiated)
-    a = advise(infos)
-    detail = _messages.mismatch_detail(family, infos, backend, a.upgrade, a.required, a.roll_back, a.lowest)
-    enforce = any(i.mode == "error" for i in infos if i.checked)
-    return Verdict("mismatch", detail, None, enforce)
+        return Verdict("ok", _messages.no_check_warning(family, no_check, backend) if no_check else "", negotiated)
+    detail = _messages.mismatch_detail(family, infos, backend, *advise(infos))
+    return Verdict("mismatch", detail, None, any(i.mode == "error" for i in infos if i.checked))
 
 
 def judge_payloads(family: Family, raws: dict[int, bytes], no_check: Sequence[int], backend: str) -> Verdict:

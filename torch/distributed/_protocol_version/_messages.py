@@ -44,21 +44,12 @@ def _some(items: Sequence[str]) -> str:
     return ", ".join(items[:MAX_LISTED]) + (f" and {extra} more" if extra > 0 else "")
 
 
-def backend_text(backend: str) -> str:
-    return f"backend {backend}"
-
-
 def check_head(family: Family, backend: str) -> str:
-    return f"{family.title} check ({backend_text(backend)})"
+    return f"{family.title} check (backend {backend})"
 
 
 def range_text(version: int, min_version: int, word: str = "protocol version") -> str:
     return f"{word} {version}" if version == min_version else f"{word}s {min_version}-{version}"
-
-
-def short_commit(git_version: str) -> str:
-    """A commit as ``git log --abbrev=12`` shows it."""
-    return git_version[:12]
 
 
 def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -> list[str]:
@@ -69,9 +60,6 @@ def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -
     for info in infos:
         build = (info.checked, info.version, info.min_version, info.torch_version, info.git_version)
         groups.setdefault(build, []).append(info)
-    commits: dict[str, set[str]] = {}
-    for checked, _, _, torch_version, git_version in groups:
-        commits.setdefault(torch_version, set()).update([git_version] if checked else [])
     lines = []
     for (checked, version, min_version, torch_version, git_version), members in sorted(groups.items()):
         ranks, names = ranks_phrase([m.rank for m in members]), [m.name for m in members if m.name]
@@ -80,22 +68,13 @@ def describe_groups(infos: Sequence[RankInfo], word: str = "protocol version") -
             continue
         who = f"{ranks} ({plural(len(names), 'worker')} {_some(names)})" if names else ranks
         hosts = sorted({m.hostname for m in members})
-        commit = f", commit {short_commit(git_version)}" if len(commits[torch_version]) > 1 else ""
+        commits = {g[4] for g in groups if g[0] and g[3] == torch_version}  # shown where it tells builds apart
+        commit = f", commit {git_version[:12]}" if len(commits) > 1 else ""
         lines.append(f"  {range_text(version, min_version, word)}: {who} on {plural(len(hosts), 'host')} "
                      f"{_some(hosts)} (torch {torch_version}{commit})")
     if len(lines) > MAX_LISTED:
         lines[MAX_LISTED:] = [f"  and {len(lines) - MAX_LISTED} more builds"]
     return lines
-
-
-def overrides_note(infos: Sequence[RankInfo]) -> list[str]:
-    """Name the test-only overrides only where a rank really set one."""
-    by_name: dict[str, list[int]] = {}
-    for info in infos:
-        for name in info.overrides:
-            by_name.setdefault(name, []).append(info.rank)
-    return [f"Note: {ranks_phrase(ranks, 'sets', 'set')} {name}, which only simulates another build in tests; "
-            "unset it in production." for name, ranks in sorted(by_name.items())]
 
 
 def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upgrade: Sequence[int],
@@ -104,7 +83,7 @@ def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upg
     demanding, word = [i.rank for i in infos if i.min_version == required], family.version_word
     unchecked = [i.rank for i in infos if not i.checked and i.rank in upgrade]
     return "\n".join([
-        f"{family.title} mismatch: the {len(infos)} ranks of this job ({backend_text(backend)}) run builds that "
+        f"{family.title} mismatch: the {len(infos)} ranks of this job (backend {backend}) run builds that "
         "cannot talk to each other.",
         *describe_groups(infos, word),
         f"Why: {ranks_phrase(demanding, 'accepts', 'accept')} nothing older than {word} {required}, but "
@@ -116,7 +95,6 @@ def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upg
         *([f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, unset it there "
            "instead: a rank that skips the check counts as version 1."] if unchecked else []),
         *([family.note] if family.note else []),
-        *overrides_note(infos),
     ])
 
 
@@ -129,7 +107,7 @@ def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> s
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:
     shown = [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
     return "\n".join([
-        f"{family.title} check failed ({backend_text(backend)}): {len(problems)} {plural(len(problems), 'rank')} "
+        f"{family.title} check failed (backend {backend}): {len(problems)} {plural(len(problems), 'rank')} "
         "published an invalid protocol version payload, so this job cannot be judged safe:",
         *shown, *([f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []),
         "Something other than this check wrote to its keys in the store, or a build that speaks another payload "
@@ -138,7 +116,7 @@ def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend:
 
 
 def timeout_head(family: Family, timeout: timedelta, backend: str) -> str:
-    return f"{family.title} check timed out after {timeout.total_seconds():g}s ({backend_text(backend)})"
+    return f"{family.title} check timed out after {timeout.total_seconds():g}s (backend {backend})"
 
 
 def _silent(traceless: bool) -> str:
@@ -160,14 +138,14 @@ def no_verdict(family: Family, rank: int, missing: Sequence[int], traceless: boo
 
 
 def unaccounted(family: Family, ranks: Sequence[int], grace: float, backend: str, traceless: bool) -> str:
-    return (f"{family.title} check ({backend_text(backend)}, {CHECK_MODE_ENV}=warn): judged without "
+    return (f"{family.title} check (backend {backend}, {CHECK_MODE_ENV}=warn): judged without "
             f"{ranks_phrase(ranks)}, not heard from within the grace period of {grace:g}s ({_silent(traceless)}); "
             "the job goes on, and a rank with the check that arrives later says so.")
 
 
 def late_mismatch(family: Family, backend: str, came: str, negotiated: int) -> str:
     word = f"{family.version_word} {negotiated}"
-    return (f"{family.title} mismatch ({backend_text(backend)}): {came}, and the others negotiated {word}, which this "
+    return (f"{family.title} mismatch (backend {backend}): {came}, and the others negotiated {word}, which this "
             f"rank does not speak.\nWhat to do: run this rank on a build that speaks {word}, or restart the job with "
             "every rank on builds that share a version.")
 

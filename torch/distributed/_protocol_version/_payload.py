@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._settings import MAX_VERSION, overrides_set, version_range
+from torch.distributed._protocol_version._settings import MAX_VERSION, version_range
 
 
 __all__ = ["InvalidPayload", "RankInfo", "Verdict", "load_object", "local_info", "no_check_info", "parse_payload"]
@@ -23,6 +23,7 @@ _MAX_TEXT, _MAX_ITEMS = 128, 4  # characters of a text field; items of a list or
 # A rank that runs no check speaks version 1: the wire of the torch the check came with.
 NO_CHECK_VERSION = 1
 _STATUSES = ("ok", "mismatch", "invalid", "timeout")
+_TEXT_FIELDS = ("torch_version", "hostname", "git_version", "python_version")
 
 
 class InvalidPayload(ValueError):
@@ -39,7 +40,6 @@ class RankInfo:
     torch_version: str = "unknown"
     hostname: str = "unknown"
     mode: str = "error"  # "error" or "warn"
-    overrides: tuple[str, ...] = ()  # test-only override variables it had set
     checked: bool = True  # False: it went ahead without the check (see no_check_info)
     git_version: str = "unknown"  # the commit torch was built from
     python_version: str = "unknown"
@@ -48,32 +48,28 @@ class RankInfo:
 
     def to_payload(self, family: Family) -> str:
         """Serialise for the store."""
-        fields = {"family": family.name, "protocol_version": self.version, "min_protocol_version": self.min_version}
-        fields.update(torch_version=self.torch_version, hostname=self.hostname, mode=self.mode, name=self.name)
-        fields.update(git_version=self.git_version, python_version=self.python_version)
-        fields.update(overrides=list(self.overrides), backend_versions=dict(self.backend_versions))
-        return json.dumps(fields)
+        fields = {name: getattr(self, name) for name in (*_TEXT_FIELDS, "mode", "name")}
+        return json.dumps({"family": family.name, "protocol_version": self.version, "min_protocol_version":
+                           self.min_version, "backend_versions": dict(self.backend_versions), **fields})
 
 
 @functools.cache
-def _build() -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The installed distribution's version (it tells ``2.13.0+cpu.protocolv2`` from its base),
-    and NCCL's where built (gloo is compiled into torch: the commit identifies it)."""
+def _torch_version() -> str:
+    """The installed distribution's version: it tells ``2.13.0+cpu.protocolv2`` from its base."""
     try:
-        version = importlib.metadata.version("torch")
+        return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:  # a source build run in place
-        version = torch.__version__
-    if not torch.distributed.is_nccl_available():
-        return version, ()
-    return version, (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),)  # type: ignore[no-untyped-call]
+        return torch.__version__
 
 
 def local_info(rank: int, family: Family, mode: str, name: str = "") -> RankInfo:
-    """This rank's payload; raises ``SettingError`` on a bad override."""
+    """This rank's payload; raises ``SettingError`` on a bad override. Gloo is compiled into
+    torch (the commit names it); NCCL is reported where built."""
     minimum, version = version_range(family)
-    torch_version, backends = _build()
+    nccl = torch.distributed.is_nccl_available()
+    backends = (("nccl", ".".join(map(str, torch.cuda.nccl.version()))),) if nccl else ()  # type: ignore[no-untyped-call]
     return RankInfo(
-        rank, version, minimum, torch_version, socket.gethostname(), mode, overrides_set(family), True,
+        rank, version, minimum, _torch_version(), socket.gethostname(), mode, True,
         torch.version.git_version, platform.python_version(), backends, name,
     )
 
@@ -115,24 +111,22 @@ def _text(value: object, name: str) -> str:
 
 def parse_payload(rank: int, raw: bytes) -> RankInfo:
     """Validate one rank's payload; raises :class:`InvalidPayload` with the reason.
-    Missing optional fields read as ``error`` mode, no overrides, ``"unknown"``."""
+    Missing optional fields read as ``error`` mode and ``"unknown"``."""
     obj = load_object(raw)
     version = _version(obj, "protocol_version")
     min_version = _version(obj, "min_protocol_version", default=version)
     if min_version > version:
         raise InvalidPayload(f"minimum version {min_version} is above its version {version}")
-    mode, overrides, backends = obj.get("mode", "error"), obj.get("overrides", []), obj.get("backend_versions", {})
+    mode, backends = obj.get("mode", "error"), obj.get("backend_versions", {})
     if mode not in ("error", "warn"):
         raise InvalidPayload(f"'mode' must be 'error' or 'warn', got {mode!r:.40}")
-    if not isinstance(overrides, list) or not isinstance(backends, dict):
-        raise InvalidPayload("'overrides' must be a list and 'backend_versions' an object")
-    fields = ("torch_version", "hostname", "git_version", "python_version")
-    text = {name: _text(obj.get(name, "unknown"), name) for name in fields}
-    backend_items = sorted(backends.items())[:_MAX_ITEMS]
+    if not isinstance(backends, dict):
+        raise InvalidPayload("'backend_versions' must be an object")
+    text = {name: _text(obj.get(name, "unknown"), name) for name in _TEXT_FIELDS}
     return RankInfo(
-        rank, version, min_version, text["torch_version"], text["hostname"], mode,
-        tuple(_text(v, "overrides") for v in overrides[:_MAX_ITEMS]), True, text["git_version"], text["python_version"],
-        tuple((_text(k, "backend_versions"), _text(v, "backend_versions")) for k, v in backend_items),
+        rank, version, min_version, text["torch_version"], text["hostname"], mode, True, text["git_version"],
+        text["python_version"], tuple((_text(k, "backend_versions"), _text(v, "backend_versions"))
+                                      for k, v in sorted(backends.items())[:_MAX_ITEMS]),
         # c10d ranks send an empty name: "unknown" would name a worker that is not there.
         _text(obj["name"], "name") if obj.get("name", "") != "" else "",
     )

@@ -102,7 +102,7 @@ def _rows(infos: Sequence[RankInfo]) -> dict[tuple[str, _Build], list[int]]:
 def _cells(host: str, ranks: list[int], build: _Build, with_backends: bool) -> list[str]:
     minimum, version, torch_version, git_version, python_version, backends = build
     protocol = str(version) if minimum == version else f"{minimum}-{version}"
-    cells = [host, _messages.compress_ranks(ranks), protocol, torch_version, _messages.short_commit(git_version)]
+    cells = [host, _messages.compress_ranks(ranks), protocol, torch_version, git_version[:12]]
     cells.append(python_version)
     return cells + [", ".join(f"{name} {v}" for name, v in backends) or "-"] if with_backends else cells
 
@@ -133,7 +133,7 @@ def render_table(found: Roster, backend: str) -> str:
     lines = [header] + [_cells(host, ranks, build, with_backends) for (host, build), ranks in rows.items()]
     hosts = len({info.hostname for info in found.infos})
     out = [
-        f"{C10D.title} preflight ({_messages.backend_text(backend)}): {found.world_size} "
+        f"{C10D.title} preflight (backend {backend}): {found.world_size} "
         f"{_messages.plural(found.world_size, 'rank')}, {len(found.infos)} with the check on "
         f"{hosts} {_messages.plural(hosts, 'host')}",
         *(_table(lines) if found.infos else []),
@@ -173,7 +173,7 @@ def _verdict_text(verdict: Verdict, info: RankInfo, world_size: int, backend: st
     """What ``init_process_group`` would raise (or log) on this rank, then whether the job would start."""
     if verdict.ok:
         who = "the only rank speaks" if world_size == 1 else f"the {world_size} ranks negotiate"
-        lines = [f"{C10D.title} check passed ({_messages.backend_text(backend)}): {who} "
+        lines = [f"{C10D.title} check passed (backend {backend}): {who} "
                  f"protocol version {verdict.negotiated}."]
         lines += [verdict.detail] if verdict.detail else []
     else:

@@ -1,11 +1,6 @@
-"""The RPC family: the check ``init_rpc`` runs once its store is wrapped in
-``PrefixStore("rpc_prefix_N")``, before it builds the backend (a ``ProcessGroupGloo`` on
-that store; ``init_process_group`` is never called). A static group (``world_size``
-given) runs the collectives' exchange in the RPC family's namespace. A dynamic group
-has no set of workers to wait for: its first worker records the version the group
-runs, the lowest it accepts; a joining worker whose range holds it joins, any other
-fails alone, and the group's members go on.
-"""
+"""The check ``init_rpc`` runs on its ``PrefixStore("rpc_prefix_N")`` before it builds the backend. A static
+group runs the collectives' exchange; a dynamic one has no set of workers to wait for: its first worker records
+the version the group runs, and a joining worker whose range does not hold it fails alone."""
 
 import logging
 from datetime import timedelta
@@ -23,8 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def _join(store: Store, name: str, rank: int, mode: str) -> tuple[Verdict, RankInfo]:
-    """A worker joining a dynamic group: compatible when its range holds the version
-    the group runs, the lowest its first worker accepts. One ``compare_set``."""
+    """A worker joining a dynamic group, which runs the lowest version its first worker accepts."""
     info = local_info(rank, RPC, mode, name)
     try:
         founder = parse_payload(-1, store.compare_set(RPC.key("dynamic", "group"), "", info.to_payload(RPC)))
@@ -40,15 +34,13 @@ def _join(store: Store, name: str, rank: int, mode: str) -> tuple[Verdict, RankI
         f"  this worker speaks {_messages.range_text(info.version, info.min_version, RPC.version_word)}",
         f"What to do: start this worker on a build that speaks {RPC.version_word} {version}, or restart the whole "
         "group on the new build. The group's members go on.",
-        RPC.note, *_messages.overrides_note([info]),
+        RPC.note,
     ])
     return Verdict("mismatch", detail, None, enforce=mode == "error"), info
 
 
 def check_rpc_protocol_version(store: Store, name: str, rank: int, world_size: int | None, options: Any) -> None:
-    """The hook ``init_rpc`` calls once its prefixed store exists, before it builds the
-    backend. Follows ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` as the collectives' check
-    does: an operator turns the guardrail off for a job, not for one of its wires."""
+    """The hook ``init_rpc`` calls before it builds the backend; ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` rules it too."""
     _rpc_negotiated["version"] = None
     mode = active_mode(RPC) if not world_size or 0 <= rank < world_size else None  # the backend refuses a bad rank
     if mode is None:

@@ -6,13 +6,11 @@ import os
 from torch.distributed._protocol_version._families import Family
 
 
-__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "active_mode", "check_mode",
-           "overrides_set", "version_range"]
+__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "active_mode", "check_mode", "version_range"]
 
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 CHECK_MODES = ("error", "warn", "off")
-# Versions are stored as signed 64-bit integers by any reader in C++.
-MAX_VERSION = 2**63 - 1
+MAX_VERSION = 2**63 - 1  # versions are signed 64-bit integers to any reader in C++
 
 
 class SettingError(RuntimeError):
@@ -20,8 +18,8 @@ class SettingError(RuntimeError):
 
 
 def _parse_version(name: str) -> int | None:
-    """A version override, ``None`` when unset: ASCII decimal digits only (``int()``
-    would take ``"1_0"``, ``"+1"`` or other scripts' digits), length checked first."""
+    """A version override, ``None`` when unset: ASCII decimal digits only (``int()`` would
+    take ``"1_0"``, ``"+1"`` or other scripts' digits), length checked first."""
     raw = os.environ.get(name)
     if raw is None:
         return None
@@ -35,8 +33,7 @@ def _parse_version(name: str) -> int | None:
 
 
 def version_range(family: Family) -> tuple[int, int]:
-    """``(minimum, version)`` this rank announces for ``family``; a version override
-    alone means "exactly this version", unless the minimum is overridden too."""
+    """``(minimum, version)`` this rank announces; a version override alone means "exactly this version"."""
     override, min_override = _parse_version(family.version_env), _parse_version(family.min_version_env)
     version = family.version if override is None else override
     minimum = min_override if min_override is not None else family.min_version if override is None else version
@@ -44,11 +41,6 @@ def version_range(family: Family) -> tuple[int, int]:
         raise SettingError(f"{family.min_version_env}={minimum} is above this rank's protocol version {version}: "
                            "a build cannot require more than it speaks.")
     return minimum, version
-
-
-def overrides_set(family: Family) -> tuple[str, ...]:
-    """The names of ``family``'s override variables that are set on this rank."""
-    return tuple(n for n in (family.version_env, family.min_version_env) if n in os.environ)
 
 
 def check_mode() -> str:
@@ -61,7 +53,6 @@ def check_mode() -> str:
 
 
 def active_mode(family: Family) -> str | None:
-    """This rank's mode for a check of ``family``, ``None`` when off; an invalid setting is an error in every mode."""
-    mode = check_mode()
-    version_range(family)
+    """This rank's mode, ``None`` when off; an invalid setting is an error in every mode."""
+    mode, _ = check_mode(), version_range(family)
     return None if mode == "off" else mode

@@ -1,5 +1,5 @@
-"""Bounded store calls, and the watcher that turns a backend's trace into a key.
-The store's own timeout (shared by every ``PrefixStore`` over it) is never changed."""
+"""Bounded store calls (the store's own timeout is never changed), and the watcher that turns a backend's trace
+into a key."""
 
 import logging
 import threading
@@ -22,15 +22,13 @@ WATCH_SECONDS = 0.1
 
 
 def supports(error: RuntimeError) -> bool:
-    """``False`` for the error of a Python ``Store`` subclass that lacks a method
-    ("Tried to call pure virtual function"); a store failure is a ``DistError``."""
+    """``False`` for a Python ``Store`` subclass that lacks a method ("Tried to call pure virtual function")."""
     return isinstance(error, dist.DistError) or "pure virtual" not in str(error)
 
 
 def wait_for(store: Store, keys: Sequence[str], seconds: float) -> bool:
-    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout
-    (TCPStore and HashStore raise ``DistStoreError``, FileStore a ``RuntimeError``,
-    torchelastic's ``EtcdStore`` a ``LookupError``)."""
+    """Block until every key exists, for at most ``seconds``; ``False`` on a timeout (``DistStoreError``,
+    FileStore's ``RuntimeError``, torchelastic's ``EtcdStore``'s ``LookupError``)."""
     try:
         store.wait(list(keys), timedelta(seconds=max(seconds, MIN_CALL_SECONDS)))
         return True
@@ -53,8 +51,7 @@ def present(store: Store, keys: Sequence[str]) -> bool:
 
 
 def find_present(store: Store, keys: Sequence[str]) -> list[int]:
-    """Indices of the ``keys`` that exist, by bisection: O(m log n) presence tests
-    when ``m`` of ``n`` keys differ from the rest."""
+    """Indices of the ``keys`` that exist, by bisection: O(m log n) calls when ``m`` of ``n`` keys differ."""
     if not keys or present(store, keys):
         return list(range(len(keys)))
     if len(keys) == 1:
@@ -85,14 +82,9 @@ def delete(store: Store, keys: Sequence[str]) -> None:
 
 @contextmanager
 def watching(store: Store, after: float, look: Callable[[Store], bool] | None) -> Iterator[None]:
-    """While the body blocks on the store, call ``look(clone)`` every :data:`WATCH_SECONDS`
-    from ``after`` seconds on, until it returns ``True``; ``None``: no watcher.
-
-    A wait can only wait for every key of a list, and a rank without the check writes
-    none of ours: ``look`` finds its backend's trace and writes the key the wait
-    misses, from a thread on a clone of the store (its own connection), so the wait
-    stays one blocking call.
-    """
+    """While the body blocks on the store, call ``look(clone)`` every :data:`WATCH_SECONDS` from ``after`` seconds
+    on until it returns ``True``: it writes the key a rank without the check never will, from a thread on its own
+    connection, so the wait stays one blocking call."""
     if look is None:
         yield
         return
