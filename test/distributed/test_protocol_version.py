@@ -276,7 +276,7 @@ This rank (rank 3, host node-c) runs protocol version 2.""",
         warn = RankInfo(**{**vars(info), "mode": "warn"})
         check = _check(dist.HashStore(), 0, 4, warn, "nccl", timeout_s=10, bounded=True)
         raws = {0: warn.to_payload(C10D).encode(), 1: rank_info(1, 1).to_payload(C10D).encode()}
-        verdict = _exchange._judge(check, raws, [2, 3])
+        verdict = _exchange._verdict_on(check, raws, [2, 3])
         self.assertEqual((verdict.status, verdict.negotiated, verdict.without), ("ok", 1, (2, 3)))
         self.assertExpectedInline(
             verdict.detail,
@@ -290,7 +290,7 @@ torch.distributed protocol version check (backend nccl, TORCH_DISTRIBUTED_PROTOC
         check = _check(dist.HashStore(), 0, 8, rank_info(0, 1), "gloo", timeout_s=120, trace=pv.gloo_key("0", "cpu"))
         payload = rank_info(1, 1).to_payload(C10D).encode()
         raws = {**dict.fromkeys([0, 1, 4, 6], payload), 5: _exchange.NO_CHECK.encode()}
-        verdict = _exchange._judge(check, raws, [2, 3, 7])
+        verdict = _exchange._verdict_on(check, raws, [2, 3, 7])
         self.assertEqual((verdict.status, verdict.without, verdict.readers), ("timeout", (2, 3, 7), 3))
         self.assertExpectedInline(
             verdict.detail,

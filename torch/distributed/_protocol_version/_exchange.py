@@ -1,12 +1,14 @@
 """The store protocol of one check, under ``<family prefix>/<namespace>/``: every rank
-publishes its payload (``rank/<r>``); rank 0 blocks until every other one is there, judges
-and publishes the ``verdict``; each other rank blocks on it, deletes its payload and counts
-itself out (``read``), and the last removes the keys. A rank without the check is seen only
-through its backend's trace (gloo's key per rank); without it ``error`` waits for a rank
-until its timeout, ``warn`` for its grace period."""
+publishes its payload (``rank/<r>``); rank 0 blocks until every other one is there, marks
+them judged, publishes the ``verdict`` and waits for ``left``; each other rank blocks on the
+verdict, takes it if its own payload was marked, deletes it and counts itself out (``read``):
+the last removes the keys and sets ``left``. A rank without the check is seen only through
+its backend's trace (gloo's key per rank); without it ``error`` waits for a rank until its
+timeout, ``warn`` for its grace period."""
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,6 +36,8 @@ _GRACE_SECONDS = 1.0
 # payload), and for rank 0 in that case (the verdict: the others judge alone).
 NO_CHECK = '{"no_check": true}'
 NO_COORDINATOR = '{"no_coordinator": true}'
+JUDGED = '{"judged": true}'  # what rank 0 puts in the slots it judged: the verdict is theirs
+REUSED = "reused"  # what a rank tells rank 0 in place of "left" when the verdict judged no payload of its own
 
 
 class ProtocolVersionError(dist.DistError):
@@ -60,7 +64,7 @@ class _Check:
     end: float  # time.monotonic() at the end of the timeout
     grace: float
     bounded: bool  # a warn rank without evidence: it waits its grace period for ranks not heard from
-    patient: bool  # the preflight's roll call: wait up to the timeout on warn too, and hold the store for the readers
+    patient: bool  # the preflight's roll call: wait up to the timeout on warn too, and hold the store as long
     backend: str
     info: RankInfo
     payload: str
@@ -75,6 +79,9 @@ class _Check:
 
     def remaining(self) -> float:
         return self.end - time.monotonic()
+
+    def reused_verdict(self) -> Verdict:
+        return Verdict("timeout", _messages.reused(self.family, self.key(), self.backend), None)
 
 
 def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[int]]:
@@ -97,7 +104,7 @@ def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[in
     return raws, [r for r in ranks if r not in raws]
 
 
-def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict:
+def _verdict_on(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict:
     """The verdict on the ranks collected: a timeout, unless a warn rank judges without the missing ones."""
     payloads = {r: raw for r, raw in raws.items() if raw != NO_CHECK.encode()}
     readers, traceless = len([r for r in payloads if r != check.rank]), check.trace is None
@@ -112,47 +119,51 @@ def _judge(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict
 
 
 def _coordinate(check: _Check) -> Outcome:
-    """Rank 0: collect, judge, publish; for a failing verdict, hold the store (it often hosts it)
-    while the readers read, for its grace period. Its own payload there means a reused namespace."""
+    """Rank 0: collect, judge, publish, and hold the store (it often hosts it) while the readers
+    read, for its grace period at most. Its own payload there means a reused namespace."""
     store, verdict_key = check.store, check.key("verdict")
     if present(store, [check.slot(0)]):
-        verdict = Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
+        verdict = check.reused_verdict()
         store.set(verdict_key, verdict.to_json())
         return Outcome(verdict, check.info)
     store.set(check.slot(0), check.payload)
     raws, missing = _collect(check, list(range(1, check.world_size)))
     raws[0] = check.payload.encode()
-    verdict = _judge(check, raws, missing)
-    # The readers may lose a store hosted by rank 0 once it raises, or once the preflight exits.
-    verdict = dataclasses.replace(verdict, hold=check.patient or not verdict.ok)
+    verdict = dataclasses.replace(_verdict_on(check, raws, missing), token=secrets.token_hex(8))
     check.doing = "publishing the verdict"
+    readers = [check.slot(r) for r, raw in raws.items() if r != 0 and raw != NO_CHECK.encode()]
     delete(store, [check.slot(r) for r, raw in raws.items() if raw == NO_CHECK.encode()])
+    if readers:
+        store.multi_set(readers, [JUDGED] * len(readers))  # type: ignore[attr-defined]  # the stub lacks it
     store.set(verdict_key, verdict.to_json())
     check.doing = "waiting for the others to read the verdict"
-    if not verdict.readers and not verdict.without:
+    hold = check.remaining() if check.patient else min(check.grace, check.remaining())
+    if not readers and not verdict.without:
         delete(store, [verdict_key, check.slot(0)])
-    elif verdict.hold and verdict.readers and wait_for(
-            store, [check.key("left")], check.remaining() if check.patient else check.grace):
+    elif readers and wait_for(store, [check.key("left")], hold):
+        reused = store.get(check.key("left")) == REUSED.encode()
         delete(store, [check.key("left")])
+        if reused:  # it judged payloads an earlier attempt left, which its own ranks overwrote
+            return Outcome(check.reused_verdict(), check.info)
     return Outcome(verdict, check.info, raws)
 
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: count itself out; the last reader removes the keys
-    (unless late ranks may come) and releases rank 0. A count past the readers, or a version this
-    rank does not speak, means an earlier check's verdict: a reused namespace."""
-    store, info = check.store, check.info
+    (unless late ranks may come) and releases rank 0. A verdict that did not judge this rank's
+    payload is a late rank's, or an earlier check's in a reused namespace."""
+    store, check.doing = check.store, "reading its own slot"
+    judged = present(store, [check.slot(check.rank)]) and store.get(check.slot(check.rank)) == JUDGED.encode()
     delete(store, [check.slot(check.rank)])
-    if check.rank in verdict.without:  # its keys stay: other ranks it was reached without may still come
-        return _late(check, verdict)
-    read = count(store, check.key("read"), 1)
-    if read == verdict.readers and not verdict.without:
-        delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
-    if read == verdict.readers and verdict.hold:  # after the deletes: rank 0 may take the store down
-        store.set(check.key("left"), "")
-    spoken = verdict.negotiated is None or info.min_version <= verdict.negotiated <= info.version
-    if (read or 0) > verdict.readers or not spoken:
-        return Verdict("timeout", _messages.reused(check.family, check.key(), check.backend), None)
+    if not judged:  # a late rank's keys stay: others the verdict was reached without may still come
+        if check.rank in verdict.without:
+            return dataclasses.replace(_late(check, verdict), token=verdict.token)
+        store.set(check.key("left"), REUSED)  # rank 0 of this attempt, if it judged an earlier one's payloads
+        return check.reused_verdict()
+    if count(store, check.key("read"), 1) == verdict.readers:
+        if not verdict.without:
+            delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
+        store.set(check.key("left"), "")  # after the deletes: rank 0 may take the store down
     return verdict
 
 
@@ -179,7 +190,7 @@ def _participate(check: _Check) -> Outcome:
     check.doing = "waiting for rank 0"
     if check.bounded and not wait_for(store, [check.slot(0)], min(check.grace, check.remaining())):
         count(store, check.key("read"), 1)  # rank 0 may still judge its payload: it will not read the verdict
-        return Outcome(_judge(check, {check.rank: check.payload.encode()}, [0]), check.info)
+        return Outcome(_verdict_on(check, {check.rank: check.payload.encode()}, [0]), check.info)
 
     def relay_no_coordinator(clone: Store) -> bool:  # the watcher's look; True: done looking
         if present(clone, [check.slot(0)]):  # rank 0 checks: its verdict will come
@@ -192,8 +203,11 @@ def _participate(check: _Check) -> Outcome:
     check.doing = "waiting for the verdict"
     with watching(store, check.grace, relay_no_coordinator if trace else None):
         arrived = wait_for(store, [verdict_key], check.remaining())
+        if not arrived and check.patient and present(store, [check.slot(0)]):  # rank 0 is still at its roll call,
+            arrived = wait_for(store, [verdict_key], check.timeout.total_seconds())  # which ends within its timeout
+    # The slots before the verdict: a reader deletes its slot only once the verdict is there.
+    found = set() if arrived else set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
     if not arrived and not present(store, [verdict_key]):  # else rank 0's own account has just come
-        found = set(find_present(store, [check.slot(r) for r in range(check.world_size)]))
         missing = [r for r in range(check.world_size) if r not in found]
         head = _messages.timeout_head(check.family, check.timeout, check.backend)
         text = _messages.no_verdict(check.family, check.rank, missing, trace is None)
@@ -201,7 +215,7 @@ def _participate(check: _Check) -> Outcome:
     raw = store.get(verdict_key)
     if raw == NO_COORDINATOR.encode():
         raws, missing = _collect(check, list(range(1, check.world_size)))
-        return Outcome(_judge(check, {**raws, 0: NO_CHECK.encode()}, missing), check.info, raws)
+        return Outcome(_verdict_on(check, {**raws, 0: NO_CHECK.encode()}, missing), check.info, raws)
     return Outcome(_leave(check, Verdict.from_json(verdict_key, raw)), check.info)
 
 
@@ -211,7 +225,8 @@ def exchange(
 ) -> Outcome:
     """Run one check of ``family`` as ``rank`` in ``mode`` (``error`` or ``warn``) under ``namespace``, the same
     on every rank of one attempt and never used twice on a store. ``trace(r)`` is where rank ``r``'s backend
-    writes a key as it starts; ``patient`` waits up to the timeout on ``warn`` too (the preflight's roll call).
+    writes a key as it starts; ``patient`` waits up to the timeout on ``warn`` too, and a rank but 0 once more for a
+    rank 0 still at it (the preflight's roll call).
     Raises ``SettingError`` on a bad override before any store traffic, and a store failure as its own type."""
     info = local_info(rank, family, mode, name)
     payload = info.to_payload(family)

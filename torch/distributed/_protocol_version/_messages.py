@@ -14,6 +14,9 @@ MAX_SPANS = 16  # spans ("0-5", "9") one rank list shows before "and N more"
 NO_CHECK_BUILD = (
     f"a build without the protocol version check (or with {CHECK_MODE_ENV}=off), taken as version {NO_CHECK_VERSION}"
 )
+SEEN_BY_TRACE = ("(A rank is taken for one without the check when the key its backend writes as it starts comes before "
+                 "its payload: if one of them does run the check, an earlier job left that key, and this job needs a "
+                 "fresh store or store prefix.)")
 
 
 def compress_ranks(ranks: Sequence[int]) -> str:
@@ -93,7 +96,7 @@ def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upg
         f"{ranks_phrase(roll_back)} back to a build that accepts {word} {lowest}; then restart the job.",
         # Ranks judged as version 1 for running no check may run a newer build with the check off.
         *([f"If {ranks_phrase(unchecked, 'runs', 'run')} such a build with {CHECK_MODE_ENV}=off, unset it there "
-           "instead: a rank that skips the check counts as version 1."] if unchecked else []),
+           f"instead: a rank that skips the check counts as version 1. {SEEN_BY_TRACE}"] if unchecked else []),
         *([family.note] if family.note else []),
     ])
 
@@ -101,7 +104,7 @@ def mismatch_detail(family: Family, infos: Sequence[RankInfo], backend: str, upg
 def no_check_warning(family: Family, no_check: Sequence[int], backend: str) -> str:
     return (f"{check_head(family, backend)}: {ranks_phrase(no_check, 'runs', 'run')} {NO_CHECK_BUILD}; every other "
             f"rank accepts version {NO_CHECK_VERSION}, so the job goes on. Roll the guardrail out to those nodes "
-            "before raising the minimum version.")
+            f"before raising the minimum version. {SEEN_BY_TRACE}")
 
 
 def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend: str) -> str:

@@ -6,6 +6,7 @@ import functools
 import importlib.metadata
 import json
 import platform
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,7 @@ class Verdict:
     enforce: bool = True
     without: tuple[int, ...] = ()  # the ranks it was reached without (not heard from in time)
     readers: int = 0  # the ranks that published and read it
-    hold: bool = False  # rank 0 waits for the readers (a mismatch, or the preflight's verdict)
+    token: str = ""  # rank 0's name for this check, new each time (torchrun's agents pass it to their workers)
 
     @property
     def ok(self) -> bool:
@@ -164,12 +165,14 @@ class Verdict:
         except InvalidPayload as e:
             raise InvalidPayload(f"the key {key} holds an unreadable verdict ({e})") from None
         status, detail, negotiated = obj.get("status"), obj.get("detail"), obj.get("negotiated")
-        without, readers = obj.get("without", []), obj.get("readers", 0)
+        without, readers, token = obj.get("without", []), obj.get("readers", 0), obj.get("token", "")
         if status not in _STATUSES or not isinstance(detail, str):
             raise InvalidPayload(f"the key {key} holds a verdict with an unknown status {status!r:.40}")
         if status == "ok" and type(negotiated) is not int:
             raise InvalidPayload(f"the key {key} holds an 'ok' verdict without a negotiated version")
         if not isinstance(without, list) or not all(type(r) is int for r in without) or type(readers) is not int:
             raise InvalidPayload(f"the key {key} holds a verdict with invalid 'without' or 'readers' fields")
+        if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{0,32}", token):
+            raise InvalidPayload(f"the key {key} holds a verdict with an invalid token {token!r:.40}")
         return cls(status, detail, negotiated if status == "ok" else None, obj.get("enforce") is not False,
-                   tuple(without), readers, obj.get("hold") is True)
+                   tuple(without), readers, token)

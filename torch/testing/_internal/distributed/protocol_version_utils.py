@@ -35,6 +35,7 @@ from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import (
     CHECK_MODE_ENV,
     MIN_VERSION_OVERRIDE_ENV,
+    ROUND_ENV,
     RPC_MIN_VERSION_OVERRIDE_ENV,
     RPC_VERSION_OVERRIDE_ENV,
     VERSION_OVERRIDE_ENV,
@@ -50,6 +51,7 @@ GUARDRAIL_ENVS = (
     CHECK_MODE_ENV,
     RPC_VERSION_OVERRIDE_ENV,
     RPC_MIN_VERSION_OVERRIDE_ENV,
+    ROUND_ENV,
 )
 # The checkout this file belongs to (it is linked into the installed torch).
 REPO_ROOT = Path(__file__).resolve().parents[4]
@@ -356,7 +358,7 @@ def read_verdict_as(
     with a store object), through the rest of the check as a rank of this build
     does: wait for rank 0's verdict, delete its slot and count itself out; the last
     reader removes the check's keys (unless the verdict was reached without some
-    ranks), then sets ``left`` where rank 0 holds the store for its readers.
+    ranks), then sets ``left``, for which rank 0 holds the store.
     Returns the verdict as read."""
     verdict_key = family.key(namespace, "verdict")
     store.wait([verdict_key], timedelta(seconds=timeout_s))
@@ -368,8 +370,7 @@ def read_verdict_as(
             if not verdict.get("without"):
                 for key in (verdict_key, family.key(namespace, "read"), family.key(namespace, "rank", 0)):
                     store.delete_key(key)
-            if verdict.get("hold"):
-                store.set(family.key(namespace, "left"), "")
+            store.set(family.key(namespace, "left"), "")
     return raw
 
 
