@@ -152,7 +152,7 @@ class _CountingStore(dist.Store):
         self._inner, self.calls = inner, 0
 
     def __getattribute__(self, name: str) -> Any:
-        if name in ("set", "get", "add", "check", "wait", "multi_get", "delete_key", "compare_set"):
+        if name in ("set", "get", "add", "check", "wait", "multi_get", "multi_set", "delete_key", "compare_set"):
             object.__setattr__(self, "calls", object.__getattribute__(self, "calls") + 1)
             return getattr(object.__getattribute__(self, "_inner"), name)
         return object.__getattribute__(self, name)
@@ -177,6 +177,7 @@ class TestBlockingWaits(TestCase):
     def test_rank_0_makes_as_many_calls_for_a_late_rank_as_for_a_punctual_one(self) -> None:
         # Past the grace period (1 s) the old protocol looked every half second.
         self.assertEqual(self._rank_0_calls(2.5), self._rank_0_calls(0.0))
+        self.assertEqual(self._rank_0_calls(0.0), 9)  # as the docs count them
 
     def test_a_healthy_job_with_a_late_rank_logs_no_wait_timeout(self) -> None:
         script = textwrap.dedent("""
@@ -244,10 +245,25 @@ def init_after_a_single_rank_init(rank: int, world_size: int, port: int) -> int:
         dist.destroy_process_group()
 
 
+def reinit_with_ranks_swapped(rank: int, world_size: int, ports: tuple[int, int]) -> list[int]:
+    """Init as ``rank``, then again, on a fresh store, as ranks 0, 2, 1 of the first init are now."""
+    versions = []
+    for port, as_rank in zip(ports, (rank, (0, 2, 1)[rank])):
+        store = dist.TCPStore("127.0.0.1", port, world_size, as_rank == 0, timeout=timedelta(seconds=30))
+        dist.init_process_group("gloo", store=store, rank=as_rank, world_size=world_size, timeout=timedelta(seconds=15))
+        versions.append(pv.get_group_protocol_version())
+        dist.destroy_process_group()
+    return versions
+
+
 class TestNamespaces(TestCase):
     def test_a_single_rank_group_before_does_not_move_a_rank_to_another_namespace(self) -> None:
         results = spawn_ranks(init_after_a_single_rank_init, 2, args=(find_free_port(),))
         self.assertEqual([r.value for r in results], [1, 1], results)
+
+    def test_ranks_swapped_on_a_re_init_derive_one_namespace(self) -> None:
+        results = spawn_ranks(reinit_with_ranks_swapped, 3, args=((find_free_port(), find_free_port()),))
+        self.assertEqual([r.value for r in results], [[1, 1]] * 3, results)
 
     def test_the_restart_count_counts_only_where_workers_share_the_agents_store(self) -> None:
         with mock.patch.dict(os.environ, {pv.RESTART_COUNT_ENV: "2"}):
@@ -255,7 +271,11 @@ class TestNamespaces(TestCase):
             self.assertEqual(pv._attempt_namespace("c10d", 1), ("c10d/0/1", False))
             os.environ[pv.AGENT_STORE_ENV] = "True"
             self.assertEqual(pv._attempt_namespace("c10d", 0), ("c10d/2/0", False))
-            del os.environ[pv.AGENT_STORE_ENV]
+            os.environ[pv.ROUND_ENV] = "5eed"  # the round torchrun's agents checked names the attempt
+            self.assertEqual(pv._attempt_namespace("c10d", 0), ("c10d/5eed/0", False))
+            os.environ.pop(pv.AGENT_STORE_ENV)
+            self.assertEqual(pv._attempt_namespace("c10d", 0), ("c10d/0/0", True))
+            del os.environ[pv.ROUND_ENV]
 
 
 class TestPassingVerdicts(TestCase):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -449,7 +449,7 @@ class TestMessageSize(TestCase):
         missing = list(range(1, 100_000, 2))
         # Every other present rank was seen without the check, through gloo's key.
         raws = {r: _exchange.NO_CHECK.encode() if r % 4 == 2 else b"{}" for r in range(2, 100_000, 2)}
-        detail = _exchange._judge(check, {0: info.to_payload(C10D).encode(), **raws}, missing).detail
+        detail = _exchange._verdict_on(check, {0: info.to_payload(C10D).encode(), **raws}, missing).detail
         self.assertLess(len(detail), 4096)
         self.assertIn("and 49984 more never published", detail)
         # A rank that got no verdict names the same ranks, rank 0 among them, as briefly.
@@ -672,21 +672,22 @@ class TestReinitOnOneStore(TestCase):
         # grace period: they must wait for its check, not take its old gloo key for
         # a build without one; and each rank deletes its own stale key, which gloo
         # would otherwise read as its address. (The hook itself, on threads, which
-        # stand for the ranks of one process each: their default-group inits are
-        # counted apart from this process's.)
+        # stand for the processes of the job: each thread counts its own inits.)
         store = dist.HashStore()
 
-        def hook(store: dist.Store, rank: int, world_size: int) -> int:
+        def hook(store: dist.Store, rank: int, world_size: int, earlier: int = 0) -> int:
+            for _ in range(earlier):  # this thread stands for a process that made earlier inits
+                next(pv._thread_inits.count)
             group_store = dist.PrefixStore("0/", store)  # what init registers the group with
             pv._check_protocol_version(store, group_store, rank, world_size, timedelta(seconds=20), "gloo", "cpu", "0", True)
             return pv._negotiated[group_store]
 
         key = pv.gloo_key("0", "cpu")
-        with mock.patch.object(pv, "_default_inits", defaultdict(itertools.count)):
+        with mock.patch.object(pv, "_process_inits", itertools.count()):
             first = RankThreads(3, 20.0, hook).start(dict.fromkeys(range(3), store)).join()
             self.assertEqual({r: o.value for r, o in first.items()}, {0: 1, 1: 1, 2: 1}, first)
             store.multi_set([key(r) for r in range(3)], ["address"] * 3)  # what gloo left
-            second = RankThreads(3, 20.0, hook)
+            second = RankThreads(3, 20.0, functools.partial(hook, earlier=1))
             with self.assertNoLogs("torch.distributed._protocol_version", logging.WARNING):
                 second.start({1: store, 2: store})
                 namespace, first_init = pv._attempt_namespace("c10d", 1)

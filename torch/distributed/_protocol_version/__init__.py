@@ -7,6 +7,7 @@ builds. ``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry 
 import itertools
 import logging
 import os
+import threading
 import time
 import weakref
 from collections import defaultdict
@@ -34,23 +35,42 @@ __all__ = [
 VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV = C10D.version_env, C10D.min_version_env
 RPC_VERSION_OVERRIDE_ENV, RPC_MIN_VERSION_OVERRIDE_ENV = RPC.version_env, RPC.min_version_env
 RESTART_COUNT_ENV, AGENT_STORE_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"
+# Set by torchrun's agents for the workers they start: rank 0 agent's name for the round they checked.
+ROUND_ENV = "TORCH_DISTRIBUTED_PROTOCOL_ROUND"
 
 logger = logging.getLogger(__name__)
 
 # The version each checked default group negotiated (None: none), keyed by its store: it dies with the group.
 _negotiated: weakref.WeakKeyDictionary[Store, int | None] = weakref.WeakKeyDictionary()
 _rpc_negotiated: dict[str, int | None] = {"version": None}  # the last init_rpc's, set by ``_rpc``
-# Checks each rank made before: default groups (threads may stand for ranks), and calls with each store object.
-_default_inits: defaultdict[int, Iterator[int]] = defaultdict(itertools.count)
+# Calls of check_protocol_version each rank made with each store object.
 _calls: weakref.WeakKeyDictionary[Store, defaultdict[int, Iterator[int]]] = weakref.WeakKeyDictionary()
+# Default groups this process checked: gloo's key per rank is a trace in its first only.
+_process_inits = itertools.count()
+
+
+class _ThreadInits(threading.local):
+    """Default groups this thread checked: threads may stand for ranks (each its own count); else a process
+    counts every init whatever its rank, so ranks swapped on a re-init agree. A rank that inits from a new
+    thread each time starts again at 0, in the namespace its last clean check left empty."""
+
+    def __init__(self) -> None:
+        self.count = itertools.count()
+
+
+_thread_inits = _ThreadInits()
 
 
 def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
     """A check's namespace, the same on every rank of one attempt and never used twice on a store, and
-    whether it is the attempt's first. ``count`` tells re-inits in one process apart; torchrun's restart
-    count tells attempts apart where workers share the agent's store (elsewhere each attempt has its own)."""
-    restart = os.environ.get(RESTART_COUNT_ENV, "0") if os.environ.get(AGENT_STORE_ENV) == "True" else "0"
-    return f"{kind}/{restart}/{count}", restart == "0" and count == 0
+    whether it is the attempt's first. ``count`` tells re-inits in one process apart. Where workers share
+    the agent's store, which outlives an attempt, the round the agents checked tells attempts apart, else
+    torchrun's restart count (a node restarting for another's sake keeps it); elsewhere each attempt has
+    a store of its own."""
+    agent_store = os.environ.get(AGENT_STORE_ENV) == "True"
+    restart = os.environ.get(RESTART_COUNT_ENV, "0") if agent_store else "0"
+    attempt = (os.environ.get(ROUND_ENV) or restart) if agent_store else "0"
+    return f"{kind}/{attempt}/{count}", restart == "0" and count == 0
 
 
 def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
@@ -72,7 +92,9 @@ def _check_protocol_version(
     if mode is None:
         return
     # Only checks that reach the store count: a single rank's makes no store traffic.
-    namespace, first = _attempt_namespace("c10d", next(_default_inits[rank]) if world_size > 1 else 0)
+    inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)
+    namespace, first = _attempt_namespace("c10d", inits[0])
+    first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:
         delete(store, [trace(rank)])
