@@ -62,16 +62,19 @@ AGENT = (
 PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed")
 
 # The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 on the
-# group ranks listed in PV_TEST_FAIL_FIRST,
+# group ranks listed in PV_TEST_FAIL_FIRST, takes 5 s to start on attempt 0 on
+# those in PV_TEST_SLOW_FIRST,
 # and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces.
 WORKER = '''\
-import os, sys
+import os, sys, time
 from pathlib import Path
 
 attempt, group_rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["GROUP_RANK"]
 Path(os.environ["PV_TEST_DIR"], f"started.{group_rank}.{attempt}").write_text(os.environ["RANK"])
 if attempt == "0" and group_rank in os.environ.get("PV_TEST_FAIL_FIRST", "").split(","):
     sys.exit(3)
+if attempt == "0" and group_rank in os.environ.get("PV_TEST_SLOW_FIRST", "").split(","):
+    time.sleep(5)
 if os.environ.get("PV_TEST_INIT") == "1":
     import torch, torch.distributed as dist
     dist.init_process_group("gloo")
@@ -209,6 +212,18 @@ class TestAgentCheck(AgentLauncher):
             self.assertEqual(len(agent.passed), 2, agent.output[-4000:])  # round 0, then round 1
         self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0", "started.1.1"])
         self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.1"])
+
+    def test_a_node_restarting_for_another_nodes_sake_inits_with_it(self) -> None:
+        """Group rank 0's worker fails at once while group rank 1's is still starting:
+        agent 1 restarts its worker for agent 0's sake and keeps its restart count (0)
+        where agent 0's is now 1, so the restart count does not name the attempt. The
+        workers init on the round their agents checked, as stock's do."""
+        env = {"PV_TEST_FAIL_FIRST": "0", "PV_TEST_SLOW_FIRST": "1", "PV_TEST_INIT": "1"}
+        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env=env)
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        sums = [p.read_text() for p in self.dir.glob("sum.*")]
+        self.assertEqual(sums, ["2.0", "2.0"], self.started())
 
     def test_static_rendezvous_checks_once_and_a_node_restarts_alone(self) -> None:
         """The static rendezvous keeps one store namespace for the job, and a node

@@ -319,15 +319,20 @@ class TestPreflightRoster(TestCase):
 NPROC = 4
 SILENT_RANK_ENV = "PV_TEST_SILENT_LOCAL_RANK"
 LINGER_RANK_ENV = "PV_TEST_LINGER_LOCAL_RANK"
+LATE_RANK_ENV = "PV_TEST_LATE_LOCAL_RANK"
 # The worker under torchrun: the odd local rank announces version 2; the silent
-# one never runs the preflight and waits to be stopped; every other rank runs the
-# CLI and reports its code, and the lingering one then waits to be stopped too.
+# one never runs the preflight and waits to be stopped; the late one starts 3 s
+# after the others; every other rank runs the CLI and reports its code, and the
+# lingering one then waits to be stopped too.
 WORKER_SCRIPT = f'''\
 import os
 import signal
 import sys
+import time
 
 local_rank = os.environ["LOCAL_RANK"]
+if local_rank == os.environ.get("{LATE_RANK_ENV}"):
+    time.sleep(3)
 if local_rank == os.environ.get("{ODD_RANK_ENV}"):
     os.environ["{VERSION_OVERRIDE_ENV}"] = "2"
 if local_rank == os.environ.get("{SILENT_RANK_ENV}"):
@@ -491,8 +496,10 @@ The job would start.""",
         self.assertIn("Why: rank 3 accepts nothing older than protocol version 2", table)
 
     def test_a_silent_rank_is_named_at_the_timeout(self) -> None:
+        """Rank 0 comes 3 s after the others, whose timeout ends first: they wait on for
+        its verdict, so that torchrun does not stop rank 0 before it prints its table."""
         started = time.monotonic()
-        result = self.torchrun([str(self.worker)], "--timeout", "5", **{SILENT_RANK_ENV: "2"})
+        result = self.torchrun([str(self.worker)], "--timeout", "5", **{SILENT_RANK_ENV: "2", LATE_RANK_ENV: "0"})
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(exit_lines(result.stdout), {0: 1, 1: 1, 3: 1}, result.stdout[-4000:])
         table = masked_table(result.stdout)
