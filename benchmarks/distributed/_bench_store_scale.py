@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
 from torch.distributed._protocol_version import check_protocol_version
+from torch.distributed._protocol_version._exchange import JUDGED
 from torch.testing._internal.distributed.protocol_version_utils import RankThreads
 
 from _bench_common import Target, format_table, median, store_barrier
@@ -75,18 +76,18 @@ def check_traffic(store: dist.Store, rank: int, world_size: int) -> None:
         store.set(slots[0], NAIVE_PAYLOAD)
         store.wait(slots[1:], wait)
         store.multi_get(slots[1:])
+        store.multi_set(slots[1:], [JUDGED] * (world_size - 1))
         store.set("verdict", VERDICT)
-        store.add("read", 0)
-        store.wait(["left"], wait)
-        for key in ("verdict", "read", "left", slots[0]):
-            store.delete_key(key)
         return
     store.set(slots[rank], NAIVE_PAYLOAD)
     store.wait(["verdict"], wait)
     store.get("verdict")
+    store.check([slots[rank]])
+    store.get(slots[rank])
     store.delete_key(slots[rank])
     if store.add("read", 1) == world_size - 1:
-        store.set("left", "")
+        for key in ("verdict", "read", slots[0]):
+            store.delete_key(key)
 
 
 Body = Callable[[dist.Store, int, int], None]

@@ -1,8 +1,9 @@
 """The store protocol of one check, under ``<family prefix>/<namespace>/``: every rank
 publishes its payload (``rank/<r>``); rank 0 blocks until every other one is there, marks
-them judged, publishes the ``verdict`` and waits for ``left``; each other rank blocks on the
-verdict, takes it if its own payload was marked, deletes it and counts itself out (``read``):
-the last removes the keys and sets ``left``. A rank without the check is seen only through
+them judged and publishes the ``verdict``; each other rank blocks on the verdict, takes it if
+its own payload was marked, deletes it and counts itself out (``read``): the last removes the
+keys. Rank 0 holds the store for a failing verdict (the preflight's: any), until the last sets
+``left``. A rank without the check is seen only through
 its backend's trace (gloo's key per rank); without it ``error`` waits for a rank until its
 timeout, ``warn`` for its grace period."""
 
@@ -80,6 +81,11 @@ class _Check:
     def remaining(self) -> float:
         return self.end - time.monotonic()
 
+    def holds(self, verdict: Verdict) -> bool:
+        """Whether rank 0 waits for ``left`` before it goes on: on a pass it goes on into the backend, which
+        keeps the store up; else it may exit, and take the store down with it."""
+        return self.patient or not verdict.ok
+
     def reused_verdict(self) -> Verdict:
         return Verdict("timeout", _messages.reused(self.family, self.key(), self.backend), None)
 
@@ -119,8 +125,8 @@ def _verdict_on(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Ve
 
 
 def _coordinate(check: _Check) -> Outcome:
-    """Rank 0: collect, judge, publish, and hold the store (it often hosts it) while the readers
-    read, for its grace period at most. Its own payload there means a reused namespace."""
+    """Rank 0: collect, judge, publish, and hold the store (it often hosts it) while the readers of a
+    failing verdict read, for its grace period at most. Its own payload there means a reused namespace."""
     store, verdict_key = check.store, check.key("verdict")
     if present(store, [check.slot(0)]):
         verdict = check.reused_verdict()
@@ -140,7 +146,7 @@ def _coordinate(check: _Check) -> Outcome:
     hold = check.remaining() if check.patient else min(check.grace, check.remaining())
     if not readers and not verdict.without:
         delete(store, [verdict_key, check.slot(0)])
-    elif readers and wait_for(store, [check.key("left")], hold):
+    elif readers and check.holds(verdict) and wait_for(store, [check.key("left")], hold):
         reused = store.get(check.key("left")) == REUSED.encode()
         delete(store, [check.key("left")])
         if reused:  # it judged payloads an earlier attempt left, which its own ranks overwrote
@@ -150,7 +156,7 @@ def _coordinate(check: _Check) -> Outcome:
 
 def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: count itself out; the last reader removes the keys
-    (unless late ranks may come) and releases rank 0. A verdict that did not judge this rank's
+    (unless late ranks may come) and releases a holding rank 0. A verdict that did not judge this rank's
     payload is a late rank's, or an earlier check's in a reused namespace."""
     store, check.doing = check.store, "reading its own slot"
     judged = present(store, [check.slot(check.rank)]) and store.get(check.slot(check.rank)) == JUDGED.encode()
@@ -158,12 +164,14 @@ def _leave(check: _Check, verdict: Verdict) -> Verdict:
     if not judged:  # a late rank's keys stay: others the verdict was reached without may still come
         if check.rank in verdict.without:
             return dataclasses.replace(_late(check, verdict), token=verdict.token)
-        store.set(check.key("left"), REUSED)  # rank 0 of this attempt, if it judged an earlier one's payloads
+        if check.holds(verdict):  # rank 0 of this attempt, if it judged an earlier one's payloads
+            store.set(check.key("left"), REUSED)
         return check.reused_verdict()
     if count(store, check.key("read"), 1) == verdict.readers:
         if not verdict.without:
             delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
-        store.set(check.key("left"), "")  # after the deletes: rank 0 may take the store down
+        if check.holds(verdict):
+            store.set(check.key("left"), "")  # after the deletes: rank 0 may take the store down
     return verdict
 
 

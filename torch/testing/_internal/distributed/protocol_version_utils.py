@@ -358,7 +358,7 @@ def read_verdict_as(
     with a store object), through the rest of the check as a rank of this build
     does: wait for rank 0's verdict, delete its slot and count itself out; the last
     reader removes the check's keys (unless the verdict was reached without some
-    ranks), then sets ``left``, for which rank 0 holds the store.
+    ranks), then, for a failing verdict, sets ``left``, for which rank 0 holds the store.
     Returns the verdict as read."""
     verdict_key = family.key(namespace, "verdict")
     store.wait([verdict_key], timedelta(seconds=timeout_s))
@@ -370,7 +370,8 @@ def read_verdict_as(
             if not verdict.get("without"):
                 for key in (verdict_key, family.key(namespace, "read"), family.key(namespace, "rank", 0)):
                     store.delete_key(key)
-            store.set(family.key(namespace, "left"), "")
+            if verdict["negotiated"] is None:
+                store.set(family.key(namespace, "left"), "")
     return raw
 
 
