@@ -159,20 +159,22 @@ class _ClusterTestCase(TestCase):
                 self.assertEqual(done["negotiated"], negotiated[host.index], host.name)
 
     def assert_agents_passed(self, job: Job, rounds: int = 1) -> dict[str, list[float]]:
-        """Every checking agent passed the agent check once per round, after
-        joining that round and before its worker of that round started. Returns
-        each host's seconds from the last agent's arrival to its pass, per round."""
+        """Every checking agent passed the agent check once in each of ``rounds``
+        rendezvous rounds, after joining that round and before any worker of
+        that round started. Returns each host's seconds from the last agent's
+        arrival to its pass, per round."""
         agents = len(job.runs)
         waited: dict[str, list[float]] = {}
         for host in self.checking(job):
             joined = job.rounds(host)
             passed = job.logged(host, passed_line(agents))
             self.assertEqual((len(joined), len(passed)), (rounds, rounds), self.output(job, host))
+            ends = [r.joined for r in joined[1:]] + [float("inf")]
             waited[host.name] = []
             for attempt in range(rounds):
-                launched = self.events_of(job, host, "launched", attempt)
                 self.assertLessEqual(joined[attempt].joined, passed[attempt].time, host.name)
-                self.assertLessEqual(passed[attempt].time, launched["time"], f"{host.name}: worker before the check")
+                launches = [e["time"] for e in job.events_of(host, "launched") if joined[attempt].joined <= e["time"] < ends[attempt]]
+                self.assertTrue(all(passed[attempt].time <= t for t in launches), f"{host.name}: worker before the check")
                 last = max(job.rounds(h)[attempt].joined for h in self.in_job(job))
                 waited[host.name].append(round(passed[attempt].time - last, 2))
         return waited
@@ -456,12 +458,18 @@ class TestAgentCheckCluster(_ClusterTestCase):
         each time before that round's workers start), and attempt 1 completes."""
         job = self.launch([FORK] * NNODES, worker_args=["--fail-on-attempt", "0"], max_restarts=1)
         self.assert_ran(job, attempt=1)
+        # A node whose worker is still starting when another node's has failed
+        # restarts for that node's sake without counting a restart (torch 2.13),
+        # so its worker fails once more at attempt 0: a third round, which every
+        # agent joins and checks as well.
+        rounds = len(job.rounds(self.hosts[0]))
+        self.assertIn(rounds, (2, 3), self.output(job, self.hosts[0]))
         for host in self.hosts:
-            self.assertEqual([r.round for r in job.rounds(host)], [0, 1], self.output(job, host))
+            self.assertEqual([r.round for r in job.rounds(host)], list(range(rounds)), self.output(job, host))
             self.events_of(job, host, "failed_on_purpose", attempt=0)
             self.assertEqual(job.events_of(host, "failed_on_purpose", attempt=1), [], host.name)
-        waited = self.assert_agents_passed(job, rounds=2)
-        self.report(f"agents passed {waited} s after the last agent joined rounds 0 and 1")
+        waited = self.assert_agents_passed(job, rounds=rounds)
+        self.report(f"agents passed {waited} s after the last agent joined each of {rounds} rounds")
 
     def test_worker_identical_all_checking_agents(self) -> None:
         """TORCH_ELASTIC_WORKER_IDENTICAL=1 (agents skip role_info and compute
