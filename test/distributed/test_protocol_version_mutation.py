@@ -52,9 +52,9 @@ def _run_mixed_job(mutation: str | None, job: Callable[..., Any] = init_rank, mi
         if mutation is not None:
             paths = [sitecustomize_pythonpath(Path(tmp), mutation), os.environ.get("PYTHONPATH")]
             env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-        # Spawned ranks inherit the environment at start, before site runs.
+        # Fresh interpreters, which run the sitecustomize on PYTHONPATH before anything imports torch.
         with mock.patch.dict(os.environ, env):
-            return spawn_ranks(job, 2, args=(find_free_port(),), rank_env=mixed, timeout=150)
+            return spawn_ranks(job, 2, args=(find_free_port(),), rank_env=mixed, timeout=150, fresh=True)
 
 
 class TestGuardrailMutation(TestCase):

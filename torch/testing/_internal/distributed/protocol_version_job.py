@@ -78,7 +78,9 @@ def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any
 def main() -> None:
     job = json.loads(sys.argv[1])
     port = int(sys.argv[2])
-    ctx = multiprocessing.get_context("spawn")
+    # Ranks fork from a server that imported torch once, as the tests' own ranks do.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch.distributed"])
     results = ctx.Queue()
     started = list(job.get("started", range(job["world_size"])))
     imported = ctx.Barrier(len(started))

@@ -108,15 +108,12 @@ def _child(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
-    env: Mapping[str, str | None],
+    env: Mapping[str, str],
     args: tuple[Any, ...],
     results: Any,
 ) -> None:
-    for name, value in env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    os.environ.clear()  # a forked rank starts with the server's environment: take the test's
+    os.environ.update(env)
     result = RankResult(rank, started=time.time())
     try:
         result.value = fn(rank, world_size, *args)
@@ -135,23 +132,29 @@ def spawn_ranks(
     common_env: Mapping[str, str | None] | None = None,
     timeout: float = 120.0,
     ranks: Sequence[int] | None = None,
+    fresh: bool = False,
 ) -> list[RankResult]:
-    """Run ``fn(rank, world_size, *args)`` in one spawned process per rank.
+    """Run ``fn(rank, world_size, *args)`` in one process per rank.
 
-    ``rank_env`` sets (or, with ``None``, unsets) variables for single ranks on top
-    of ``common_env``; the guardrail's own variables are unset unless given, so a
-    developer's shell cannot leak into a test. ``ranks`` starts only some ranks
-    (to simulate one that never arrives). Results come back ordered by rank; a
-    rank that died without reporting has only its ``exitcode``.
+    The processes fork from a server that imported torch once (a fresh interpreter
+    spends about 2 s of CPU importing it, most of what a test costs on a small
+    machine), and each takes the test's environment as it is at the call.
+    ``fresh`` spawns fresh interpreters instead, for ranks whose start-up differs
+    (a ``sitecustomize`` on ``PYTHONPATH``). ``rank_env`` sets (or, with ``None``,
+    unsets) variables for single ranks on top of ``common_env``; the guardrail's
+    own variables are unset unless given, so a developer's shell cannot leak into
+    a test. ``ranks`` starts only some ranks (to simulate one that never arrives).
+    Results come back ordered by rank; a rank that died without reporting has only
+    its ``exitcode``.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn" if fresh else "forkserver")
+    ctx.set_forkserver_preload(["torch.distributed", __name__])
     results = ctx.Queue()
     started = list(range(world_size)) if ranks is None else list(ranks)
     procs = {}
     for rank in started:
-        env: dict[str, str | None] = dict.fromkeys(GUARDRAIL_ENVS)
-        env.update(common_env or {})
-        env.update((rank_env or {}).get(rank, {}))
+        overrides = dict.fromkeys(GUARDRAIL_ENVS) | dict(common_env or {}) | dict((rank_env or {}).get(rank, {}))
+        env = {k: v for k, v in (dict(os.environ) | overrides).items() if v is not None}
         proc = ctx.Process(target=_child, args=(fn, rank, world_size, env, args, results))
         proc.start()
         procs[rank] = proc
