@@ -5,6 +5,9 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 HOOK    := tools/protocol_version_hook.py
 TESTS   := test/distributed
+# The suites that mostly cost time: make test-all adds them to make test (CI runs both).
+LONG_TESTS := $(addprefix $(TESTS)/,test_protocol_version_cluster.py test_upstream_suite_subset.py \
+              test_protocol_version_packaging.py)
 # Defined before the rules that use them: make expands prerequisites as it reads.
 STOCK_PY    := .venv-stock/bin/python
 STOCK_STAMP := .venv-stock/.installed
@@ -12,9 +15,11 @@ STOCK_STAMP := .venv-stock/.installed
 # (README: PIP_EXTRA_INDEX_URL) pip then stops with "no matching distribution"
 # instead of downloading the CUDA build and its nvidia-* dependencies.
 CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
-PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
+# --no-compile: Python compiles what a run imports, on first import; byte-compiling all
+# of torch at install took two thirds of a venv's 77 s.
+PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
+.PHONY: demo test test-long test-all lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -31,8 +36,17 @@ hooked: $(STAMP)
 demo: hooked
 	$(PY) tools/demo.py
 
+# The contributor's loop: lint, then every test but the long suites, in two workers
+# (pytest-xdist; a class's tests stay on one worker, which runs them in order).
 test: lint $(STOCK_STAMP)
-	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider
+	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider -n 2 --dist loadscope $(addprefix --ignore=,$(LONG_TESTS))
+
+# The long suites: the namespace cluster with real other builds, upstream's suites'
+# subsets, packaging with wheel builds. Run serially: their scenes time themselves.
+test-long: hooked $(STOCK_STAMP)
+	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
+
+test-all: test test-long
 
 # ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
 # on the package; make test runs it first.
