@@ -91,9 +91,11 @@ class Agent:
 
     python: Path = Path(sys.executable)
     env: Mapping[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0  # started this long after the others
     returncode: int | None = None
     output: str = ""
     wall_s: float = 0.0
+    ended: float = 0.0  # time.monotonic() at its exit
 
     @property
     def passed(self) -> list[tuple[int, int]]:
@@ -130,10 +132,12 @@ class AgentLauncher(TestCase):
                 str(agent.python), "-c", AGENT, f"--nnodes={nnodes or len(agents)}", "--nproc-per-node=1",
                 *rdzv, "--monitor-interval=0.1", *args, str(self.dir / "worker.py"),
             ]
+            time.sleep(agent.delay_s)
             started = time.monotonic()
             result, timed_out = run_in_own_session(cmd, bound, {**base, **agent.env})
             self.assertFalse(timed_out, f"torchrun still running after {bound:g}s:\n{result.stdout[-4000:]}")
-            agent.returncode, agent.output, agent.wall_s = result.returncode, result.stdout, time.monotonic() - started
+            agent.returncode, agent.output, agent.ended = result.returncode, result.stdout, time.monotonic()
+            agent.wall_s = agent.ended - started
             return agent
 
         with ThreadPoolExecutor(len(agents)) as pool:
@@ -185,6 +189,17 @@ class TestAgentCheck(AgentLauncher):
         self.assert_refused(agents, agents)
         for agent in agents:
             self.assertEqual(agent.output.count(AGENT_MISMATCH), 1, agent.output[-4000:])
+
+    def test_an_invalid_setting_on_one_node_fails_every_node_at_once(self) -> None:
+        # The node with the typo starts last, so the other one hosts the rendezvous store; before the
+        # guardrail told the others, that one waited for it until the store's timeout.
+        good, bad = self.launch([Agent(), Agent(env={CHECK_MODE_ENV: "strict"}, delay_s=2.0)])
+        for agent in (good, bad):
+            self.assertNotEqual(agent.returncode, 0, agent.output[-4000:])
+        self.assertIn("SettingError", bad.output)
+        self.assertRegex(good.output, rf"  rank \d: an invalid setting on host \S+: {CHECK_MODE_ENV}='strict'")
+        self.assertLess(good.ended - bad.ended, 5.0, good.output[-4000:])
+        self.assertEqual(self.started(), [])
 
     @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
     def test_a_stock_agent_beside_version_1_runs_with_a_warning_naming_it(self) -> None:

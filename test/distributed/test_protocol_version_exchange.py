@@ -90,6 +90,44 @@ class TestMixedModes(TestCase):
             self.assertIn("rank 2 accepts nothing older than protocol version 2", result.error or "")
 
 
+def client_gloo_init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    """Init gloo on the store the test hosts, then destroy."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.destroy_process_group()
+
+
+class TestABadSettingFailsEveryRank(TestCase):
+    """A rank whose guardrail setting is invalid tells the others through the check
+    before it raises: they fail within seconds, naming its rank, host and variable,
+    not at their timeout (60 s here)."""
+
+    def assert_told(self, bad: int, setting: dict[str, str], modes: dict[int, dict[str, str]] | None = None) -> int:
+        """Returns the keys the store holds beyond those it holds once a client is connected."""
+        server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+        dist.TCPStore("127.0.0.1", server.port, 1, False, timeout=timedelta(seconds=60))
+        before = server.num_keys()
+        rank_env = {**(modes or {}), bad: setting}
+        results = spawn_ranks(client_gloo_init, 3, args=(server.port, 60.0), rank_env=rank_env, timeout=90.0)
+        for result in results:
+            self.assertLess(result.finished - result.started, 20.0, result)
+            if result.rank == bad:
+                self.assertEqual(result.error_type, "SettingError", result)
+                continue
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
+            self.assertIn(f"  rank {bad}: an invalid setting on host ", result.error or "")
+            self.assertIn(f"{next(iter(setting))}='{next(iter(setting.values()))}' is not a valid", result.error or "")
+        return server.num_keys() - before
+
+    def test_rank_1_leaves_no_key(self) -> None:
+        # Rank 0 judged rank 1's setting and deleted it; rank 2 read the verdict and removed the rest.
+        self.assertEqual(self.assert_told(1, {CHECK_MODE_ENV: "strict"}), 0)
+
+    def test_rank_0_fails_warn_ranks_too(self) -> None:
+        # A setting is an error in every mode, and so is the verdict on it.
+        self.assert_told(0, {VERSION_OVERRIDE_ENV: "two"}, {1: WARN, 2: WARN})
+
+
 class TestWarnKeepsTheNegotiatedVersion(TestCase):
     def test_a_warn_job_with_a_rank_two_seconds_late_negotiates_on_every_rank(self) -> None:
         results = spawn_ranks(late_gloo_init, 2, args=(find_free_port(), {1: 2.0}, 30.0), common_env=WARN)

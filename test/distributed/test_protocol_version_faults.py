@@ -462,12 +462,12 @@ class TestHostilePayloads(GuardrailEnvTestCase):
         self.assertExpectedInline(
             mask_host(outcomes[0].error),
             """\
-torch.distributed protocol version check failed (backend unknown): 4 ranks published an invalid protocol version payload, so this job cannot be judged safe:
+torch.distributed protocol version check failed (backend unknown): 4 ranks published an invalid protocol version payload or setting, so this job cannot be judged safe:
   rank 2: not valid JSON ('utf-8' codec can't decode byte 0x80 in position 0: invalid start byte)
   rank 3: not valid JSON (Expecting value: line 1 column 1 (char 0))
   rank 4: 1048576 bytes, over the 65536-byte limit
   rank 5: not valid JSON (Expecting value: line 1 column 1 (char 0))
-Something other than this check wrote to its keys in the store, or a build that speaks another payload format joined the job.
+Where a line names an invalid setting, fix it on that host; otherwise something other than this check wrote to its keys in the store, or a build that speaks another payload format joined the job.
 This rank (rank 0, host <host>) runs protocol version 1.""",
         )
 

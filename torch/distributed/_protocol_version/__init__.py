@@ -16,9 +16,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
-from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure
+from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure, mode_or_tell
 from torch.distributed._protocol_version._families import C10D, RPC
-from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, CHECK_MODES, SettingError
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, SettingError
 from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
@@ -45,14 +45,15 @@ _negotiated: weakref.WeakKeyDictionary[Store, int | None] = weakref.WeakKeyDicti
 _rpc_negotiated: dict[str, int | None] = {"version": None}  # the last init_rpc's, set by ``_rpc``
 # Calls of check_protocol_version each rank made with each store object.
 _calls: weakref.WeakKeyDictionary[Store, defaultdict[int, Iterator[int]]] = weakref.WeakKeyDictionary()
-# Default groups this process checked: gloo's key per rank is a trace in its first only.
+# Default groups of several ranks this process initialised, whatever its mode: gloo's key per rank is a trace
+# in its first only.
 _process_inits = itertools.count()
 
 
 class _ThreadInits(threading.local):
-    """Default groups this thread checked: threads may stand for ranks (each its own count); else a process
-    counts every init whatever its rank, so ranks swapped on a re-init agree. A rank that inits from a new
-    thread each time starts again at 0, in the namespace its last clean check left empty."""
+    """Default groups this thread initialised, whatever its mode: threads may stand for ranks (each its own
+    count); else a process counts every init whatever its rank, so ranks swapped on a re-init agree. A rank
+    that inits from a new thread each time starts again at 0, in the namespace its last clean check left empty."""
 
     def __init__(self) -> None:
         self.count = itertools.count()
@@ -88,12 +89,14 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend == "fake":
         return
     _negotiated[group_store] = None
-    mode = active_mode(C10D) if 0 <= rank < world_size else None  # the backend refuses such a rank, as on stock
-    if mode is None:
+    if not 0 <= rank < world_size:  # the backend refuses such a rank, as on stock
         return
-    # Only checks that reach the store count: a single rank's makes no store traffic.
+    # Only groups of several ranks count: a single rank's check makes no store traffic.
     inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)
     namespace, first = _attempt_namespace("c10d", inits[0])
+    mode = mode_or_tell(store, C10D, namespace, rank, world_size, backend)
+    if mode is None:
+        return
     first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:

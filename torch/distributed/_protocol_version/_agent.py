@@ -9,9 +9,9 @@ import os
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import ROUND_ENV
-from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
+from torch.distributed._protocol_version._exchange import exchange, raise_on_failure, mode_or_tell
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 
 
 __all__ = ["check_agent_protocol_version"]
@@ -50,13 +50,13 @@ def check_agent_protocol_version(store: Store, group_rank: int, group_world_size
         SettingError: a variable of the guardrail holds an invalid value.
     """
     os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no round, unless checked
-    mode = active_mode(AGENTS)
+    backend = f"{rdzv_backend} rendezvous"
+    mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
     if mode is None or (next(_rounds) > 0 and rdzv_backend == "static"):
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
     timeout = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
-    backend = f"{rdzv_backend} rendezvous"
     outcome = exchange(store, AGENTS, group_rank, group_world_size, timeout, backend, mode, "round", trace)
     if outcome.verdict.token:  # rank 0's name for this round, the same on every agent that read its verdict
         os.environ[ROUND_ENV] = outcome.verdict.token

@@ -5,8 +5,10 @@ its own payload was marked, deletes it and counts itself out (``read``): the las
 keys. Rank 0 holds the store for a failing verdict (the preflight's: any), until the last sets
 ``left``. A rank without the check is seen only through
 its backend's trace (gloo's key per rank); without it ``error`` waits for a rank until its
-timeout, ``warn`` for its grace period."""
+timeout, ``warn`` for its grace period. A rank with an invalid setting publishes it in its slot
+(rank 0: and the verdict on it) before it raises."""
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -19,14 +21,16 @@ from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._judge import judge, judge_payloads
-from torch.distributed._protocol_version._payload import InvalidPayload, local_info, RankInfo, Verdict
-from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
+from torch.distributed._protocol_version._payload import (
+    InvalidPayload, is_setting, local_info, RankInfo, setting_payload, Verdict,
+)
+from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, SettingError
 from torch.distributed._protocol_version._store import (
     count, delete, find_present, present, wait_for, watching,
 )
 
 
-__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "raise_on_failure"]
+__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "mode_or_tell", "raise_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +116,15 @@ def _collect(check: _Check, ranks: list[int]) -> tuple[dict[int, bytes], list[in
 
 def _verdict_on(check: _Check, raws: dict[int, bytes], missing: list[int]) -> Verdict:
     """The verdict on the ranks collected: a timeout, unless a warn rank judges without the missing ones."""
-    payloads = {r: raw for r, raw in raws.items() if raw != NO_CHECK.encode()}
-    readers, traceless = len([r for r in payloads if r != check.rank]), check.trace is None
+    payloads, traceless = {r: raw for r, raw in raws.items() if raw != NO_CHECK.encode()}, check.trace is None
     if missing and not check.bounded:
         head = _messages.timeout_head(check.family, check.timeout, check.backend)
         detail = f"{head}: {_messages.never_arrived(missing, check.family, traceless)}."
-        return Verdict("timeout", detail, None, without=tuple(missing), readers=readers)
+        return Verdict("timeout", detail, None, without=tuple(missing))
     verdict = judge_payloads(check.family, payloads, [r for r in raws if r not in payloads], check.backend)
     unheard = _messages.unaccounted(check.family, missing, check.grace, check.backend, traceless) if missing else ""
     detail = "\n".join(filter(None, [verdict.detail, unheard]))
-    return dataclasses.replace(verdict, detail=detail, without=tuple(missing), readers=readers)
+    return dataclasses.replace(verdict, detail=detail, without=tuple(missing))
 
 
 def _coordinate(check: _Check) -> Outcome:
@@ -135,10 +138,13 @@ def _coordinate(check: _Check) -> Outcome:
     store.set(check.slot(0), check.payload)
     raws, missing = _collect(check, list(range(1, check.world_size)))
     raws[0] = check.payload.encode()
-    verdict = dataclasses.replace(_verdict_on(check, raws, missing), token=secrets.token_hex(8))
+    # The ranks that will read the verdict: not those seen without the check, nor those that raised on a setting.
+    reading = [r for r, raw in raws.items() if r != 0 and raw != NO_CHECK.encode() and not is_setting(raw)]
+    verdict = _verdict_on(check, raws, missing)
+    verdict = dataclasses.replace(verdict, readers=len(reading), token=secrets.token_hex(8))
     check.doing = "publishing the verdict"
-    readers = [check.slot(r) for r, raw in raws.items() if r != 0 and raw != NO_CHECK.encode()]
-    delete(store, [check.slot(r) for r, raw in raws.items() if raw == NO_CHECK.encode()])
+    delete(store, [check.slot(r) for r in raws.keys() - {0, *reading}])
+    readers = [check.slot(r) for r in reading]
     if readers:
         store.multi_set(readers, [JUDGED] * len(readers))  # type: ignore[attr-defined]  # the stub lacks it
     store.set(verdict_key, verdict.to_json())
@@ -158,6 +164,8 @@ def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: count itself out; the last reader removes the keys
     (unless late ranks may come) and releases a holding rank 0. A verdict that did not judge this rank's
     payload is a late rank's, or an earlier check's in a reused namespace."""
+    if verdict.status == "invalid" and not verdict.token:  # rank 0 judged only its own invalid setting
+        return verdict
     store, check.doing = check.store, "reading its own slot"
     judged = present(store, [check.slot(check.rank)]) and store.get(check.slot(check.rank)) == JUDGED.encode()
     delete(store, [check.slot(check.rank)])
@@ -225,6 +233,24 @@ def _participate(check: _Check) -> Outcome:
         raws, missing = _collect(check, list(range(1, check.world_size)))
         return Outcome(_verdict_on(check, {**raws, 0: NO_CHECK.encode()}, missing), check.info, raws)
     return Outcome(_leave(check, Verdict.from_json(verdict_key, raw)), check.info)
+
+
+def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_size: int, backend: str) -> str | None:
+    """This rank's mode for a check of ``family`` under ``namespace``, ``None`` when off. An invalid setting is
+    published in this rank's slot before it is raised, and by rank 0 as the verdict on it too, so that the others
+    fail at once naming it rather than at their timeout."""
+    try:
+        return active_mode(family)
+    except SettingError as e:
+        if world_size > 1:
+            payload = setting_payload(str(e))
+            told = {family.key(namespace, "rank", rank): payload}
+            if rank == 0:
+                verdict = judge_payloads(family, {0: payload.encode()}, [], backend)
+                told[family.key(namespace, "verdict")] = verdict.to_json()
+            with contextlib.suppress(RuntimeError):  # a store failure must not hide the setting
+                store.multi_set(list(told), list(told.values()))  # type: ignore[attr-defined]  # the stub lacks it
+        raise
 
 
 def exchange(

@@ -111,10 +111,10 @@ def invalid_detail(family: Family, problems: Sequence[tuple[int, str]], backend:
     shown = [f"  rank {rank}: {reason}" for rank, reason in problems[:MAX_LISTED]]
     return "\n".join([
         f"{family.title} check failed (backend {backend}): {len(problems)} {plural(len(problems), 'rank')} "
-        "published an invalid protocol version payload, so this job cannot be judged safe:",
+        "published an invalid protocol version payload or setting, so this job cannot be judged safe:",
         *shown, *([f"  and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []),
-        "Something other than this check wrote to its keys in the store, or a build that speaks another payload "
-        "format joined the job.",
+        "Where a line names an invalid setting, fix it on that host; otherwise something other than this check wrote "
+        "to its keys in the store, or a build that speaks another payload format joined the job.",
     ])
 
 

@@ -16,7 +16,10 @@ from torch.distributed._protocol_version._families import Family
 from torch.distributed._protocol_version._settings import MAX_VERSION, version_range
 
 
-__all__ = ["InvalidPayload", "RankInfo", "Verdict", "load_object", "local_info", "no_check_info", "parse_payload"]
+__all__ = [
+    "InvalidPayload", "RankInfo", "Verdict", "is_setting", "load_object", "local_info",
+    "no_check_info", "parse_payload", "setting_payload",
+]
 
 # A payload or verdict is at most a few KB; anything far larger is not from this check.
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -80,6 +83,19 @@ def no_check_info(rank: int) -> RankInfo:
     return RankInfo(rank, NO_CHECK_VERSION, NO_CHECK_VERSION, mode="", checked=False)
 
 
+def setting_payload(error: str) -> str:
+    """What a rank whose setting is invalid publishes in place of its payload, before it raises."""
+    return json.dumps({"setting_error": error, "hostname": socket.gethostname()})
+
+
+def is_setting(raw: bytes) -> bool:
+    """Whether ``raw`` is a setting payload: its rank has raised, and reads no verdict."""
+    try:
+        return "setting_error" in load_object(raw)
+    except InvalidPayload:
+        return False
+
+
 def load_object(raw: bytes) -> dict[str, Any]:
     """A JSON object of bounded size; raises :class:`InvalidPayload` with the reason."""
     if len(raw) > MAX_PAYLOAD_BYTES:
@@ -103,17 +119,20 @@ def _version(obj: dict[str, Any], name: str, default: int | None = None) -> int:
     return value
 
 
-def _text(value: object, name: str) -> str:
+def _text(value: object, name: str, limit: int = _MAX_TEXT) -> str:
     """Printable and capped: a field is shown to operators, never trusted."""
     if not isinstance(value, str):
         raise InvalidPayload(f"{name!r} must be a string, got {type(value).__name__}")
-    return "".join(ch if ch.isprintable() else "?" for ch in value)[:_MAX_TEXT] or "unknown"
+    return "".join(ch if ch.isprintable() else "?" for ch in value)[:limit] or "unknown"
 
 
 def parse_payload(rank: int, raw: bytes) -> RankInfo:
     """Validate one rank's payload; raises :class:`InvalidPayload` with the reason.
     Missing optional fields read as ``error`` mode and ``"unknown"``."""
     obj = load_object(raw)
+    if "setting_error" in obj:
+        error = _text(obj["setting_error"], "setting_error", 4 * _MAX_TEXT)
+        raise InvalidPayload(f"an invalid setting on host {_text(obj.get('hostname', 'unknown'), 'hostname')}: {error}")
     version = _version(obj, "protocol_version")
     min_version = _version(obj, "min_protocol_version", default=version)
     if min_version > version:

@@ -8,10 +8,9 @@ from typing import Any
 
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import _attempt_namespace, _messages, _rpc_negotiated
-from torch.distributed._protocol_version._exchange import exchange, raise_on_failure
+from torch.distributed._protocol_version._exchange import exchange, raise_on_failure, mode_or_tell
 from torch.distributed._protocol_version._families import RPC
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, parse_payload, RankInfo, Verdict
-from torch.distributed._protocol_version._settings import active_mode
 
 
 logger = logging.getLogger(__name__)
@@ -42,13 +41,15 @@ def _join(store: Store, name: str, rank: int, mode: str) -> tuple[Verdict, RankI
 def check_rpc_protocol_version(store: Store, name: str, rank: int, world_size: int | None, options: Any) -> None:
     """The hook ``init_rpc`` calls before it builds the backend; ``TORCH_DISTRIBUTED_PROTOCOL_CHECK`` rules it too."""
     _rpc_negotiated["version"] = None
-    mode = active_mode(RPC) if not world_size or 0 <= rank < world_size else None  # the backend refuses a bad rank
+    if world_size and not 0 <= rank < world_size:  # the backend refuses a bad rank
+        return
+    # init_rpc prefixes its store per init; a restarted attempt may find the last one's gloo keys
+    # (gloo is built on the store's root: "0/<rank>").
+    namespace, first = _attempt_namespace("rpc", 0)
+    mode = mode_or_tell(store, RPC, namespace, rank, world_size or 1, "tensorpipe")  # a dynamic group: no one to tell
     if mode is None:
         return
     if world_size:
-        # init_rpc prefixes its store per init; a restarted attempt may find the last one's gloo keys
-        # (gloo is built on the store's root: "0/<rank>").
-        namespace, first = _attempt_namespace("rpc", 0)
         seconds = getattr(options, "rpc_timeout", 0) or 0
         seconds = seconds if seconds > 0 else 60  # init_rpc's own default without a positive timeout
         trace = (lambda r: f"0/{r}") if first else None

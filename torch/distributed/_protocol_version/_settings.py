@@ -1,5 +1,5 @@
-"""This rank's settings, read from the environment and validated before any store
-traffic, so a typo fails at once with the variable's name."""
+"""This rank's settings, read from the environment and validated before the check waits
+for anyone, so a typo fails at once with the variable's name."""
 
 import os
 
