@@ -46,7 +46,10 @@ test: lint $(STOCK_STAMP)
 test-long: hooked $(STOCK_STAMP)
 	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
 
-test-all: test test-long
+# One after the other, even under make -j: the long suites time themselves.
+test-all:
+	$(MAKE) test
+	$(MAKE) test-long
 
 # ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
 # on the package; make test runs it first.

@@ -35,7 +35,7 @@ once): the c10d subset takes 2-3.5 minutes (13 passed on each side), the full c1
 suite 41-57 minutes (285 tests: 91 passed, 194 skipped, 0 failed on each side;
 the skips need CUDA, NCCL, MPI or a larger world). The RPC subset of 12 tests
 passed 12/12 on each side in 474 s under a load average of 12; the 6 kept for
-``make test`` take a fraction of that.
+``make test-long`` take a fraction of that.
 
 Before running anything the driver checks that the patched interpreter really
 has the hooks and the stock one really does not (``tools/protocol_version_hook.py
@@ -75,7 +75,7 @@ DEFAULT_STOCK = REPO / ".venv-stock" / "bin" / "python"
 class Suite:
     """One upstream suite: a module that builds its concrete test classes from the
     installed ones (the repo ships no upstream test file), the fixed subset that
-    ``make test`` runs (pytest node ids below the module: an upstream rename makes
+    ``make test-long`` runs (pytest node ids below the module: an upstream rename makes
     pytest fail the run instead of the subset silently shrinking), and whether it
     needs the gloo runner's environment."""
 

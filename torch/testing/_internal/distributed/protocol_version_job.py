@@ -52,6 +52,7 @@ def _init(job: dict[str, Any], rank: int, port: int) -> None:
 
 
 def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any) -> None:
+    # Read when called (the guardrail's variables), not at import: the server imported torch.
     os.environ.update(job.get("env", {}).get(str(rank), {}))
     import torch
     import torch.distributed as dist

@@ -3,11 +3,11 @@
 Upstream keeps distributed test helpers here, so that tests, tools and
 benchmarks all import them the same way. Two ways to run the ranks of a job:
 
-* :func:`spawn_ranks`: every rank a real process started with the ``spawn``
-  method (a fresh interpreter, like a real node), so environment overrides, the
-  hook and gloo are exercised exactly as in a job. A rank's outcome comes back
-  through a queue as plain data; the parent never waits past its own deadline
-  and kills what is left.
+* :func:`spawn_ranks`: every rank a real process, forked from a server that
+  imported torch once (or, with ``fresh``, a fresh interpreter, like a real
+  node), with the test's environment, so the guardrail's variables, the hook and
+  gloo are exercised as in a job. A rank's outcome comes back through a queue as
+  plain data; the parent never waits past its own deadline and kills what is left.
 * :class:`RankThreads`: ranks as threads of this process, each with the store it
   is given; for the store exchange alone, and for many simulated ranks.
 """
@@ -138,17 +138,19 @@ def spawn_ranks(
 
     The processes fork from a server that imported torch once (a fresh interpreter
     spends about 2 s of CPU importing it, most of what a test costs on a small
-    machine), and each takes the test's environment as it is at the call.
-    ``fresh`` spawns fresh interpreters instead, for ranks whose start-up differs
-    (a ``sitecustomize`` on ``PYTHONPATH``). ``rank_env`` sets (or, with ``None``,
-    unsets) variables for single ranks on top of ``common_env``; the guardrail's
-    own variables are unset unless given, so a developer's shell cannot leak into
-    a test. ``ranks`` starts only some ranks (to simulate one that never arrives).
-    Results come back ordered by rank; a rank that died without reporting has only
-    its ``exitcode``.
+    machine), and each takes the test's environment as it is at the call. What
+    torch reads at import (``TORCH_DISTRIBUTED_DEBUG``, ``TORCH_CPP_LOG_LEVEL``)
+    is then the server's: ``fresh`` spawns fresh interpreters instead, for ranks
+    whose start-up differs (those variables, a ``sitecustomize`` on ``PYTHONPATH``).
+    ``rank_env`` sets (or, with ``None``, unsets) variables for single ranks on top
+    of ``common_env``; the guardrail's own variables are unset unless given, so a
+    developer's shell cannot leak into a test. ``ranks`` starts only some ranks
+    (to simulate one that never arrives). Results come back ordered by rank; a rank
+    that died without reporting has only its ``exitcode``.
     """
     ctx = mp.get_context("spawn" if fresh else "forkserver")
-    ctx.set_forkserver_preload(["torch.distributed", __name__])
+    if not fresh:
+        ctx.set_forkserver_preload(["torch.distributed", __name__])
     results = ctx.Queue()
     started = list(range(world_size)) if ranks is None else list(ranks)
     procs = {}
