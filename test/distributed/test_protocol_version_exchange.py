@@ -102,8 +102,10 @@ class TestABadSettingFailsEveryRank(TestCase):
     before it raises: they fail within seconds, naming its rank, host and variable,
     not at their timeout (60 s here)."""
 
-    def assert_told(self, bad: int, setting: dict[str, str], modes: dict[int, dict[str, str]] | None = None) -> int:
-        """Returns the keys the store holds beyond those it holds once a client is connected."""
+    def assert_told(
+        self, bad: int, setting: dict[str, str], modes: dict[int, dict[str, str]] | None = None
+    ) -> tuple[dist.TCPStore, int]:
+        """Returns the store, and the keys it holds beyond those it holds once a client is connected."""
         server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=60), wait_for_workers=False)
         dist.TCPStore("127.0.0.1", server.port, 1, False, timeout=timedelta(seconds=60))
         before = server.num_keys()
@@ -117,15 +119,19 @@ class TestABadSettingFailsEveryRank(TestCase):
             self.assertEqual(result.error_type, "ProtocolVersionError", result)
             self.assertIn(f"  rank {bad}: an invalid setting on host ", result.error or "")
             self.assertIn(f"{next(iter(setting))}='{next(iter(setting.values()))}' is not a valid", result.error or "")
-        return server.num_keys() - before
+        return server, server.num_keys() - before
 
     def test_rank_1_leaves_no_key(self) -> None:
         # Rank 0 judged rank 1's setting and deleted it; rank 2 read the verdict and removed the rest.
-        self.assertEqual(self.assert_told(1, {CHECK_MODE_ENV: "strict"}), 0)
+        self.assertEqual(self.assert_told(1, {CHECK_MODE_ENV: "strict"})[1], 0)
 
-    def test_rank_0_fails_warn_ranks_too(self) -> None:
-        # A setting is an error in every mode, and so is the verdict on it.
-        self.assert_told(0, {VERSION_OVERRIDE_ENV: "two"}, {1: WARN, 2: WARN})
+    def test_rank_0_fails_warn_ranks_too_and_the_fixed_job_runs_on_the_same_store(self) -> None:
+        # A setting is an error in every mode, and so is the verdict on it. The last reader
+        # removes it, so the same job with the setting fixed runs on the same store.
+        server, left = self.assert_told(0, {VERSION_OVERRIDE_ENV: "two"}, {1: WARN, 2: WARN})
+        self.assertEqual(left, 0)
+        results = spawn_ranks(client_gloo_init, 3, args=(server.port, 60.0), timeout=90.0)
+        self.assertEqual([r.error_type for r in results], [None] * 3, results)
 
 
 class TestWarnKeepsTheNegotiatedVersion(TestCase):

@@ -164,10 +164,9 @@ def _leave(check: _Check, verdict: Verdict) -> Verdict:
     """Any rank but 0, having read ``verdict``: count itself out; the last reader removes the keys
     (unless late ranks may come) and releases a holding rank 0. A verdict that did not judge this rank's
     payload is a late rank's, or an earlier check's in a reused namespace."""
-    if verdict.status == "invalid" and not verdict.token:  # rank 0 judged only its own invalid setting
-        return verdict
+    told = verdict.status == "invalid" and not verdict.token  # rank 0's on its own setting: every rank's, unmarked
     store, check.doing = check.store, "reading its own slot"
-    judged = present(store, [check.slot(check.rank)]) and store.get(check.slot(check.rank)) == JUDGED.encode()
+    judged = told or (present(store, [check.slot(check.rank)]) and store.get(check.slot(check.rank)) == JUDGED.encode())
     delete(store, [check.slot(check.rank)])
     if not judged:  # a late rank's keys stay: others the verdict was reached without may still come
         if check.rank in verdict.without:
@@ -178,7 +177,7 @@ def _leave(check: _Check, verdict: Verdict) -> Verdict:
     if count(store, check.key("read"), 1) == verdict.readers:
         if not verdict.without:
             delete(store, [check.key("verdict"), check.key("read"), check.slot(0)])
-        if check.holds(verdict):
+        if check.holds(verdict) and not told:  # a rank 0 that told its setting is gone
             store.set(check.key("left"), "")  # after the deletes: rank 0 may take the store down
     return verdict
 
@@ -245,9 +244,9 @@ def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_
         if world_size > 1:
             payload = setting_payload(str(e))
             told = {family.key(namespace, "rank", rank): payload}
-            if rank == 0:
+            if rank == 0:  # read by every other rank, the last of which removes it
                 verdict = judge_payloads(family, {0: payload.encode()}, [], backend)
-                told[family.key(namespace, "verdict")] = verdict.to_json()
+                told[family.key(namespace, "verdict")] = dataclasses.replace(verdict, readers=world_size - 1).to_json()
             with contextlib.suppress(RuntimeError):  # a store failure must not hide the setting
                 store.multi_set(list(told), list(told.values()))  # type: ignore[attr-defined]  # the stub lacks it
         raise
