@@ -15,9 +15,10 @@ STOCK_STAMP := .venv-stock/.installed
 # (README: PIP_EXTRA_INDEX_URL) pip then stops with "no matching distribution"
 # instead of downloading the CUDA build and its nvidia-* dependencies.
 CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requirements.txt)
-# --no-compile: Python compiles what a run imports, on first import; byte-compiling all
-# of torch at install took two thirds of a venv's 77 s.
-PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt "$(CPU_TORCH)"
+# pip byte-compiles what it installs (two thirds of a venv's 77 s): without it, where
+# PYTHONDONTWRITEBYTECODE is set (this machine, many CI images), every interpreter a
+# test starts compiles torch again, which made make test 260 s slower than the 100 s saved.
+PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
 .PHONY: demo test test-long test-all lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
 
