@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Both create .venv/ (pinned torch + test deps + the hook) when it is missing, and
-# put the hook back whenever it is not in place (after a revert, a reinstalled torch).
+# put the hook back whenever it is not in place (after a revert, a reinstalled torch,
+# a change to a hook's text).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 HOOK    := tools/protocol_version_hook.py
@@ -30,9 +31,12 @@ $(STAMP): requirements.txt
 # The stamp only says the packages were installed once; the hook tool says whether
 # torch, the hooks and the links are in place now. When anything is missing, pip
 # puts back the pins (a no-op when they are there, torch itself when it was
-# uninstalled) and install puts back the hooks and the links.
+# uninstalled) and install puts back the hooks and the links. Where install refuses
+# (a hook whose text changed since it went in), torch is reinstalled first.
 hooked: $(STAMP)
-	@$(PY) $(HOOK) status >/dev/null 2>&1 || { $(PY) $(PIP_INSTALL) && $(PY) $(HOOK) install; }
+	@$(PY) $(HOOK) status >/dev/null 2>&1 || { $(PY) $(PIP_INSTALL) && $(PY) $(HOOK) install; } \
+	  || { $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$(CPU_TORCH)" \
+	       && $(PY) $(HOOK) install; }
 
 demo: hooked
 	$(PY) tools/demo.py

@@ -165,7 +165,8 @@ HOOKS = (
         body=(
             "from torch.distributed._protocol_version._agent import check_agent_protocol_version",
             "",
-            "check_agent_protocol_version(store, group_rank, group_world_size, spec.rdzv_handler.get_backend())",
+            "check_agent_protocol_version(store, group_rank, group_world_size, spec.rdzv_handler.get_backend(), "
+            "spec.args)",
         ),
         indent=" " * 8,
     ),

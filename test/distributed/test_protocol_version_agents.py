@@ -64,7 +64,9 @@ PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed
 # The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 on the
 # group ranks listed in PV_TEST_FAIL_FIRST, takes 5 s to start on attempt 0 on
 # those in PV_TEST_SLOW_FIRST,
-# and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces.
+# and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces (with
+# PV_TEST_INIT=traceless, gloo under a prefix of its own, which leaves no key in the
+# store before it starts, as NCCL does not), leaving the version it negotiated.
 WORKER = '''\
 import os, sys, time
 from pathlib import Path
@@ -75,12 +77,23 @@ if attempt == "0" and group_rank in os.environ.get("PV_TEST_FAIL_FIRST", "").spl
     sys.exit(3)
 if attempt == "0" and group_rank in os.environ.get("PV_TEST_SLOW_FIRST", "").split(","):
     time.sleep(5)
-if os.environ.get("PV_TEST_INIT") == "1":
+if os.environ.get("PV_TEST_INIT") in ("1", "traceless"):
     import torch, torch.distributed as dist
-    dist.init_process_group("gloo")
+    backend = "gloo"
+    if os.environ["PV_TEST_INIT"] == "traceless":
+        backend = "pvtraceless"
+        dist.Backend.register_backend(backend, lambda store, rank, size, timeout: dist.ProcessGroupGloo(
+            dist.PrefixStore("traceless", store), rank, size, timeout), devices=["cpu"])
+    dist.init_process_group(backend)
     tensor = torch.ones(1)
     dist.all_reduce(tensor)
     Path(os.environ["PV_TEST_DIR"], f"sum.{group_rank}.{attempt}").write_text(str(tensor.item()))
+    try:
+        from torch.distributed._protocol_version import get_group_protocol_version
+        version = str(get_group_protocol_version())
+    except ImportError:
+        version = "stock"
+    Path(os.environ["PV_TEST_DIR"], f"version.{group_rank}.{attempt}").write_text(version)
     dist.destroy_process_group()
 '''
 
@@ -115,9 +128,11 @@ class AgentLauncher(TestCase):
         (self.dir / "worker.py").write_text(WORKER)
 
     def launch(self, agents: Sequence[Agent], nnodes: str | None = None, args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S, static: bool = False) -> list[Agent]:
+               env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S, static: bool = False,
+               target: Sequence[str] = ()) -> list[Agent]:
         """Start every agent at once on one rendezvous (c10d, or ``static`` with
-        agent ``i`` as node ``i``), and wait for all of them."""
+        agent ``i`` as node ``i``), and wait for all of them. The workers run
+        ``target`` (torchrun's words after its options), by default the worker above."""
         port = find_free_port()
         base = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
         base.update(PV_TEST_DIR=str(self.dir), **(env or {}))
@@ -130,7 +145,7 @@ class AgentLauncher(TestCase):
             )
             cmd = [
                 str(agent.python), "-c", AGENT, f"--nnodes={nnodes or len(agents)}", "--nproc-per-node=1",
-                *rdzv, "--monitor-interval=0.1", *args, str(self.dir / "worker.py"),
+                *rdzv, "--monitor-interval=0.1", *args, *(target or [str(self.dir / "worker.py")]),
             ]
             time.sleep(agent.delay_s)
             started = time.monotonic()
@@ -211,6 +226,45 @@ class TestAgentCheck(AgentLauncher):
             f"(torchrun agents) check (backend c10d rendezvous): rank {stock_rank} runs a build without the "
             "protocol version check", checking.output,
         )
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_a_stock_node_beside_version_1_runs_on_a_backend_without_a_trace(self) -> None:
+        """The agents saw the stock node; its workers publish nothing, and the plugin backend
+        leaves no key before it starts. The checking node's workers take the agents' verdict
+        and record its version, rather than wait for the stock worker until their timeout."""
+        for stock_first in (False, True):
+            with self.subTest(stock_first=stock_first):
+                for leftover in [*self.dir.glob("started.*"), *self.dir.glob("sum.*"), *self.dir.glob("version.*")]:
+                    leftover.unlink()
+                checking = Agent(delay_s=1.0 if stock_first else 0.0)
+                stock = Agent(python=STOCK_PYTHON, delay_s=0.0 if stock_first else 1.0)
+                self.launch([checking, stock], env={"PV_TEST_INIT": "traceless"})
+                self.assert_ran([checking, stock], init=True)
+                self.assertIn("runs a build without the protocol version check", checking.output)
+                versions = sorted(p.read_text() for p in self.dir.glob("version.*"))
+                self.assertEqual(versions, ["1", "stock"])
+
+    def test_warn_workers_wait_for_a_late_worker_where_every_agent_checked(self) -> None:
+        """On a backend without a trace, warn waits only its grace period for ranks nothing
+        shows; under torchrun the agents' word that every node checks is that evidence, so
+        a worker 5 s late is waited for and both record the negotiated version."""
+        env = {"PV_TEST_INIT": "traceless", "PV_TEST_SLOW_FIRST": "1", CHECK_MODE_ENV: "warn"}
+        agents = self.launch([Agent(), Agent()], env=env)
+        self.assert_ran(agents, init=True)
+        self.assertEqual(sorted(p.read_text() for p in self.dir.glob("version.*")), ["1", "1"])
+
+    def test_the_preflight_runs_on_a_mismatched_cluster(self) -> None:
+        """The agents leave the check to the preflight, which is the check: it prints what every
+        node runs, and every worker exits 1, as init_process_group would refuse the job."""
+        agents = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})],
+                             target=["-m", "torch.distributed._protocol_version", "--preflight", "--timeout", "60"])
+        for agent in agents:
+            self.assertNotEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertNotIn(AGENT_MISMATCH, agent.output)
+        table = next(a.output for a in agents if "protocol" in a.output and "host" in a.output)
+        self.assertRegex(table, r"torch.distributed protocol version mismatch")
+        self.assertRegex(table, r"protocol version 1: rank \d on host")
+        self.assertRegex(table, r"protocol version 2: rank \d on host")
 
     @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
     def test_a_stock_agent_beside_version_2_is_refused_and_starts_no_worker(self) -> None:

@@ -35,8 +35,9 @@ __all__ = [
 VERSION_OVERRIDE_ENV, MIN_VERSION_OVERRIDE_ENV = C10D.version_env, C10D.min_version_env
 RPC_VERSION_OVERRIDE_ENV, RPC_MIN_VERSION_OVERRIDE_ENV = RPC.version_env, RPC.min_version_env
 RESTART_COUNT_ENV, AGENT_STORE_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"
-# Set by torchrun's agents for the workers they start: rank 0 agent's name for the round they checked.
-ROUND_ENV = "TORCH_DISTRIBUTED_PROTOCOL_ROUND"
+# Set by torchrun's agents for the workers they start: rank 0 agent's name for the round they checked, and,
+# where some node was not seen to check, their verdict: the negotiated version, or "none".
+ROUND_ENV, AGENTS_VERDICT_ENV = "TORCH_DISTRIBUTED_PROTOCOL_ROUND", "TORCH_DISTRIBUTED_PROTOCOL_AGENTS_VERDICT"
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +98,18 @@ def _check_protocol_version(
     mode = mode_or_tell(store, C10D, namespace, rank, world_size, backend)
     if mode is None:
         return
+    agents_verdict = os.environ.get(AGENTS_VERDICT_ENV)
+    if agents_verdict is not None:  # torchrun's agents judged a round with nodes whose workers never publish
+        _negotiated[group_store] = int(agents_verdict) if agents_verdict.isdigit() else None
+        return
     first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
     if trace is not None and not first:
         delete(store, [trace(rank)])
     started = time.monotonic()
-    outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None)
+    # Where torchrun's agents all checked this round (its name says so), so does every worker: warn waits too.
+    outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None,
+                       expected=bool(os.environ.get(ROUND_ENV)))
     raise_on_failure(outcome.verdict, outcome.info, C10D)
     if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
         _negotiated[group_store] = outcome.verdict.negotiated

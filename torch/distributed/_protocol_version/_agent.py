@@ -8,7 +8,7 @@ import os
 
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
-from torch.distributed._protocol_version import ROUND_ENV
+from torch.distributed._protocol_version import AGENTS_VERDICT_ENV, ROUND_ENV
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure, mode_or_tell
 from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
@@ -28,28 +28,37 @@ AGENTS = dataclasses.replace(
          "before any of them starts its workers.",
 )
 _rounds = itertools.count()  # the rounds this agent process has rendezvoused
+PREFLIGHT = ("-m", "torch.distributed._protocol_version", "--preflight")
 
 
-def check_agent_protocol_version(store: Store, group_rank: int, group_world_size: int, rdzv_backend: str) -> None:
+def check_agent_protocol_version(
+    store: Store, group_rank: int, group_world_size: int, rdzv_backend: str, args: tuple[object, ...] = (),
+) -> None:
     """Check that every agent of this rendezvous round speaks a common protocol version.
 
     An agent without the check is seen by ``torchelastic/role_info/<group rank>``, which
     ``_assign_worker_ranks`` writes unless ``TORCH_ELASTIC_WORKER_IDENTICAL=1``. Waits up to
     the store's timeout, as ``_assign_worker_ranks`` does. The static rendezvous keeps one
     store for the job, where a node restarts its workers alone: there only the first round is checked.
+    Workers that are the preflight are the check, reporting on any cluster: the agents leave it to them.
+    The workers inherit the agents' word: the round's name where every agent checked, else their verdict.
 
     Args:
         store: the store of the rendezvous round.
         group_rank: this agent's rank in the round.
         group_world_size: the number of agents in the round.
         rdzv_backend: the rendezvous backend, for messages.
+        args: the arguments of the workers' entry point.
 
     Raises:
         ProtocolVersionError: the agents share no protocol version, in ``error`` mode.
         DistStoreError: an agent did not take part within the store's timeout.
         SettingError: a variable of the guardrail holds an invalid value.
     """
-    os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no round, unless checked
+    os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no word, unless checked
+    os.environ.pop(AGENTS_VERDICT_ENV, None)
+    if all(arg in args for arg in PREFLIGHT):
+        return
     backend = f"{rdzv_backend} rendezvous"
     mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
     if mode is None or (next(_rounds) > 0 and rdzv_backend == "static"):
@@ -58,10 +67,15 @@ def check_agent_protocol_version(store: Store, group_rank: int, group_world_size
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
     timeout = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
     outcome = exchange(store, AGENTS, group_rank, group_world_size, timeout, backend, mode, "round", trace)
-    if outcome.verdict.token:  # rank 0's name for this round, the same on every agent that read its verdict
-        os.environ[ROUND_ENV] = outcome.verdict.token
+    verdict = outcome.verdict
+    if group_world_size > 1 and not (verdict.token and verdict.readers == group_world_size - 1):
+        # Not every other agent read rank 0's verdict: some ran no check, or were not heard from, and their
+        # workers will not publish. The workers take this verdict instead of checking.
+        os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok and not verdict.without else "none"
+    elif verdict.token:  # rank 0's name for this round, the same on every agent
+        os.environ[ROUND_ENV] = verdict.token
     try:
-        raise_on_failure(outcome.verdict, outcome.info, AGENTS)
+        raise_on_failure(verdict, outcome.info, AGENTS)
     except dist.DistStoreError as e:
         if not identical:
             raise
@@ -70,6 +84,6 @@ def check_agent_protocol_version(store: Store, group_rank: int, group_world_size
             f"workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or set {CHECK_MODE_ENV}=warn "
             "on the nodes that have it."
         ) from e
-    if outcome.verdict.ok and not outcome.verdict.without:
+    if verdict.ok and not verdict.without:
         logger.info("Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
-                    group_rank, group_world_size, outcome.verdict.negotiated)
+                    group_rank, group_world_size, verdict.negotiated)

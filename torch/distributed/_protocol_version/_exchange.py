@@ -255,17 +255,19 @@ def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_
 def exchange(
     store: Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
     namespace: str, trace: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
+    expected: bool = False,
 ) -> Outcome:
     """Run one check of ``family`` as ``rank`` in ``mode`` (``error`` or ``warn``) under ``namespace``, the same
     on every rank of one attempt and never used twice on a store. ``trace(r)`` is where rank ``r``'s backend
-    writes a key as it starts; ``patient`` waits up to the timeout on ``warn`` too, and a rank but 0 once more for a
-    rank 0 still at it (the preflight's roll call).
+    writes a key as it starts; ``expected``: every rank is known to run the check, so ``warn`` waits as ``error``
+    does; ``patient`` waits so too, and a rank but 0 once more for a rank 0 still at it (the preflight's roll call).
     Raises ``SettingError`` on a bad override before any store traffic, and a store failure as its own type."""
     info = local_info(rank, family, mode, name)
     payload = info.to_payload(family)
     if world_size == 1:
         return Outcome(judge(family, [info], backend), info, {0: payload.encode()})
-    grace, bounded = min(_GRACE_SECONDS, timeout.total_seconds() / 10), mode == "warn" and not patient and trace is None
+    grace = min(_GRACE_SECONDS, timeout.total_seconds() / 10)
+    bounded = mode == "warn" and not (patient or expected) and trace is None
     end = time.monotonic() + timeout.total_seconds()
     check = _Check(store, family, namespace, rank, world_size, timeout, end, grace, bounded, patient, backend, info,
                    payload, trace)
