@@ -63,7 +63,7 @@ PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed
 
 # The worker: leaves started.<group rank>.<attempt>, fails on attempt 0 on the
 # group ranks listed in PV_TEST_FAIL_FIRST, takes 5 s to start on attempt 0 on
-# those in PV_TEST_SLOW_FIRST,
+# those in PV_TEST_SLOW_FIRST, holds on those in PV_TEST_HOLD until the test leaves the file release,
 # and with PV_TEST_INIT=1 inits gloo through torchrun's store and all_reduces (with
 # PV_TEST_INIT=traceless, gloo under a prefix of its own, which leaves no key in the
 # store before it starts, as NCCL does not), leaving the version it negotiated.
@@ -77,6 +77,8 @@ if attempt == "0" and group_rank in os.environ.get("PV_TEST_FAIL_FIRST", "").spl
     sys.exit(3)
 if attempt == "0" and group_rank in os.environ.get("PV_TEST_SLOW_FIRST", "").split(","):
     time.sleep(5)
+while group_rank in os.environ.get("PV_TEST_HOLD", "").split(",") and not Path(os.environ["PV_TEST_DIR"], "release").exists():
+    time.sleep(0.1)
 if os.environ.get("PV_TEST_INIT") in ("1", "traceless"):
     import torch, torch.distributed as dist
     backend = "gloo"
@@ -105,6 +107,7 @@ class Agent:
     python: Path = Path(sys.executable)
     env: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0  # started this long after the others
+    node: int | None = None  # its node rank under the static rendezvous, if not its place in the launch
     returncode: int | None = None
     output: str = ""
     wall_s: float = 0.0
@@ -129,17 +132,18 @@ class AgentLauncher(TestCase):
 
     def launch(self, agents: Sequence[Agent], nnodes: str | None = None, args: Sequence[str] = (),
                env: Mapping[str, str] | None = None, bound: float = RUN_BOUND_S, static: bool = False,
-               target: Sequence[str] = ()) -> list[Agent]:
+               target: Sequence[str] = (), port: int | None = None) -> list[Agent]:
         """Start every agent at once on one rendezvous (c10d, or ``static`` with
         agent ``i`` as node ``i``), and wait for all of them. The workers run
         ``target`` (torchrun's words after its options), by default the worker above."""
-        port = find_free_port()
+        port = port or find_free_port()
         base = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
         base.update(PV_TEST_DIR=str(self.dir), **(env or {}))
 
         def run(i: int, agent: Agent) -> Agent:
             rdzv = (
-                ["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", f"--node-rank={i}"]
+                ["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}",
+                 f"--node-rank={i if agent.node is None else agent.node}"]
                 if static else
                 ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pv", f"--rdzv-conf=read_timeout={READ_TIMEOUT_S}"]
             )
@@ -307,6 +311,35 @@ class TestAgentCheck(AgentLauncher):
             started.unlink()
         refused = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], static=True)
         self.assert_refused(refused, refused)
+
+    def test_a_static_node_that_restarts_alone_is_judged_against_the_job(self) -> None:
+        """Node 1's torchrun ends (its worker fails, no restarts left) while node 0's
+        worker holds the job and its store up. Node 1 comes back: on version 2 it is
+        refused before its worker starts; on version 1 it rejoins alone and starts its
+        worker, as on stock (both then meet at torchrun's exit barrier)."""
+        port, static = find_free_port(), {"static": True, "nnodes": "2", "args": ["--rdzv-conf=timeout=20"]}
+        release = self.dir / "release"
+        self.addCleanup(release.write_text, "")
+        with ThreadPoolExecutor(2) as pool:
+            node_0 = pool.submit(self.launch, [Agent()], port=port, env={"PV_TEST_HOLD": "0"}, **static)
+            failed, = self.launch([Agent(node=1, env={"PV_TEST_FAIL_FIRST": "1"})], port=port, **static)
+            self.assertNotEqual(failed.returncode, 0, failed.output[-4000:])
+            (self.dir / "started.1.0").unlink()
+            refused, = self.launch([Agent(node=1, env={VERSION_OVERRIDE_ENV: "2"})], port=port, **static)
+            self.assertNotEqual(refused.returncode, 0, refused.output[-4000:])
+            self.assertLess(refused.wall_s, 15.0, refused.output[-4000:])
+            self.assertIn("rank 1 restarted alone and rejoined the job that its agents had checked, and the others "
+                          "negotiated protocol version 1, which this rank does not speak", refused.output)
+            self.assertEqual(self.started(), ["started.0.0"])
+            rejoined = pool.submit(self.launch, [Agent(node=1)], port=port, **static)
+            deadline = time.monotonic() + 30
+            while self.started() != ["started.0.0", "started.1.0"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            release.write_text("")
+            for agent in (*node_0.result(), *rejoined.result()):
+                self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+                self.assertNotIn("without the protocol version check", agent.output)  # an account, true or not
+        self.assertEqual(self.started(), ["started.0.0", "started.1.0"])
 
     def test_elastic_membership_keeps_working(self) -> None:
         agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})

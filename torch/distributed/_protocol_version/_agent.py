@@ -11,7 +11,10 @@ from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import AGENTS_VERDICT_ENV, ROUND_ENV
 from torch.distributed._protocol_version._exchange import exchange, raise_on_failure, mode_or_tell
 from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._messages import late_mismatch
+from torch.distributed._protocol_version._payload import local_info, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
+from torch.distributed._protocol_version._store import present
 
 
 __all__ = ["check_agent_protocol_version"]
@@ -28,6 +31,8 @@ AGENTS = dataclasses.replace(
          "before any of them starts its workers.",
 )
 _rounds = itertools.count()  # the rounds this agent process has rendezvoused
+# Under the static rendezvous, the verdict of the job's agents, kept in its store for a node that rejoins it.
+STATIC_VERDICT = AGENTS.key("static", "verdict")
 PREFLIGHT = ("-m", "torch.distributed._protocol_version", "--preflight")
 
 
@@ -39,7 +44,8 @@ def check_agent_protocol_version(
     An agent without the check is seen by ``torchelastic/role_info/<group rank>``, which
     ``_assign_worker_ranks`` writes unless ``TORCH_ELASTIC_WORKER_IDENTICAL=1``. Waits up to
     the store's timeout, as ``_assign_worker_ranks`` does. The static rendezvous keeps one
-    store for the job, where a node restarts its workers alone: there only the first round is checked.
+    store for the job, where a node restarts its workers alone: there only the first round is checked,
+    and an agent that restarts alone is judged against the version the job's agents negotiated.
     Workers that are the preflight are the check, reporting on any cluster: the agents leave it to them.
     The workers inherit the agents' word: the round's name where every agent checked, else their verdict.
 
@@ -61,7 +67,11 @@ def check_agent_protocol_version(
         return
     backend = f"{rdzv_backend} rendezvous"
     mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
-    if mode is None or (next(_rounds) > 0 and rdzv_backend == "static"):
+    static = rdzv_backend == "static"
+    if mode is None or (next(_rounds) > 0 and static):
+        return
+    if static and present(store, [STATIC_VERDICT]):
+        _rejoin(Verdict.from_json(STATIC_VERDICT, store.get(STATIC_VERDICT)), group_rank, mode, backend)
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
@@ -84,6 +94,19 @@ def check_agent_protocol_version(
             f"workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or set {CHECK_MODE_ENV}=warn "
             "on the nodes that have it."
         ) from e
+    if static and group_rank == 0 and verdict.ok:
+        store.set(STATIC_VERDICT, verdict.to_json())
     if verdict.ok and not verdict.without:
         logger.info("Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
                     group_rank, group_world_size, verdict.negotiated)
+
+
+def _rejoin(job: Verdict, group_rank: int, mode: str, backend: str) -> None:
+    """An agent that restarted alone under the static rendezvous: it goes on where it speaks the version the
+    job's agents negotiated, and is refused otherwise, before its workers start."""
+    info, negotiated = local_info(group_rank, AGENTS, mode), job.negotiated
+    if negotiated is not None and info.min_version <= negotiated <= info.version:
+        return
+    came = f"rank {group_rank} restarted alone and rejoined the job that its agents had checked"
+    detail = job.detail if negotiated is None else late_mismatch(AGENTS, backend, came, negotiated)
+    raise_on_failure(Verdict("mismatch", detail, None, mode == "error"), info, AGENTS)
