@@ -45,12 +45,10 @@ of the round's store: the store barrier (the floor), the real
 check's own cost without the rendezvous' spread. A last pass, on the first
 repetition, counts the check's store calls per agent (``CountingStore``).
 
-What to look for beside the medians: a waiting agent blocks on the store for the
-check's grace period only (1 s with the c10d store's 60 s read timeout), then
-looks every 0.5 s (``_store.POLL_SECONDS``). When agents leave the rendezvous more
-than that apart (spread max), the verdict can come up to 0.5 s after the last
-agent's arrival, where ``_assign_worker_ranks`` blocks and answers in
-milliseconds: check max shows whether a round got there.
+What to look for beside the medians: every agent blocks on the store until the
+keys it waits for are there (rank 0 for every payload, the others for the
+verdict), as ``_assign_worker_ranks`` does, so check max follows the spread of
+the agents' exits from the rendezvous, not a polling period.
 """
 
 from __future__ import annotations
@@ -140,10 +138,11 @@ class _HookClock:
         self.entered: dict[int, float] = {}
         self.left: dict[int, float] = {}
 
-    def __call__(self, store: dist.Store, group_rank: int, group_world_size: int, rdzv_backend: str) -> None:
+    def __call__(self, store: dist.Store, group_rank: int, group_world_size: int, rdzv_backend: str,
+                 args: tuple[object, ...] = ()) -> None:
         self.entered[group_rank] = time.monotonic()
         try:
-            _REAL_CHECK(store, group_rank, group_world_size, rdzv_backend)
+            _REAL_CHECK(store, group_rank, group_world_size, rdzv_backend, args)
         finally:
             self.left[group_rank] = time.monotonic()
 
