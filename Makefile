@@ -75,7 +75,7 @@ clean-venv:
 	rm -rf .venv .venv-stock
 
 # Longer suites, each its own target (times measured on the 2-core machine: see README).
-bench: hooked
+bench: hooked $(STOCK_STAMP)
 	$(PY) benchmarks/distributed/bench_protocol_version.py
 
 # A second environment with the same pinned wheel and no hook: the baseline.

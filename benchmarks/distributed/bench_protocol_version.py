@@ -13,6 +13,8 @@
 5. torchrun's agents: the check the hook runs in ``SimpleElasticAgent._rendezvous``
    at 2, 8, 64 agents (threads, real c10d rendezvous on a free port), against the
    rendezvous itself; rounds with the check off (stock's path) and on alternate.
+6. A stock node under torchrun: two real torchruns, a stock node beside a node
+   on the guardrail, against two stock nodes, workers on a backend without a trace.
 
 Each benchmark runs its variants side by side in the same run and reports medians
 and ratios: absolute times on a shared machine are noise. Results and the machine
@@ -50,6 +52,7 @@ import _bench_agents
 import _bench_init
 import _bench_preflight
 import _bench_store_scale
+import _bench_torchrun
 from _bench_common import Target
 
 
@@ -196,10 +199,23 @@ def bench_agents(sizes: list[int], reps: int) -> None:
     )
 
 
+def bench_torchrun(reps: int) -> list[Target]:
+    print("\n## 6. A stock node under torchrun: the job's start beside a node on the guardrail vs all stock")
+    started = time.perf_counter()
+    result = _bench_torchrun.measure(reps)
+    print(_bench_torchrun.table(result))
+    print(
+        f"\n{reps} repetitions, the two jobs alternating; start: the launch of both torchruns to the last worker's "
+        "first all_reduce\n(workers on a backend without a trace); added: one stock minus all stock, per "
+        f"repetition. Benchmark 6 took {time.perf_counter() - started:.0f}s."
+    )
+    return _bench_torchrun.targets(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3, 4, 5], help="e.g. 1,3")
+    parser.add_argument("--only", type=_parse_ints, default=[1, 2, 3, 4, 5, 6], help="e.g. 1,3")
     parser.add_argument("--sizes", type=_parse_ints, help="N for benchmark 1")
     parser.add_argument("--reps", type=int, help="repetitions per N in benchmark 1")
     parser.add_argument("--agent-sizes", type=_parse_ints, help="agents per round in benchmark 5")
@@ -224,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_preflight(list(PREFLIGHT_SIZES), reps=3 if args.quick else 7)
     if 5 in args.only:
         bench_agents(args.agent_sizes or list(AGENT_SIZES), reps=2 if args.quick else 5)
+    if 6 in args.only:
+        targets += bench_torchrun(reps=2 if args.quick else 5)
 
     print("\n## Targets")
     for target in targets:
