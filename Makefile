@@ -34,9 +34,9 @@ $(STAMP): requirements.txt
 # uninstalled) and install puts back the hooks and the links. Where install refuses
 # (a hook whose text changed since it went in), torch is reinstalled first.
 hooked: $(STAMP)
-	@$(PY) $(HOOK) status >/dev/null 2>&1 || { $(PY) $(PIP_INSTALL) && $(PY) $(HOOK) install; } \
-	  || { $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$(CPU_TORCH)" \
-	       && $(PY) $(HOOK) install; }
+	@$(PY) $(HOOK) status >/dev/null 2>&1 || { $(PY) $(PIP_INSTALL) && { $(PY) $(HOOK) install || \
+	  { $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$(CPU_TORCH)" \
+	    && $(PY) $(HOOK) install; }; }; }
 
 demo: hooked
 	$(PY) tools/demo.py

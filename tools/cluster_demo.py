@@ -15,8 +15,10 @@ Act 1, a rolling update with real builds:
      torchrun, on in the workers): every worker fails in init_process_group;
   3. node-c on the bridging build (versions 1-2) instead: the job runs at 1;
   4. every host on the bridging build: the job runs at 2.
-Act 2, the guardrail's own first rollout (node-c still on stock torch):
-  5. beside version-1 hosts: the job runs, the guardrail agents and workers warn;
+Act 2, the guardrail's own first rollout (node-c still on stock torch), the
+workers on a backend that leaves no trace in the store at init, as NCCL:
+  5. beside version-1 hosts: the job runs; the guardrail agents warn, naming
+     node-c, and their workers take the agents' verdict (version 1);
   6. beside version-2 hosts: the guardrail agents refuse within seconds, before
      any worker starts; the stock agent fails once its store host has gone.
 
@@ -51,6 +53,8 @@ AGENT_TITLE = "torch.distributed protocol version (torchrun agents)"
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 # How long a stock host that keeps waiting is watched in step 6.
 STOCK_BOUND_S = 45.0
+# The workers' backend in act 2: it leaves no key in the store before it starts, as NCCL.
+TRACELESS = ["--backend", "traceless"]
 # What a step is expected to show.
 RAN, AGENTS_REFUSE, WORKERS_REFUSE = "the job runs", "the agents refuse", "the workers refuse"
 
@@ -174,12 +178,13 @@ def main() -> int:
             ),
             "4 all bridging": step(cluster, "Act 1.4: every host on the bridging build", [bridge] * 3, RAN),
             "5 stock beside version 1": step(
-                cluster, "Act 2.1: first rollout: node-c on stock torch, the others on version 1",
-                [fork, fork, stock], RAN,
+                cluster, "Act 2.1: first rollout: node-c on stock torch, the others on version 1 (workers on a "
+                "backend without a trace, as NCCL)",
+                [fork, fork, stock], RAN, worker_args=TRACELESS,
             ),
             "6 stock beside version 2": step(
                 cluster, "Act 2.2: first rollout: node-c on stock torch, the others on version 2 (minimum 2)",
-                [v2, v2, stock], AGENTS_REFUSE, bounds={2: STOCK_BOUND_S},
+                [v2, v2, stock], AGENTS_REFUSE, bounds={2: STOCK_BOUND_S}, worker_args=TRACELESS,
             ),
         }
     banner("Summary")

@@ -34,6 +34,9 @@ from torch.testing._internal.common_utils import (
     run_tests,
     TestCase,
 )
+from torch.distributed._protocol_version import (
+    AGENTS_VERDICT_ENV, get_group_protocol_version, ProtocolVersionError, SettingError,
+)
 from torch.testing._internal.distributed.protocol_version_utils import (
     CHECK_MODE_ENV,
     GUARDRAIL_ENVS,
@@ -319,27 +322,39 @@ class TestAgentCheck(AgentLauncher):
         worker, as on stock (both then meet at torchrun's exit barrier)."""
         port, static = find_free_port(), {"static": True, "nnodes": "2", "args": ["--rdzv-conf=timeout=20"]}
         release = self.dir / "release"
-        self.addCleanup(release.write_text, "")
         with ThreadPoolExecutor(2) as pool:
             node_0 = pool.submit(self.launch, [Agent()], port=port, env={"PV_TEST_HOLD": "0"}, **static)
-            failed, = self.launch([Agent(node=1, env={"PV_TEST_FAIL_FIRST": "1"})], port=port, **static)
-            self.assertNotEqual(failed.returncode, 0, failed.output[-4000:])
-            (self.dir / "started.1.0").unlink()
-            refused, = self.launch([Agent(node=1, env={VERSION_OVERRIDE_ENV: "2"})], port=port, **static)
-            self.assertNotEqual(refused.returncode, 0, refused.output[-4000:])
-            self.assertLess(refused.wall_s, 15.0, refused.output[-4000:])
-            self.assertIn("rank 1 restarted alone and rejoined the job that its agents had checked, and the others "
-                          "negotiated protocol version 1, which this rank does not speak", refused.output)
-            self.assertEqual(self.started(), ["started.0.0"])
-            rejoined = pool.submit(self.launch, [Agent(node=1)], port=port, **static)
-            deadline = time.monotonic() + 30
-            while self.started() != ["started.0.0", "started.1.0"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            release.write_text("")
+            try:
+                failed, = self.launch([Agent(node=1, env={"PV_TEST_FAIL_FIRST": "1"})], port=port, **static)
+                self.assertNotEqual(failed.returncode, 0, failed.output[-4000:])
+                (self.dir / "started.1.0").unlink()
+                refused, = self.launch([Agent(node=1, env={VERSION_OVERRIDE_ENV: "2"})], port=port, **static)
+                self.assertNotEqual(refused.returncode, 0, refused.output[-4000:])
+                self.assertLess(refused.wall_s, 30.0, refused.output[-4000:])  # the store's timeout is 20 s
+                self.assertIn("rank 1 restarted alone and rejoined the job that its agents had checked, and the "
+                              "others negotiated protocol version 1, which this rank does not speak", refused.output)
+                self.assertEqual(self.started(), ["started.0.0"])
+                rejoined = pool.submit(self.launch, [Agent(node=1)], port=port, **static)
+                deadline = time.monotonic() + 30
+                while self.started() != ["started.0.0", "started.1.0"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                release.write_text("")
             for agent in (*node_0.result(), *rejoined.result()):
                 self.assertEqual(agent.returncode, 0, agent.output[-4000:])
                 self.assertNotIn("without the protocol version check", agent.output)  # an account, true or not
         self.assertEqual(self.started(), ["started.0.0", "started.1.0"])
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_a_static_job_with_a_stock_node_restarts_on_the_agents_verdict(self) -> None:
+        """Under the static rendezvous the agents check the first round only; the workers of
+        the restart, on a backend without a trace, still take the agents' verdict."""
+        env = {"PV_TEST_INIT": "traceless", "PV_TEST_FAIL_FIRST": "0,1"}
+        agents = self.launch([Agent(), Agent(python=STOCK_PYTHON)], static=True, args=["--max-restarts=1"], env=env)
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        versions = {p.name: p.read_text() for p in self.dir.glob("version.*")}
+        self.assertEqual(versions, {"version.0.1": "1", "version.1.1": "stock"})
 
     def test_elastic_membership_keeps_working(self) -> None:
         agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})
@@ -368,6 +383,40 @@ class TestAgentCheck(AgentLauncher):
         # another rank it waits its grace period for rank 0, then judges alone.
         self.assertRegex(checking.output, r"\(torchrun agents\) check \(backend c10d rendezvous, "
                          r"TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn\): judged without rank \d, not heard from")
+
+
+class TestTheAgentsVerdictInAWorker(TestCase):
+    """A worker of torchrun's (``RANK`` and ``WORLD_SIZE`` as torchrun sets them) whose agents saw a
+    node without the check: a group of one rank here, on a ``HashStore``."""
+
+    def init(self, word: str, **env: str) -> int:
+        torchrun = {"RANK": "0", "WORLD_SIZE": "1", AGENTS_VERDICT_ENV: word}
+        with mock.patch.dict(os.environ, {**torchrun, **env}):
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.addCleanup(dist.destroy_process_group)
+        return get_group_protocol_version()
+
+    def test_a_worker_records_the_version_the_agents_negotiated(self) -> None:
+        self.assertEqual(self.init("1"), 1)
+
+    def test_a_worker_that_does_not_speak_it_is_refused(self) -> None:
+        """A worker on another build than its agent's (here: the override)."""
+        with self.assertRaisesRegex(ProtocolVersionError, "rank 0 took the verdict of torchrun's agents, and the "
+                                    "others negotiated protocol version 1, which this rank does not speak"):
+            self.init("1", **{VERSION_OVERRIDE_ENV: "2"})
+
+    def test_none_records_no_version(self) -> None:
+        with self.assertRaisesRegex(RuntimeError, "negotiated no protocol version"):
+            self.init("none")
+
+    def test_a_value_torchrun_never_sets_is_refused(self) -> None:
+        for word in ("abc", "-1", "", "\u00b2", "99999999999999999999"):
+            with self.subTest(word=word), self.assertRaisesRegex(SettingError, AGENTS_VERDICT_ENV):
+                self.init(word)
+
+    def test_a_process_a_worker_starts_runs_its_own_check(self) -> None:
+        """It inherits the variable, but not the worker's rank and world size."""
+        self.assertEqual(self.init("1", RANK="3", WORLD_SIZE="8", **{VERSION_OVERRIDE_ENV: "2"}), 2)
 
 
 class TestWorkerIdenticalMessage(TestCase):

@@ -7,6 +7,7 @@ builds. ``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry 
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -16,8 +17,11 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
-from torch.distributed._protocol_version._exchange import exchange, ProtocolVersionError, raise_on_failure, mode_or_tell
+from torch.distributed._protocol_version._exchange import (
+    exchange, joined, mode_or_tell, ProtocolVersionError, raise_on_failure,
+)
 from torch.distributed._protocol_version._families import C10D, RPC
+from torch.distributed._protocol_version._payload import local_info
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, SettingError
 from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
@@ -75,6 +79,28 @@ def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
     return f"{kind}/{attempt}/{count}", restart == "0" and count == 0
 
 
+def _agents_word(name: str, rank: int, world_size: int) -> str | None:
+    """What torchrun's agents told the workers they started in ``name``, for the group those workers form: a
+    process that one of them starts inherits the variable, but not its rank and world size as a rule."""
+    if os.environ.get("RANK") != str(rank) or os.environ.get("WORLD_SIZE") != str(world_size):
+        return None
+    return os.environ.get(name)
+
+
+def _take_agents_verdict(word: str, group_store: Store, rank: int, mode: str, backend: str) -> None:
+    """torchrun's agents judged this round with nodes whose workers never publish: this rank takes their
+    verdict (``none``: no version) where it speaks the version they negotiated."""
+    if word == "none":
+        return
+    if not re.fullmatch(r"[0-9]{1,19}", word):
+        raise SettingError(f"{AGENTS_VERDICT_ENV}={word[:40]!r} is neither a protocol version nor 'none' "
+                           "(torchrun's agents set it for the workers they start).")
+    info = local_info(rank, C10D, mode)
+    verdict = joined(C10D, info, backend, f"rank {rank} took the verdict of torchrun's agents", int(word))
+    raise_on_failure(verdict, info, C10D)
+    _negotiated[group_store] = verdict.negotiated
+
+
 def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
     """Where ``ProcessGroupGloo`` writes a rank's address as it starts (a test asserts it against real gloo)."""
     return lambda rank: f"{group_name}//{device}//0/{rank}"
@@ -98,9 +124,9 @@ def _check_protocol_version(
     mode = mode_or_tell(store, C10D, namespace, rank, world_size, backend)
     if mode is None:
         return
-    agents_verdict = os.environ.get(AGENTS_VERDICT_ENV)
-    if agents_verdict is not None:  # torchrun's agents judged a round with nodes whose workers never publish
-        _negotiated[group_store] = int(agents_verdict) if agents_verdict.isdigit() else None
+    agents_verdict = _agents_word(AGENTS_VERDICT_ENV, rank, world_size)
+    if agents_verdict is not None:
+        _take_agents_verdict(agents_verdict, group_store, rank, mode, backend)
         return
     first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
@@ -109,7 +135,7 @@ def _check_protocol_version(
     started = time.monotonic()
     # Where torchrun's agents all checked this round (its name says so), so does every worker: warn waits too.
     outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None,
-                       expected=bool(os.environ.get(ROUND_ENV)))
+                       expected=bool(_agents_word(ROUND_ENV, rank, world_size)))
     raise_on_failure(outcome.verdict, outcome.info, C10D)
     if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
         _negotiated[group_store] = outcome.verdict.negotiated

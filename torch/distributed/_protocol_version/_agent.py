@@ -9,10 +9,10 @@ import os
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import AGENTS_VERDICT_ENV, ROUND_ENV
-from torch.distributed._protocol_version._exchange import exchange, raise_on_failure, mode_or_tell
+from torch.distributed._protocol_version._exchange import exchange, joined, mode_or_tell, raise_on_failure
 from torch.distributed._protocol_version._families import C10D
-from torch.distributed._protocol_version._messages import late_mismatch
-from torch.distributed._protocol_version._payload import local_info, Verdict
+from torch.distributed._protocol_version._messages import check_head
+from torch.distributed._protocol_version._payload import InvalidPayload, local_info, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV
 from torch.distributed._protocol_version._store import present
 
@@ -33,7 +33,7 @@ AGENTS = dataclasses.replace(
 _rounds = itertools.count()  # the rounds this agent process has rendezvoused
 # Under the static rendezvous, the verdict of the job's agents, kept in its store for a node that rejoins it.
 STATIC_VERDICT = AGENTS.key("static", "verdict")
-PREFLIGHT = ("-m", "torch.distributed._protocol_version", "--preflight")
+PREFLIGHT_MODULE = "torch.distributed._protocol_version"
 
 
 def check_agent_protocol_version(
@@ -61,24 +61,26 @@ def check_agent_protocol_version(
         DistStoreError: an agent did not take part within the store's timeout.
         SettingError: a variable of the guardrail holds an invalid value.
     """
-    os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no word, unless checked
+    os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no round, unless checked
+    static = rdzv_backend == "static"
+    if static and next(_rounds) > 0:  # the job's nodes, and so the agents' verdict, stay
+        return
     os.environ.pop(AGENTS_VERDICT_ENV, None)
-    if all(arg in args for arg in PREFLIGHT):
+    if any(args[i:i + 2] == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[i + 2:] for i in range(len(args))):
         return
     backend = f"{rdzv_backend} rendezvous"
     mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
-    static = rdzv_backend == "static"
-    if mode is None or (next(_rounds) > 0 and static):
+    if mode is None:
         return
-    if static and present(store, [STATIC_VERDICT]):
-        _rejoin(Verdict.from_json(STATIC_VERDICT, store.get(STATIC_VERDICT)), group_rank, mode, backend)
+    if static and group_world_size > 1 and present(store, [STATIC_VERDICT]):
+        _rejoin(store, group_rank, mode, backend)
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
     timeout = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
     outcome = exchange(store, AGENTS, group_rank, group_world_size, timeout, backend, mode, "round", trace)
     verdict = outcome.verdict
-    if group_world_size > 1 and not (verdict.token and verdict.readers == group_world_size - 1):
+    if group_world_size > 1 and verdict.readers != group_world_size - 1:
         # Not every other agent read rank 0's verdict: some ran no check, or were not heard from, and their
         # workers will not publish. The workers take this verdict instead of checking.
         os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok and not verdict.without else "none"
@@ -94,19 +96,24 @@ def check_agent_protocol_version(
             f"workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or set {CHECK_MODE_ENV}=warn "
             "on the nodes that have it."
         ) from e
-    if static and group_rank == 0 and verdict.ok:
+    if static and group_rank == 0 and group_world_size > 1 and not verdict.without:  # the job goes on
         store.set(STATIC_VERDICT, verdict.to_json())
     if verdict.ok and not verdict.without:
         logger.info("Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
                     group_rank, group_world_size, verdict.negotiated)
 
 
-def _rejoin(job: Verdict, group_rank: int, mode: str, backend: str) -> None:
-    """An agent that restarted alone under the static rendezvous: it goes on where it speaks the version the
-    job's agents negotiated, and is refused otherwise, before its workers start."""
-    info, negotiated = local_info(group_rank, AGENTS, mode), job.negotiated
-    if negotiated is not None and info.min_version <= negotiated <= info.version:
-        return
+def _rejoin(store: Store, group_rank: int, mode: str, backend: str) -> None:
+    """An agent that restarted alone under the static rendezvous: judged against the version the job's agents
+    negotiated, before its workers start; they take that verdict."""
+    info = local_info(group_rank, AGENTS, mode)
+    try:
+        job = Verdict.from_json(STATIC_VERDICT, store.get(STATIC_VERDICT))
+    except InvalidPayload as e:  # raised below, in every mode
+        job = Verdict("invalid", f"{check_head(AGENTS, backend)}: {e}.", None)
     came = f"rank {group_rank} restarted alone and rejoined the job that its agents had checked"
-    detail = job.detail if negotiated is None else late_mismatch(AGENTS, backend, came, negotiated)
-    raise_on_failure(Verdict("mismatch", detail, None, mode == "error"), info, AGENTS)
+    verdict = job if job.negotiated is None else joined(AGENTS, info, backend, came, job.negotiated)
+    raise_on_failure(verdict, info, AGENTS)
+    os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok else "none"
+    logger.info("Agent %s rejoined the job its agents had checked: protocol version %s.", group_rank,
+                verdict.negotiated)

@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m torch.distributed._protocol_version",
         description="Show the torch.distributed protocol version this node announces.",
+        allow_abbrev=False,  # torchrun's agents leave the check to workers that run --preflight, spelt out
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     preflight = parser.add_argument_group(

@@ -30,7 +30,7 @@ from torch.distributed._protocol_version._store import (
 )
 
 
-__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "mode_or_tell", "raise_on_failure"]
+__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "joined", "mode_or_tell", "raise_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,13 +189,21 @@ def _late(check: _Check, verdict: Verdict) -> Verdict:
     if verdict.status == "timeout":
         detail = _messages.late_timeout(family, check.backend, came, check.key(), verdict.detail)
         return Verdict("timeout", detail, None)
-    if negotiated is not None and info.min_version <= negotiated <= info.version:
-        text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
-        detail = f"{_messages.check_head(family, check.backend)}: {text}"
-        return Verdict("ok", detail, negotiated, without=verdict.without)
-    detail = (f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}" if negotiated is None
-              else _messages.late_mismatch(family, check.backend, came, negotiated))
-    return Verdict("mismatch", detail, None, info.mode == "error" or (negotiated is None and verdict.enforce))
+    if negotiated is None:
+        detail = f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}"
+        return Verdict("mismatch", detail, None, info.mode == "error" or verdict.enforce)
+    outcome = joined(family, info, check.backend, came, negotiated)
+    text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
+    detail = f"{_messages.check_head(family, check.backend)}: {text}"
+    return dataclasses.replace(outcome, detail=detail, without=verdict.without) if outcome.ok else outcome
+
+
+def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: int) -> Verdict:
+    """The verdict on a rank that ``came`` to a job whose other ranks negotiated ``negotiated`` without it:
+    ``ok`` where it speaks that version, else a mismatch."""
+    if info.min_version <= negotiated <= info.version:
+        return Verdict("ok", "", negotiated)
+    return Verdict("mismatch", _messages.late_mismatch(family, backend, came, negotiated), None, info.mode == "error")
 
 
 def _participate(check: _Check) -> Outcome:

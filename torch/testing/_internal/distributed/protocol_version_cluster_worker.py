@@ -24,7 +24,9 @@ restart count), pid and time:
   attempt may read gloo's addresses of the last one and fail in connectFullMesh
   ("Connection refused"), on stock torch as well (4 of 6 restarts here);
 * with ``--check-mode MODE``, the worker's own ``TORCH_DISTRIBUTED_PROTOCOL_CHECK``
-  is ``MODE`` whatever its agent's was (a job whose launcher runs no check).
+  is ``MODE`` whatever its agent's was (a job whose launcher runs no check);
+* with ``--backend traceless``, the job's backend is a plugin that leaves no key
+  in the store before it starts, as NCCL at init (gloo under a prefix of its own).
 """
 
 import os
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--no-init", action="store_true", help="never call init_process_group")
     parser.add_argument("--fail-on-attempt", type=int, help="exit 1 before init on this attempt")
     parser.add_argument("--check-mode", help="this worker's TORCH_DISTRIBUTED_PROTOCOL_CHECK")
+    parser.add_argument("--backend", choices=["gloo", "traceless"], default="gloo")
     args = parser.parse_args()
     if args.check_mode is not None:
         os.environ[CHECK_MODE_ENV] = args.check_mode
@@ -93,6 +96,9 @@ def main() -> None:
     import torch.distributed as dist
 
     has_check = importlib.util.find_spec(CHECK_MODULE) is not None
+    if args.backend == "traceless":
+        dist.Backend.register_backend(args.backend, lambda store, rank, size, timeout: dist.ProcessGroupGloo(
+            dist.PrefixStore(args.backend, store), rank, size, timeout), devices=["cpu"])
     # The distribution's version carries the fork's label (2.13.0+cpu.protocolv2);
     # torch.__version__ is upstream's and the same in every build.
     distribution = importlib.metadata.version("torch")
@@ -110,7 +116,7 @@ def main() -> None:
         kwargs = {} if args.init_timeout is None else {"timeout": timedelta(seconds=args.init_timeout)}
         began = time.time()
         try:
-            dist.init_process_group("gloo", **kwargs)
+            dist.init_process_group(args.backend, **kwargs)
         except Exception as e:
             _report(args.report_dir, "init_failed", began=began, error_type=type(e).__name__, error=str(e))
             raise

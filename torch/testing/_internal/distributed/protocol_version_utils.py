@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed import _protocol_version as pv
 from torch.distributed._protocol_version import (
+    AGENTS_VERDICT_ENV,
     CHECK_MODE_ENV,
     MIN_VERSION_OVERRIDE_ENV,
     ROUND_ENV,
@@ -52,6 +53,7 @@ GUARDRAIL_ENVS = (
     RPC_VERSION_OVERRIDE_ENV,
     RPC_MIN_VERSION_OVERRIDE_ENV,
     ROUND_ENV,
+    AGENTS_VERDICT_ENV,
 )
 # The checkout this file belongs to (it is linked into the installed torch).
 REPO_ROOT = Path(__file__).resolve().parents[4]
