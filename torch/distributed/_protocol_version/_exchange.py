@@ -24,7 +24,7 @@ from torch.distributed._protocol_version._judge import judge, judge_payloads
 from torch.distributed._protocol_version._payload import (
     InvalidPayload, is_setting, local_info, RankInfo, setting_payload, Verdict,
 )
-from torch.distributed._protocol_version._settings import active_mode, CHECK_MODE_ENV, SettingError
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, check_mode, SettingError, version_range
 from torch.distributed._protocol_version._store import (
     count, delete, find_present, present, wait_for, watching,
 )
@@ -247,7 +247,7 @@ def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_
     published in this rank's slot before it is raised, and by rank 0 as the verdict on it too, so that the others
     fail at once naming it rather than at their timeout."""
     try:
-        return active_mode(family)
+        mode, _ = check_mode(), version_range(family)  # an invalid setting is an error in every mode
     except SettingError as e:
         if world_size > 1:
             payload = setting_payload(str(e))
@@ -258,6 +258,7 @@ def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_
             with contextlib.suppress(RuntimeError):  # a store failure must not hide the setting
                 store.multi_set(list(told), list(told.values()))  # type: ignore[attr-defined]  # the stub lacks it
         raise
+    return None if mode == "off" else mode
 
 
 def exchange(

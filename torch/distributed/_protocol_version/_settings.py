@@ -6,7 +6,7 @@ import os
 from torch.distributed._protocol_version._families import Family
 
 
-__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "active_mode", "check_mode", "version_range"]
+__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "check_mode", "version_range"]
 
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 CHECK_MODES = ("error", "warn", "off")
@@ -50,9 +50,3 @@ def check_mode() -> str:
         expected = ", ".join(CHECK_MODES)
         raise SettingError(f"{CHECK_MODE_ENV}={raw[:40]!r} is not a valid mode: expected one of {expected}.")
     return raw.strip().lower()
-
-
-def active_mode(family: Family) -> str | None:
-    """This rank's mode, ``None`` when off; an invalid setting is an error in every mode."""
-    mode, _ = check_mode(), version_range(family)
-    return None if mode == "off" else mode
