@@ -24,6 +24,7 @@ from torch.distributed._protocol_version._families import C10D
 from torch.distributed._protocol_version._payload import RankInfo
 from torch.distributed._protocol_version._settings import check_mode, version_range
 from torch.distributed._protocol_version import CHECK_MODE_ENV, VERSION_OVERRIDE_ENV
+from torch.testing._internal.common_distributed import MultiProcessTestCase
 from torch.testing._internal.common_utils import (
     find_free_port,
     instantiate_parametrized_tests,
@@ -422,6 +423,53 @@ class TestInitProcessGroupInProcess(TestCase):
         self.assertFalse(dist.is_initialized())
 
 
+class TestRanksThatStartTogether(MultiProcessTestCase):
+    """Upstream's harness, where the ranks start together: each test runs in every
+    rank, forked, on a ``FileStore``, real gloo. Late, missing and foreign ranks
+    need the repo's runners (``spawn_ranks``, ``RankThreads``): their ranks start
+    apart, in other environments or interpreters."""
+
+    @property
+    def world_size(self) -> int:
+        return 4
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Forked, as upstream's _fork_processes did: torch is imported once, in the parent.
+        self._start_processes(torch.multiprocessing.get_context("fork").Process)
+
+    def init(self, **env: str) -> None:
+        os.environ.update(env)
+        store = dist.FileStore(self.file_name, self.world_size)
+        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=120))
+        self.addCleanup(dist.destroy_process_group)
+
+    def test_matching_ranks_negotiate_the_build_version(self) -> None:
+        self.init()
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+        self.assertEqual(tensor.item(), self.world_size)
+        self.assertEqual(pv.get_group_protocol_version(), pv.PROTOCOL_VERSION)
+
+    def test_matching_overrides_negotiate_theirs(self) -> None:
+        self.init(**{VERSION_OVERRIDE_ENV: "5"})
+        self.assertEqual(pv.get_group_protocol_version(), 5)
+
+    def test_one_odd_rank_fails_every_rank_fast(self) -> None:
+        """With a 120 s timeout, every rank fails within seconds, naming the odd rank and its own version."""
+        started = time.monotonic()
+        with self.assertRaises(pv.ProtocolVersionError) as caught:
+            self.init(**({VERSION_OVERRIDE_ENV: "2"} if self.rank == 2 else {}))
+        self.assertLess(time.monotonic() - started, 30.0)
+        message = str(caught.exception)
+        self.assertIn(MISMATCH, message)
+        self.assertIn("ranks 0-1,3 on host", message)
+        self.assertIn("protocol version 2: rank 2 on host", message)
+        self.assertIn(f"This rank (rank {self.rank}", message)
+        self.assertIn(f"runs protocol version {2 if self.rank == 2 else 1}.", message)
+
+
 class TestMultiProcess(TestCase):
     """Real ranks, real gloo."""
 
@@ -431,29 +479,6 @@ class TestMultiProcess(TestCase):
         for result in results:
             self.assertEqual(result.error_type, error_type, f"rank {result.rank}: {result}")
             self.assertIn(needle, result.error)
-
-    def test_matching_versions(self) -> None:
-        for common in ({}, {VERSION_OVERRIDE_ENV: "5"}):
-            results = spawn_ranks(env_init, 2, args=(find_free_port(),), common_env=common)
-            expected_version = int(common.get(VERSION_OVERRIDE_ENV, pv.PROTOCOL_VERSION))
-            self.assertEqual([r.value for r in results], [{"sum": 2.0, "group_version": expected_version}] * 2)
-
-    def test_one_against_two_every_rank_raises(self) -> None:
-        results = spawn_ranks(env_init, 2, args=(find_free_port(),), rank_env=versions_env({1: 2}))
-        self.assert_every_rank_raised(results)
-        self.assertIn("This rank (rank 0", results[0].error)
-        self.assertIn("runs protocol version 1.", results[0].error)
-        self.assertIn("runs protocol version 2.", results[1].error)
-
-    def test_four_ranks_one_odd_fails_fast_everywhere(self) -> None:
-        # With a 120 s timeout, every rank must fail within seconds of the last arrival.
-        results = spawn_ranks(env_init, 4, args=(find_free_port(), "gloo", 120.0), rank_env=versions_env({2: 2}))
-        self.assert_every_rank_raised(results)
-        self.assertIn("ranks 0-1,3 on host", results[0].error)
-        self.assertIn("protocol version 2: rank 2 on host", results[0].error)
-        last_arrival = max(r.started for r in results)
-        last_failure = max(r.finished for r in results)
-        self.assertLess(last_failure - last_arrival, 30.0)
 
     @parametrize("path", ["env://", "tcp://", "file://", "TCPStore", "TCPStore-no-libuv", "FileStore", "cpu:gloo", "no-backend"])
     def test_init_paths(self, path: str) -> None:

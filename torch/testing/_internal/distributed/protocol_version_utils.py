@@ -138,6 +138,9 @@ def spawn_ranks(
 ) -> list[RankResult]:
     """Run ``fn(rank, world_size, *args)`` in one process per rank.
 
+    For ranks that start apart, or in environments of their own (late, missing
+    and foreign ranks, one rank's override, a rank on stock torch): ranks that
+    start together use upstream's ``MultiProcessTestCase``.
     The processes fork from a server that imported torch once (a fresh interpreter
     spends about 2 s of CPU importing it, most of what a test costs on a small
     machine), and each takes the test's environment as it is at the call. What
@@ -295,7 +298,9 @@ class RankThreads:
     either) so the server sees one connection per rank, as in a job; a HashStore
     can only be shared. Threads share this process's environment, so a rank's
     version comes from an override set while it starts, or from a patched
-    ``_exchange.local_info``. ``start`` may be called again to add late ranks.
+    ``_exchange.local_info``. ``start`` may be called again to add late ranks:
+    what upstream's ``MultiThreadedTestCase``, whose threads start together on its
+    own threaded backend, cannot express.
     """
 
     def __init__(self, world_size: int, timeout_s: float, body: RankBody | None = None) -> None:
