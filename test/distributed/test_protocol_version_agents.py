@@ -12,6 +12,7 @@ without the check is the stock torch of ``.venv-stock``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -25,7 +26,9 @@ from collections.abc import Mapping, Sequence
 from unittest import mock, skipUnless
 
 import torch.distributed as dist
+from torch.distributed._protocol_version import _agent
 from torch.distributed._protocol_version._agent import check_agent_protocol_version
+from torch.distributed._protocol_version._payload import Verdict
 
 from torch.testing._internal.common_utils import (
     find_free_port,
@@ -417,6 +420,35 @@ class TestTheAgentsVerdictInAWorker(TestCase):
     def test_a_process_a_worker_starts_runs_its_own_check(self) -> None:
         """It inherits the variable, but not the worker's rank and world size."""
         self.assertEqual(self.init("1", RANK="3", WORLD_SIZE="8", **{VERSION_OVERRIDE_ENV: "2"}), 2)
+
+
+class TestAStaticNodeThatRejoins(TestCase):
+    """The static rendezvous' record of the job, on a ``HashStore``: the strictest mode present decides."""
+
+    def rejoin(self, job: Verdict, **env: str) -> str | None:
+        store = dist.HashStore()
+        store.set(_agent.STATIC_VERDICT, job.to_json())
+        with mock.patch.object(_agent, "_rounds", itertools.count()), mock.patch.dict(os.environ, env):
+            check_agent_protocol_version(store, 1, 2, "static")
+            return os.environ.get(AGENTS_VERDICT_ENV)
+
+    def test_a_warn_node_on_another_version_is_refused_where_the_job_runs_error(self) -> None:
+        with self.assertRaisesRegex(ProtocolVersionError, "rank 1 restarted alone and rejoined the job"):
+            self.rejoin(Verdict("ok", "", 1, enforce=True), **{CHECK_MODE_ENV: "warn", VERSION_OVERRIDE_ENV: "2"})
+
+    def test_a_warn_node_on_another_version_goes_on_where_every_rank_ran_warn(self) -> None:
+        job = Verdict("ok", "", 1, enforce=False)
+        self.assertEqual(self.rejoin(job, **{CHECK_MODE_ENV: "warn", VERSION_OVERRIDE_ENV: "2"}), "none")
+
+    def test_a_node_that_speaks_the_version_hands_it_to_its_workers(self) -> None:
+        self.assertEqual(self.rejoin(Verdict("ok", "", 1)), "1")
+
+    def test_a_record_that_is_not_a_verdict_is_refused(self) -> None:
+        store = dist.HashStore()
+        store.set(_agent.STATIC_VERDICT, "[1, 2]")
+        with mock.patch.object(_agent, "_rounds", itertools.count()):
+            with self.assertRaisesRegex(ProtocolVersionError, "holds an unreadable verdict"):
+                check_agent_protocol_version(store, 1, 2, "static")
 
 
 class TestWorkerIdenticalMessage(TestCase):

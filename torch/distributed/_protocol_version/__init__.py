@@ -7,7 +7,6 @@ builds. ``_rpc``, ``_agent``, ``_preflight`` and ``_cli`` load with their entry 
 import itertools
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -22,7 +21,7 @@ from torch.distributed._protocol_version._exchange import (
 )
 from torch.distributed._protocol_version._families import C10D, RPC
 from torch.distributed._protocol_version._payload import local_info
-from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, SettingError
+from torch.distributed._protocol_version._settings import CHECK_MODE_ENV, CHECK_MODES, parse_version, SettingError
 from torch.distributed._protocol_version._store import delete
 from torch.distributed._protocol_version._versions import (
     MIN_PROTOCOL_VERSION, MIN_RPC_PROTOCOL_VERSION, PROTOCOL_VERSION, RPC_PROTOCOL_VERSION,
@@ -90,13 +89,11 @@ def _agents_word(name: str, rank: int, world_size: int) -> str | None:
 def _take_agents_verdict(word: str, group_store: Store, rank: int, mode: str, backend: str) -> None:
     """torchrun's agents judged this round with nodes whose workers never publish: this rank takes their
     verdict (``none``: no version) where it speaks the version they negotiated."""
-    if word == "none":
+    negotiated = None if word == "none" else parse_version(AGENTS_VERDICT_ENV)
+    if negotiated is None:
         return
-    if not re.fullmatch(r"[0-9]{1,19}", word):
-        raise SettingError(f"{AGENTS_VERDICT_ENV}={word[:40]!r} is neither a protocol version nor 'none' "
-                           "(torchrun's agents set it for the workers they start).")
     info = local_info(rank, C10D, mode)
-    verdict = joined(C10D, info, backend, f"rank {rank} took the verdict of torchrun's agents", int(word))
+    verdict = joined(C10D, info, backend, f"rank {rank} took the verdict of torchrun's agents", negotiated, False)
     raise_on_failure(verdict, info, C10D)
     _negotiated[group_store] = verdict.negotiated
 

@@ -112,7 +112,7 @@ def _rejoin(store: Store, group_rank: int, mode: str, backend: str) -> None:
     except InvalidPayload as e:  # raised below, in every mode
         job = Verdict("invalid", f"{check_head(AGENTS, backend)}: {e}.", None)
     came = f"rank {group_rank} restarted alone and rejoined the job that its agents had checked"
-    verdict = job if job.negotiated is None else joined(AGENTS, info, backend, came, job.negotiated)
+    verdict = job if job.negotiated is None else joined(AGENTS, info, backend, came, job.negotiated, job.enforce)
     raise_on_failure(verdict, info, AGENTS)
     os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok else "none"
     logger.info("Agent %s rejoined the job its agents had checked: protocol version %s.", group_rank,

@@ -192,18 +192,19 @@ def _late(check: _Check, verdict: Verdict) -> Verdict:
     if negotiated is None:
         detail = f"{came}; the ranks judged cannot talk to each other:\n{verdict.detail}"
         return Verdict("mismatch", detail, None, info.mode == "error" or verdict.enforce)
-    outcome = joined(family, info, check.backend, came, negotiated)
+    outcome = joined(family, info, check.backend, came, negotiated, verdict.enforce)
     text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
     detail = f"{_messages.check_head(family, check.backend)}: {text}"
     return dataclasses.replace(outcome, detail=detail, without=verdict.without) if outcome.ok else outcome
 
 
-def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: int) -> Verdict:
+def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: int, enforce: bool) -> Verdict:
     """The verdict on a rank that ``came`` to a job whose other ranks negotiated ``negotiated`` without it:
-    ``ok`` where it speaks that version, else a mismatch."""
+    ``ok`` where it speaks that version, else a mismatch, enforced unless it and they (``enforce``) run warn."""
     if info.min_version <= negotiated <= info.version:
         return Verdict("ok", "", negotiated)
-    return Verdict("mismatch", _messages.late_mismatch(family, backend, came, negotiated), None, info.mode == "error")
+    detail = _messages.late_mismatch(family, backend, came, negotiated)
+    return Verdict("mismatch", detail, None, enforce or info.mode == "error")
 
 
 def _participate(check: _Check) -> Outcome:

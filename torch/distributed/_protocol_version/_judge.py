@@ -24,13 +24,14 @@ def advise(infos: Sequence[RankInfo]) -> tuple[tuple[int, ...], int, tuple[int, 
 
 
 def judge(family: Family, infos: Sequence[RankInfo], backend: str) -> Verdict:
-    """The verdict on a complete set of ranks; on a mismatch the strictest mode among the checking ranks decides."""
+    """The verdict on a complete set of ranks; on a mismatch the strictest mode among the checking ranks decides
+    (``enforce``, kept on a pass too, for a rank that comes later)."""
     no_check = [i.rank for i in infos if not i.checked]
-    negotiated = negotiate(infos)
+    negotiated, enforce = negotiate(infos), any(i.mode == "error" for i in infos if i.checked)
     if negotiated is not None:
-        return Verdict("ok", _messages.no_check_warning(family, no_check, backend) if no_check else "", negotiated)
-    detail = _messages.mismatch_detail(family, infos, backend, *advise(infos))
-    return Verdict("mismatch", detail, None, any(i.mode == "error" for i in infos if i.checked))
+        warning = _messages.no_check_warning(family, no_check, backend) if no_check else ""
+        return Verdict("ok", warning, negotiated, enforce)
+    return Verdict("mismatch", _messages.mismatch_detail(family, infos, backend, *advise(infos)), None, enforce)
 
 
 def judge_payloads(family: Family, raws: dict[int, bytes], no_check: Sequence[int], backend: str) -> Verdict:

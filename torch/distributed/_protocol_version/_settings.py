@@ -6,7 +6,9 @@ import os
 from torch.distributed._protocol_version._families import Family
 
 
-__all__ = ["CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "check_mode", "version_range"]
+__all__ = [
+    "CHECK_MODE_ENV", "CHECK_MODES", "MAX_VERSION", "SettingError", "check_mode", "parse_version", "version_range",
+]
 
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
 CHECK_MODES = ("error", "warn", "off")
@@ -17,8 +19,8 @@ class SettingError(RuntimeError):
     """An environment variable of the guardrail holds an invalid value."""
 
 
-def _parse_version(name: str) -> int | None:
-    """A version override, ``None`` when unset: ASCII decimal digits only (``int()`` would
+def parse_version(name: str) -> int | None:
+    """A version in variable ``name``, ``None`` when unset: ASCII decimal digits only (``int()`` would
     take ``"1_0"``, ``"+1"`` or other scripts' digits), length checked first."""
     raw = os.environ.get(name)
     if raw is None:
@@ -34,7 +36,7 @@ def _parse_version(name: str) -> int | None:
 
 def version_range(family: Family) -> tuple[int, int]:
     """``(minimum, version)`` this rank announces; a version override alone means "exactly this version"."""
-    override, min_override = _parse_version(family.version_env), _parse_version(family.min_version_env)
+    override, min_override = parse_version(family.version_env), parse_version(family.min_version_env)
     version = family.version if override is None else override
     minimum = min_override if min_override is not None else family.min_version if override is None else version
     if minimum > version:
