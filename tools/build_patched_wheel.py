@@ -10,7 +10,8 @@ Nodes get the guardrail with a plain ``pip install`` of this wheel. It is the
 pinned upstream wheel (the ``torch==`` line of requirements.txt, CPU build) with
 only these differences:
 
-* the hooked files (``distributed_c10d.py``, ``rpc/__init__.py``) carry their
+* the hooked files (``distributed_c10d.py``, ``elastic/agent/server/api.py``,
+  ``rpc/__init__.py``) carry their
   hooks, inserted by the same ``apply_hooks()`` that ``tools/protocol_version_hook.py
   install`` uses;
 * what ``install`` links into torch is copied in, as real files (a symlink would

@@ -4,7 +4,8 @@
 The fork ships no copy of PyTorch's source. Instead this tool edits the installed
 torch in place: each row of ``HOOKS`` adds a few marked lines at one place that
 call our package (in ``_new_process_group_helper`` right before each kind of
-backend is constructed, after stock has validated the arguments; in ``init_rpc``
+backend is constructed, after stock has validated the arguments; in
+``SimpleElasticAgent._rendezvous`` right after torchrun's rendezvous; in ``init_rpc``
 right before the RPC backend is built), and it links the files of ``LINKED``
 (the package, and the helpers that the tests, the demo and the benchmarks share)
 from this repo into the installed torch, so edits to the repo take effect

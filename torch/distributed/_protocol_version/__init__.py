@@ -220,7 +220,8 @@ def get_rpc_protocol_version() -> int:
 
     Raises:
         RuntimeError: RPC is not initialized, or its init negotiated no version
-            (the check was off, or a mismatch was only warned about).
+            (the check was off, a mismatch was only warned about, or ``warn`` went
+            on without some workers).
     """
     from torch._C._distributed_rpc import _is_current_rpc_agent_set
 
@@ -228,5 +229,5 @@ def get_rpc_protocol_version() -> int:
         raise RuntimeError("get_rpc_protocol_version() needs RPC: call torch.distributed.rpc.init_rpc() first.")
     if _rpc_negotiated["version"] is None:
         raise RuntimeError(f"no RPC protocol version was negotiated: the check was off ({CHECK_MODE_ENV}=off), "
-                           "or a mismatch was only warned about.")
+                           "a mismatch was only warned about, or warn went on without some workers.")
     return _rpc_negotiated["version"]

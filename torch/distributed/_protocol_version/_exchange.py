@@ -4,9 +4,10 @@ them judged and publishes the ``verdict``; each other rank blocks on the verdict
 its own payload was marked, deletes it and counts itself out (``read``): the last removes the
 keys. Rank 0 holds the store for a failing verdict (the preflight's: any), until the last sets
 ``left``. A rank without the check is seen only through
-its backend's trace (gloo's key per rank); without it ``error`` waits for a rank until its
-timeout, ``warn`` for its grace period. A rank with an invalid setting publishes it in its slot
-(rank 0: and the verdict on it) before it raises."""
+its backend's trace (gloo's key per rank, torchrun's role info, RPC's gloo key); without it
+``error`` waits for a rank until its timeout, ``warn`` for its grace period unless every rank
+is known to check (``expected``) or it is the preflight (``patient``). A rank with an invalid
+setting publishes it in its slot (rank 0: and the verdict on it) before it raises."""
 
 import contextlib
 import dataclasses
