@@ -89,7 +89,7 @@ def _agents_word(name: str, rank: int, world_size: int) -> str | None:
 def _take_agents_verdict(word: str, group_store: Store, rank: int, mode: str, backend: str) -> None:
     """torchrun's agents judged this round with nodes whose workers never publish: this rank takes their
     verdict (``none``: no version) where it speaks the version they negotiated."""
-    negotiated = None if word == "none" else parse_version(AGENTS_VERDICT_ENV)
+    negotiated = None if word.strip() == "none" else parse_version(AGENTS_VERDICT_ENV)
     if negotiated is None:
         return
     info = local_info(rank, C10D, mode)

@@ -66,26 +66,22 @@ def check_agent_protocol_version(
     if static and next(_rounds) > 0:  # the job's nodes, and so the agents' verdict, stay
         return
     os.environ.pop(AGENTS_VERDICT_ENV, None)
-    if any(args[i:i + 2] == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[i + 2:] for i in range(len(args))):
+    if any(tuple(args[i:i + 2]) == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[i + 2:]
+           for i in range(len(args))):
         return
     backend = f"{rdzv_backend} rendezvous"
     mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
     if mode is None:
         return
     if static and group_world_size > 1 and present(store, [STATIC_VERDICT]):
-        _rejoin(store, group_rank, mode, backend)
+        _rejoin(store, group_rank, group_world_size, mode, backend)
         return
     identical = os.environ.get(WORKER_IDENTICAL_ENV, "0") == "1"  # read as _assign_worker_ranks reads it
     trace = None if identical else lambda r: f"torchelastic/role_info/{r}"
     timeout = store.timeout  # type: ignore[attr-defined]  # every c10d store has it; the stub lacks it
     outcome = exchange(store, AGENTS, group_rank, group_world_size, timeout, backend, mode, "round", trace)
     verdict = outcome.verdict
-    if group_world_size > 1 and verdict.readers != group_world_size - 1:
-        # Not every other agent read rank 0's verdict: some ran no check, or were not heard from, and their
-        # workers will not publish. The workers take this verdict instead of checking.
-        os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok and not verdict.without else "none"
-    elif verdict.token:  # rank 0's name for this round, the same on every agent
-        os.environ[ROUND_ENV] = verdict.token
+    _tell_workers(verdict, verdict, group_world_size)
     try:
         raise_on_failure(verdict, outcome.info, AGENTS)
     except dist.DistStoreError as e:
@@ -96,24 +92,36 @@ def check_agent_protocol_version(
             f"workers: unset {WORKER_IDENTICAL_ENV} while nodes without the check remain, or set {CHECK_MODE_ENV}=warn "
             "on the nodes that have it."
         ) from e
-    if static and group_rank == 0 and group_world_size > 1 and not verdict.without:  # the job goes on
-        store.set(STATIC_VERDICT, verdict.to_json())
+    if static and group_rank == 0 and group_world_size > 1 and verdict.status in ("ok", "mismatch"):
+        store.set(STATIC_VERDICT, verdict.to_json())  # the job goes on: on a pass, or a mismatch warned about
     if verdict.ok and not verdict.without:
         logger.info("Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
                     group_rank, group_world_size, verdict.negotiated)
 
 
-def _rejoin(store: Store, group_rank: int, mode: str, backend: str) -> None:
+def _rejoin(store: Store, group_rank: int, group_world_size: int, mode: str, backend: str) -> None:
     """An agent that restarted alone under the static rendezvous: judged against the version the job's agents
-    negotiated, before its workers start; they take that verdict."""
+    negotiated, before its workers start; they get the word the job's workers got."""
     info = local_info(group_rank, AGENTS, mode)
     try:
         job = Verdict.from_json(STATIC_VERDICT, store.get(STATIC_VERDICT))
     except InvalidPayload as e:  # raised below, in every mode
         job = Verdict("invalid", f"{check_head(AGENTS, backend)}: {e}.", None)
     came = f"rank {group_rank} restarted alone and rejoined the job that its agents had checked"
-    verdict = job if job.negotiated is None else joined(AGENTS, info, backend, came, job.negotiated, job.enforce)
+    verdict = (dataclasses.replace(job, enforce=job.enforce or mode == "error") if job.negotiated is None
+               else joined(AGENTS, info, backend, came, job.negotiated, job.enforce))
     raise_on_failure(verdict, info, AGENTS)
-    os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok else "none"
-    logger.info("Agent %s rejoined the job its agents had checked: protocol version %s.", group_rank,
-                verdict.negotiated)
+    _tell_workers(job, verdict, group_world_size)
+    if verdict.ok:
+        logger.info("Agent %s rejoined the job its agents had checked: protocol version %s.", group_rank,
+                    verdict.negotiated)
+
+
+def _tell_workers(round_verdict: Verdict, verdict: Verdict, group_world_size: int) -> None:
+    """The agents' word to the workers this agent starts, which inherit its environment: where every other agent
+    read rank 0's verdict of the round, the round's name; else this agent's ``verdict``, since the workers of some
+    node will not publish, and they take it instead of checking."""
+    if group_world_size > 1 and round_verdict.readers != group_world_size - 1:
+        os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok and not verdict.without else "none"
+    elif round_verdict.token:  # rank 0's name for this round, the same on every agent
+        os.environ[ROUND_ENV] = round_verdict.token

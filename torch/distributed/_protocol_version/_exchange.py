@@ -203,7 +203,7 @@ def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: 
     """The verdict on a rank that ``came`` to a job whose other ranks negotiated ``negotiated`` without it:
     ``ok`` where it speaks that version, else a mismatch, enforced unless it and they (``enforce``) run warn."""
     if info.min_version <= negotiated <= info.version:
-        return Verdict("ok", "", negotiated)
+        return Verdict("ok", "", negotiated, enforce or info.mode == "error")
     detail = _messages.late_mismatch(family, backend, came, negotiated)
     return Verdict("mismatch", detail, None, enforce or info.mode == "error")
 
