@@ -154,9 +154,8 @@ def parse_payload(rank: int, raw: bytes) -> RankInfo:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One check's outcome, computed by rank 0 and read by everyone. ``enforce`` is False
-    where every checking rank runs ``warn`` (on a pass too, for a rank that comes later):
-    the strictest mode decides."""
+    """One check's outcome, computed by rank 0 and read by everyone. ``enforce`` is False where every
+    checking rank runs ``warn`` (on a pass too, for a rank that comes later): the strictest mode decides."""
 
     status: str  # one of _STATUSES
     detail: str
