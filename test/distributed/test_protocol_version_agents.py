@@ -178,9 +178,6 @@ class AgentLauncher(TestCase):
         sums = sorted(p.read_text() for p in self.dir.glob("sum.*"))
         self.assertEqual(sums, [str(float(len(agents)))] * len(agents) if init else [])
 
-
-
-class TestAgentCheck(AgentLauncher):
     def assert_refused(self, agents: Sequence[Agent], checking: Sequence[Agent]) -> None:
         """Every agent out, non-zero, within the bound; each checking agent with
         the agents' message; no worker started anywhere."""
@@ -192,6 +189,8 @@ class TestAgentCheck(AgentLauncher):
             self.assertIn(AGENT_NOTE, agent.output)
         self.assertEqual(self.started(), [])
 
+
+class TestAgentCheck(AgentLauncher):
     @parametrize("init", [False, True])
     def test_three_matching_agents_run(self, init: bool) -> None:
         agents = self.launch([Agent() for _ in range(3)], env={"PV_TEST_INIT": str(int(init))})
@@ -238,6 +237,67 @@ class TestAgentCheck(AgentLauncher):
         )
 
     @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_a_stock_agent_beside_version_2_is_refused_and_starts_no_worker(self) -> None:
+        """The stock agent cannot know: it ends when the refusing agent's store
+        goes away, or at its store timeout when it hosts the store itself."""
+        checking, stock = self.launch([Agent(env={VERSION_OVERRIDE_ENV: "2"}), Agent(python=STOCK_PYTHON)])
+        self.assert_refused([checking, stock], [checking])
+        self.assertRegex(checking.output, r"taken as version 1: rank \d\n")
+
+    def test_an_agent_restart_runs_the_check_again(self) -> None:
+        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0,1", "PV_TEST_INIT": "1"})
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertEqual(len(agent.passed), 2, agent.output[-4000:])  # round 0, then round 1
+        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0", "started.1.1"])
+        self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.1"])
+
+    def test_a_node_restarting_for_another_nodes_sake_inits_with_it(self) -> None:
+        """Group rank 0's worker fails at once while group rank 1's is still starting:
+        agent 1 restarts its worker for agent 0's sake and keeps its restart count (0)
+        where agent 0's is now 1, so the restart count does not name the attempt. The
+        workers init on the round their agents checked, as stock's do."""
+        env = {"PV_TEST_FAIL_FIRST": "0", "PV_TEST_SLOW_FIRST": "1", "PV_TEST_INIT": "1"}
+        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env=env)
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        sums = [p.read_text() for p in self.dir.glob("sum.*")]
+        self.assertEqual(sums, ["2.0", "2.0"], self.started())
+
+    def test_elastic_membership_keeps_working(self) -> None:
+        agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+            self.assertIn(2, [n for _, n in agent.passed], agent.output[-4000:])  # a round of both agents was checked
+        self.assertTrue(self.started(), "no worker started")
+
+    def test_worker_identical_with_every_agent_checking(self) -> None:
+        agents = self.launch([Agent(), Agent()], env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1", "PV_TEST_INIT": "1"})
+        self.assert_ran(agents, init=True)
+        self.assertEqual(sorted(a.passed[0][0] for a in agents), [0, 1])
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
+    def test_worker_identical_hides_a_stock_agent_which_warn_names(self) -> None:
+        """With ``TORCH_ELASTIC_WORKER_IDENTICAL=1`` a stock agent writes no role
+        info: nothing shows it. In ``warn`` the checking agent goes on after its
+        grace period and names it; in ``error`` it waits for the store's timeout
+        and stops, naming the variable (:class:`TestWorkerIdenticalMessage`)."""
+        checking, stock = self.launch(
+            [Agent(env={CHECK_MODE_ENV: "warn"}), Agent(python=STOCK_PYTHON)],
+            env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1"},
+        )
+        self.assert_ran([checking, stock], init=False)
+        # Either agent may be rank 0: as rank 0 it judges without the stock agent; as
+        # another rank it waits its grace period for rank 0, then judges alone.
+        self.assertRegex(checking.output, r"\(torchrun agents\) check \(backend c10d rendezvous, "
+                         r"TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn\): judged without rank \d, not heard from")
+
+
+class TestTheAgentsWord(AgentLauncher):
+    """What torchrun's agents tell the workers they start (and the preflight, which they leave the
+    check to); a class of its own, so that pytest-xdist runs it beside the others."""
+
+    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
     def test_a_stock_node_beside_version_1_runs_on_a_backend_without_a_trace(self) -> None:
         """The agents saw the stock node; its workers publish nothing, and the plugin backend
         leaves no key before it starts. The checking node's workers take the agents' verdict
@@ -278,33 +338,9 @@ class TestAgentCheck(AgentLauncher):
         self.assertRegex(table, r"protocol version 1: rank \d on host")
         self.assertRegex(table, r"protocol version 2: rank \d on host")
 
-    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
-    def test_a_stock_agent_beside_version_2_is_refused_and_starts_no_worker(self) -> None:
-        """The stock agent cannot know: it ends when the refusing agent's store
-        goes away, or at its store timeout when it hosts the store itself."""
-        checking, stock = self.launch([Agent(env={VERSION_OVERRIDE_ENV: "2"}), Agent(python=STOCK_PYTHON)])
-        self.assert_refused([checking, stock], [checking])
-        self.assertRegex(checking.output, r"taken as version 1: rank \d\n")
 
-    def test_an_agent_restart_runs_the_check_again(self) -> None:
-        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0,1", "PV_TEST_INIT": "1"})
-        for agent in agents:
-            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-            self.assertEqual(len(agent.passed), 2, agent.output[-4000:])  # round 0, then round 1
-        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0", "started.1.1"])
-        self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.1"])
-
-    def test_a_node_restarting_for_another_nodes_sake_inits_with_it(self) -> None:
-        """Group rank 0's worker fails at once while group rank 1's is still starting:
-        agent 1 restarts its worker for agent 0's sake and keeps its restart count (0)
-        where agent 0's is now 1, so the restart count does not name the attempt. The
-        workers init on the round their agents checked, as stock's do."""
-        env = {"PV_TEST_FAIL_FIRST": "0", "PV_TEST_SLOW_FIRST": "1", "PV_TEST_INIT": "1"}
-        agents = self.launch([Agent(), Agent()], args=["--max-restarts=1"], env=env)
-        for agent in agents:
-            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-        sums = [p.read_text() for p in self.dir.glob("sum.*")]
-        self.assertEqual(sums, ["2.0", "2.0"], self.started())
+class TestStaticRendezvous(AgentLauncher):
+    """The static rendezvous: one store for the job, the agents check its first round."""
 
     def test_static_rendezvous_checks_once_and_a_node_restarts_alone(self) -> None:
         """The static rendezvous keeps one store namespace for the job, and a node
@@ -363,34 +399,6 @@ class TestAgentCheck(AgentLauncher):
             self.assertEqual(agent.returncode, 0, agent.output[-4000:])
         versions = {p.name: p.read_text() for p in self.dir.glob("version.*")}
         self.assertEqual(versions, {"version.0.1": "1", "version.1.1": "stock"})
-
-    def test_elastic_membership_keeps_working(self) -> None:
-        agents = self.launch([Agent(), Agent()], nnodes="1:3", args=["--rdzv-conf=last_call_timeout=2"], env={"PV_TEST_INIT": "1"})
-        for agent in agents:
-            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-            self.assertIn(2, [n for _, n in agent.passed], agent.output[-4000:])  # a round of both agents was checked
-        self.assertTrue(self.started(), "no worker started")
-
-    def test_worker_identical_with_every_agent_checking(self) -> None:
-        agents = self.launch([Agent(), Agent()], env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1", "PV_TEST_INIT": "1"})
-        self.assert_ran(agents, init=True)
-        self.assertEqual(sorted(a.passed[0][0] for a in agents), [0, 1])
-
-    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
-    def test_worker_identical_hides_a_stock_agent_which_warn_names(self) -> None:
-        """With ``TORCH_ELASTIC_WORKER_IDENTICAL=1`` a stock agent writes no role
-        info: nothing shows it. In ``warn`` the checking agent goes on after its
-        grace period and names it; in ``error`` it waits for the store's timeout
-        and stops, naming the variable (:class:`TestWorkerIdenticalMessage`)."""
-        checking, stock = self.launch(
-            [Agent(env={CHECK_MODE_ENV: "warn"}), Agent(python=STOCK_PYTHON)],
-            env={"TORCH_ELASTIC_WORKER_IDENTICAL": "1"},
-        )
-        self.assert_ran([checking, stock], init=False)
-        # Either agent may be rank 0: as rank 0 it judges without the stock agent; as
-        # another rank it waits its grace period for rank 0, then judges alone.
-        self.assertRegex(checking.output, r"\(torchrun agents\) check \(backend c10d rendezvous, "
-                         r"TORCH_DISTRIBUTED_PROTOCOL_CHECK=warn\): judged without rank \d, not heard from")
 
 
 class TestTheAgentsVerdictInAWorker(TestCase):
