@@ -119,9 +119,12 @@ def _rejoin(store: Store, group_rank: int, group_world_size: int, mode: str, bac
 
 def _tell_workers(round_verdict: Verdict, verdict: Verdict, group_world_size: int) -> None:
     """The agents' word to the workers this agent starts, which inherit its environment: where every other agent
-    read rank 0's verdict of the round, the round's name; else this agent's ``verdict``, since the workers of some
-    node will not publish, and they take it instead of checking."""
+    read rank 0's verdict of the round, the round's name; where some were seen without the check, this agent's
+    ``verdict``, since their workers will not publish, and the workers take it instead of checking. Where some were
+    not heard from, nothing: the workers check on their own, as outside torchrun."""
+    if round_verdict.without:
+        return
     if group_world_size > 1 and round_verdict.readers != group_world_size - 1:
-        os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok and not verdict.without else "none"
+        os.environ[AGENTS_VERDICT_ENV] = str(verdict.negotiated) if verdict.ok else "none"
     elif round_verdict.token:  # rank 0's name for this round, the same on every agent
         os.environ[ROUND_ENV] = round_verdict.token
