@@ -8,7 +8,7 @@ HOOK    := tools/protocol_version_hook.py
 TESTS   := test/distributed
 # The suites that mostly cost time: make test-all adds them to make test (CI runs both).
 LONG_TESTS := $(addprefix $(TESTS)/,test_protocol_version_cluster.py test_upstream_suite_subset.py \
-              test_protocol_version_packaging.py)
+              test_protocol_version_packaging.py test_protocol_version_agents_static.py)
 # Defined before the rules that use them: make expands prerequisites as it reads.
 STOCK_PY    := .venv-stock/bin/python
 STOCK_STAMP := .venv-stock/.installed
@@ -47,7 +47,8 @@ test: lint $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider -n 2 --dist loadscope $(addprefix --ignore=,$(LONG_TESTS))
 
 # The long suites: the namespace cluster with real other builds, upstream's suites'
-# subsets, packaging with wheel builds. Run serially: their scenes time themselves.
+# subsets, packaging with wheel builds, the static rendezvous' torchrun scenes. Run
+# serially: their scenes time themselves.
 test-long: hooked $(STOCK_STAMP)
 	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
 

@@ -339,68 +339,6 @@ class TestTheAgentsWord(AgentLauncher):
         self.assertRegex(table, r"protocol version 2: rank \d on host")
 
 
-class TestStaticRendezvous(AgentLauncher):
-    """The static rendezvous: one store for the job, the agents check its first round."""
-
-    def test_static_rendezvous_checks_once_and_a_node_restarts_alone(self) -> None:
-        """The static rendezvous keeps one store namespace for the job, and a node
-        whose worker failed restarts alone, as on stock: its agent, which took
-        part in the check, does not wait for the others to check again."""
-        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0"})
-        for agent in agents:
-            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-            self.assertEqual(len(agent.passed), 1, agent.output[-4000:])
-        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0"])
-        for started in self.dir.glob("started.*"):
-            started.unlink()
-        refused = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], static=True)
-        self.assert_refused(refused, refused)
-
-    def test_a_static_node_that_restarts_alone_is_judged_against_the_job(self) -> None:
-        """Node 1's torchrun ends (its worker fails, no restarts left) while node 0's
-        worker holds the job and its store up. Node 1 comes back: on version 2 it is
-        refused before its worker starts; on version 1 it rejoins alone and its worker
-        inits with node 0's, on a backend without a trace: the rejoined agent gives it
-        the word node 0's worker got."""
-        port, static = find_free_port(), {"static": True, "nnodes": "2", "args": ["--rdzv-conf=timeout=20"]}
-        release = self.dir / "release"
-        with ThreadPoolExecutor(2) as pool:
-            env = {"PV_TEST_HOLD": "0", "PV_TEST_INIT": "traceless"}
-            node_0 = pool.submit(self.launch, [Agent()], port=port, env=env, **static)
-            try:
-                failed, = self.launch([Agent(node=1, env={"PV_TEST_FAIL_FIRST": "1"})], port=port, **static)
-                self.assertNotEqual(failed.returncode, 0, failed.output[-4000:])
-                (self.dir / "started.1.0").unlink()
-                refused, = self.launch([Agent(node=1, env={VERSION_OVERRIDE_ENV: "2"})], port=port, **static)
-                self.assertNotEqual(refused.returncode, 0, refused.output[-4000:])
-                self.assertLess(refused.wall_s, 30.0, refused.output[-4000:])  # the store's timeout is 20 s
-                self.assertIn("rank 1 restarted alone and rejoined the job that its agents had checked, and the "
-                              "others negotiated protocol version 1, which this rank does not speak", refused.output)
-                self.assertEqual(self.started(), ["started.0.0"])
-                rejoined = pool.submit(self.launch, [Agent(node=1)], port=port, env=env, **static)
-                deadline = time.monotonic() + 30
-                while self.started() != ["started.0.0", "started.1.0"] and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            finally:
-                release.write_text("")
-            for agent in (*node_0.result(), *rejoined.result()):
-                self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-                self.assertNotIn("without the protocol version check", agent.output)  # an account, true or not
-        self.assertEqual(self.started(), ["started.0.0", "started.1.0"])
-        self.assertEqual(sorted(p.read_text() for p in self.dir.glob("version.*")), ["1", "1"])
-
-    @skipUnless(STOCK_PYTHON.exists(), NO_STOCK_REASON)
-    def test_a_static_job_with_a_stock_node_restarts_on_the_agents_verdict(self) -> None:
-        """Under the static rendezvous the agents check the first round only; the workers of
-        the restart, on a backend without a trace, still take the agents' verdict."""
-        env = {"PV_TEST_INIT": "traceless", "PV_TEST_FAIL_FIRST": "0,1"}
-        agents = self.launch([Agent(), Agent(python=STOCK_PYTHON)], static=True, args=["--max-restarts=1"], env=env)
-        for agent in agents:
-            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
-        versions = {p.name: p.read_text() for p in self.dir.glob("version.*")}
-        self.assertEqual(versions, {"version.0.1": "1", "version.1.1": "stock"})
-
-
 class TestTheAgentsVerdictInAWorker(TestCase):
     """A worker of torchrun's (``RANK`` and ``WORLD_SIZE`` as torchrun sets them) whose agents saw a
     node without the check: a group of one rank here, on a ``HashStore``."""
