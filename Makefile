@@ -42,8 +42,10 @@ demo: hooked
 	$(PY) tools/demo.py
 
 # The contributor's loop: lint, then every test but the long suites, in two workers
-# (pytest-xdist; a class's tests stay on one worker, which runs them in order).
-test: lint $(STOCK_STAMP)
+# (pytest-xdist; a class's tests stay on one worker, which runs them in order). On a
+# fresh clone the two venvs install side by side: pip is single-threaded.
+test:
+	$(MAKE) --no-print-directory -j2 lint $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider -n 2 --dist loadscope $(addprefix --ignore=,$(LONG_TESTS))
 
 # The long suites: the namespace cluster with real other builds, upstream's suites'

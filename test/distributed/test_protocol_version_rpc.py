@@ -142,7 +142,7 @@ class TestStaticGroup(RpcTestCase):
         # init_rpc's own 30-minute rendezvous timeout, as on stock: only rank 1
         # reaches the check, and it names the workers it never heard from: rank 2,
         # which never came, and rank 0, which collects every worker's version.
-        results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=40)
+        results = spawn_ranks(static_worker, 3, args=(find_free_port(), 5.0), ranks=[0, 1], timeout=20)
         self.assertEqual(results[1].error_type, "DistStoreError", results[1])
         self.assertIn("timed out after 5s (backend tensorpipe): on rank 1: ranks 0,2 never published", results[1].error)
         self.assertIn("rank 0 collects every rank's version", results[1].error)

@@ -3,8 +3,9 @@
 Stock torch is the baseline for every path: ``test/distributed/test_protocol_version_parity.py``
 runs this file as a script with the Python of each environment and compares what every
 rank did. It imports nothing but torch and the standard library, so stock torch
-can run it. The job is read as JSON from argv[1]; one JSON list of rank outcomes
-is printed on the last line of stdout.
+can run it. The job, or a list of jobs run one after the other by one interpreter
+(torch is imported once), is read as JSON from argv[1]; each job's rank outcomes
+are printed as one line, ``outcomes: <JSON list>``.
 
     {"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
      "init": "tcpstore" | "env" | "hashstore", "env": {"1": {"VAR": "value"}},
@@ -20,6 +21,7 @@ import json
 import multiprocessing
 import os
 import queue
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -76,15 +78,17 @@ def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any
     results.put(outcome)
 
 
-def main() -> None:
-    job = json.loads(sys.argv[1])
-    port = int(sys.argv[2])
-    # Ranks fork from a server that imported torch once, as the tests' own ranks do.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch.distributed"])
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(ctx: Any, job: dict[str, Any]) -> list[dict[str, Any]]:
     results = ctx.Queue()
     started = list(job.get("started", range(job["world_size"])))
     imported = ctx.Barrier(len(started))
+    port = _free_port()
     procs = [ctx.Process(target=_rank, args=(job, rank, port, results, imported)) for rank in started]
     for proc in procs:
         proc.start()
@@ -98,7 +102,16 @@ def main() -> None:
     for proc in procs:
         proc.kill()
         proc.join()
-    print(json.dumps(sorted(outcomes, key=lambda o: o["rank"])))
+    return sorted(outcomes, key=lambda o: o["rank"])
+
+
+def main() -> None:
+    jobs = json.loads(sys.argv[1])
+    # Ranks fork from a server that imported torch once, as the tests' own ranks do.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch.distributed"])
+    for job in jobs if isinstance(jobs, list) else [jobs]:
+        print(f"outcomes: {json.dumps(_run(ctx, job))}", flush=True)
 
 
 if __name__ == "__main__":
