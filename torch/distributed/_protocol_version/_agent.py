@@ -9,8 +9,9 @@ import os
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import AGENTS_VERDICT_ENV, ROUND_ENV
-from torch.distributed._protocol_version._exchange import exchange, joined, mode_or_tell, raise_on_failure
+from torch.distributed._protocol_version._exchange import exchange, mode_or_tell, raise_on_failure
 from torch.distributed._protocol_version._families import C10D
+from torch.distributed._protocol_version._judge import joined
 from torch.distributed._protocol_version._messages import check_head
 from torch.distributed._protocol_version._payload import InvalidPayload, local_info, Verdict
 from torch.distributed._protocol_version._settings import CHECK_MODE_ENV

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version import _messages
 from torch.distributed._protocol_version._families import Family
-from torch.distributed._protocol_version._judge import judge, judge_payloads
+from torch.distributed._protocol_version._judge import joined, judge, judge_payloads
 from torch.distributed._protocol_version._payload import (
     InvalidPayload, is_setting, local_info, RankInfo, setting_payload, Verdict,
 )
@@ -31,7 +31,7 @@ from torch.distributed._protocol_version._store import (
 )
 
 
-__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "joined", "mode_or_tell", "raise_on_failure"]
+__all__ = ["NO_CHECK", "Outcome", "ProtocolVersionError", "exchange", "mode_or_tell", "raise_on_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,15 +197,6 @@ def _late(check: _Check, verdict: Verdict) -> Verdict:
     text = f"{came}; it speaks {family.version_word} {negotiated}, which the others negotiated, and goes on."
     detail = f"{_messages.check_head(family, check.backend)}: {text}"
     return dataclasses.replace(outcome, detail=detail, without=verdict.without) if outcome.ok else outcome
-
-
-def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: int, enforce: bool) -> Verdict:
-    """The verdict on a rank that ``came`` to a job whose other ranks negotiated ``negotiated`` without it:
-    ``ok`` where it speaks that version, else a mismatch, enforced unless it and they (``enforce``) run warn."""
-    if info.min_version <= negotiated <= info.version:
-        return Verdict("ok", "", negotiated, enforce or info.mode == "error")
-    detail = _messages.late_mismatch(family, backend, came, negotiated)
-    return Verdict("mismatch", detail, None, enforce or info.mode == "error")
 
 
 def _participate(check: _Check) -> Outcome:

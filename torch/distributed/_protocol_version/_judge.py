@@ -46,3 +46,12 @@ def judge_payloads(family: Family, raws: dict[int, bytes], no_check: Sequence[in
     if problems:
         return Verdict("invalid", _messages.invalid_detail(family, sorted(problems), backend), None)
     return judge(family, sorted(infos, key=lambda i: i.rank), backend)
+
+
+def joined(family: Family, info: RankInfo, backend: str, came: str, negotiated: int, enforce: bool) -> Verdict:
+    """The verdict on a rank that ``came`` to a job whose other ranks negotiated ``negotiated`` without it:
+    ``ok`` where it speaks that version, else a mismatch, enforced unless it and they (``enforce``) run warn."""
+    if info.min_version <= negotiated <= info.version:
+        return Verdict("ok", "", negotiated, enforce or info.mode == "error")
+    detail = _messages.late_mismatch(family, backend, came, negotiated)
+    return Verdict("mismatch", detail, None, enforce or info.mode == "error")
