@@ -202,15 +202,6 @@ def spawn_in_background(*args: Any, **kwargs: Any) -> tuple[threading.Thread, li
     return thread, results
 
 
-def wait_for_key(store: dist.Store, key: str, timeout_s: float = SLACK_S) -> None:
-    """Poll with ``check``: bounded by our own deadline, not by the store's timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not store.check([key]):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key} never appeared")
-        time.sleep(0.02)
-
-
 # --------------------------------------------------------------------------- #
 # Functions run inside spawned ranks (module level, so spawn can pickle them)
 # --------------------------------------------------------------------------- #
