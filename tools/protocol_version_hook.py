@@ -30,8 +30,10 @@ and exit code 2.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import fnmatch
+import functools
 import importlib.util
 import re
 import sys
@@ -59,45 +61,67 @@ class PatchError(RuntimeError):
     """The target is not something this tool knows how to change; nothing was changed."""
 
 
+@functools.cache
+def _function_lines(source: str, function: str) -> range:
+    """The lines (0-based) of ``function`` ("name", or "Class.method") in ``source``, wherever it is defined
+    (``init_rpc`` is, under ``if is_available():``); empty when it has none."""
+    node: ast.AST = ast.parse(source)
+    for name in function.split("."):
+        found = [n for n in ast.walk(node) if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name]
+        if not found:
+            return range(0)
+        node = found[0]
+    return range(node.lineno - 1, node.end_lineno or node.lineno)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Hook:
     """One call into the package, inserted at one known place of the installed torch.
 
-    The block goes between ``anchor_before`` and ``anchor_at``, which must occur
-    together exactly once in ``target``; anything else is a torch this tool does
-    not know, and it is refused.
+    The block goes right before the statement ``at`` (its first line, stripped) and the
+    comments right above it, in ``function`` of ``target``: it is found by code, so that
+    upstream's edits to comments do not move it. ``at`` must occur exactly once in that
+    function; anything else is a torch this tool does not know, and it is refused.
     """
 
     target: str  # relative to a torch package directory
-    function: str  # the function the hook goes into, for messages
+    function: str  # the function the hook goes into: "name" or "Class.method"
     place: str  # where in it, for the refusal message
-    anchor_before: str
-    anchor_at: str
+    at: str
     body: tuple[str, ...]
-    indent: str = " " * 12
+    releases: tuple[str, ...] = ("2.13", "2.14")  # the releases of RELEASES that have this place
 
-    def block(self) -> str:
+    def block(self, indent: str) -> str:
         lines = [BEGIN, *self.body, END]
-        return "".join(f"{self.indent}{line}\n" if line else "\n" for line in lines) + "\n"
+        return "".join(f"{indent}{line}\n" if line else "\n" for line in lines) + "\n"
 
-    def placed(self) -> str:
-        """The block between its anchors, as it stands in a hooked source."""
-        return self.anchor_before + self.block() + self.anchor_at
+    def where(self, source: str, origin: str) -> tuple[int, str]:
+        """The offset in ``source`` where the block goes, and its indent."""
+        lines, body = source.splitlines(keepends=True), _function_lines(source, self.function)
+        hits = [i for i in body if lines[i].strip() == self.at]
+        if len(hits) != 1:
+            raise PatchError(
+                f"refusing to patch {origin}: expected exactly one place in {self.function} {self.place} "
+                f"(the statement {self.at!r}), found {len(hits)}. This tool knows torch {' and '.join(RELEASES)}; "
+                "port the row of the hook table in tools/protocol_version_hook.py to this torch first."
+            )
+        first = hits[0]
+        indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        while first - 1 in body and lines[first - 1].startswith(indent + "#"):
+            first -= 1
+        return sum(map(len, lines[:first])), indent
+
+    def is_placed(self, source: str, origin: str) -> bool:
+        at, indent = self.where(source, origin)
+        block = self.block(indent)
+        return source[max(at - len(block), 0):at] == block
 
     def patch(self, source: str, origin: str) -> str:
         """Return ``source`` with the hook inserted; unchanged if already there."""
-        if self.placed() in source:
+        if self.is_placed(source, origin):
             return source
-        anchor = self.anchor_before + self.anchor_at
-        count = source.count(anchor)
-        if count != 1:
-            raise PatchError(
-                f"refusing to patch {origin}: expected exactly one place in {self.function} "
-                f"{self.place}, found {count}. This tool knows torch 2.13's {self.function}; "
-                "port the anchor in tools/protocol_version_hook.py to this torch first."
-            )
-        at = source.index(anchor) + len(self.anchor_before)
-        return source[:at] + self.block() + source[at:]
+        at, indent = self.where(source, origin)
+        return source[:at] + self.block(indent) + source[at:]
 
 
 # The call every backend row of _new_process_group_helper makes, with the names
@@ -109,51 +133,29 @@ _C10D_CALL = (
     "    store, prefix_store, group_rank, group_size, timeout, backend_str, device, group_name, is_default_group",
     ")",
 )
+C10D_TARGET, C10D_FUNCTION = "distributed/distributed_c10d.py", "_new_process_group_helper"
+# The torch releases this tool knows, each told by a statement of _new_process_group_helper that only it has:
+# 2.13 constructs the built-in backends there; 2.14 registers them as plugins, made in one place.
+RELEASES = {
+    "2.13": "backend_class = ProcessGroupGloo(",
+    "2.14": "Backend._ensure_backend_registered(backend_str)",
+}
 
 
-def _c10d_hook(place: str, anchor_before: str, anchor_at: str) -> Hook:
+def _c10d_hook(place: str, at: str, releases: tuple[str, ...] = tuple(RELEASES)) -> Hook:
     """A row of _new_process_group_helper: the backend loop has validated this
     backend (and stock every argument before the loop); it is constructed next."""
-    target, function = "distributed/distributed_c10d.py", "_new_process_group_helper"
-    return Hook(target, function, place, anchor_before, anchor_at, _C10D_CALL)
+    return Hook(C10D_TARGET, C10D_FUNCTION, place, at, _C10D_CALL, releases)
 
 
 HOOKS = (
-    _c10d_hook(
-        "before a TorchComms backend is made",
-        "            # rendezvous store on rapid re-binds).\n",
-        "            comm = new_comm(\n",
-    ),
-    _c10d_hook(
-        "before ProcessGroupGloo is constructed",
-        '                raise RuntimeError("Distributed package doesn\'t have Gloo built in")\n',
-        "            backend_class = ProcessGroupGloo(\n",
-    ),
-    _c10d_hook(
-        "before ProcessGroupNCCL is constructed",
-        "                backend_options.split_color = _process_group_color(\n"
-        "                    global_ranks_in_group\n                )\n"
-        "            backend_options.global_ranks_in_group = global_ranks_in_group\n"
-        "            backend_options.group_name = group_name\n",
-        "            backend_class = ProcessGroupNCCL(\n",
-    ),
-    _c10d_hook(
-        "before ProcessGroupUCC is constructed",
-        "            # is_ucc_available() from above elif-condition and raise\n"
-        "            # RuntimeError if is_ucc_available() returns false.\n\n",
-        "            backend_class = ProcessGroupUCC(\n",
-    ),
-    _c10d_hook(
-        "before ProcessGroupXCCL is constructed",
-        "            # pyrefly: ignore [bad-argument-type]\n"
-        "            backend_options._timeout = timeout\n",
-        "            backend_class = ProcessGroupXCCL(\n",
-    ),
-    _c10d_hook(
-        "before a registered plugin backend is created",
-        "            backend_type = ProcessGroup.BackendType.CUSTOM\n\n",
-        "            if not extended_api:\n",
-    ),
+    _c10d_hook("before a TorchComms backend is made", "comm = new_comm("),
+    _c10d_hook("before ProcessGroupGloo is constructed", "backend_class = ProcessGroupGloo(", ("2.13",)),
+    _c10d_hook("before ProcessGroupNCCL is constructed", "backend_class = ProcessGroupNCCL(", ("2.13",)),
+    _c10d_hook("before ProcessGroupUCC is constructed", "backend_class = ProcessGroupUCC(", ("2.13",)),
+    _c10d_hook("before ProcessGroupXCCL is constructed", "backend_class = ProcessGroupXCCL(", ("2.13",)),
+    # From 2.14 on, the built-in backends are made here too.
+    _c10d_hook("before a registered backend is created", "backend_plugin = Backend._plugins[backend_str.upper()]"),
     # SimpleElasticAgent._rendezvous (torchrun's agents): the round's store and
     # this agent's group rank are known; worker ranks are assigned next, workers
     # started after that.
@@ -161,15 +163,13 @@ HOOKS = (
         target="distributed/elastic/agent/server/api.py",
         function="SimpleElasticAgent._rendezvous",
         place="right after next_rendezvous(), before the worker ranks are assigned",
-        anchor_before="        self._store = store\n\n",
-        anchor_at='        with self.record_duration("ASSIGN_WORKER_RANKS"):\n',
+        at='with self.record_duration("ASSIGN_WORKER_RANKS"):',
         body=(
             "from torch.distributed._protocol_version._agent import check_agent_protocol_version",
             "",
             "check_agent_protocol_version(store, group_rank, group_world_size, spec.rdzv_handler.get_backend(), "
             "spec.args)",
         ),
-        indent=" " * 8,
     ),
     # init_rpc: the store is wrapped in PrefixStore("rpc_prefix_N"); distributed
     # autograd and then the RPC backend (which builds a ProcessGroupGloo on that
@@ -177,23 +177,41 @@ HOOKS = (
     Hook(
         target="distributed/rpc/__init__.py",
         function="init_rpc",
-        place='where the store is wrapped in PrefixStore("rpc_prefix_N") right before autograd and the backend are '
-        "initialised",
-        anchor_before="            _init_counter += 1\n\n",
-        anchor_at="        # Initialize autograd before RPC since _init_rpc_backend guarantees all\n",
+        place="right before distributed autograd and the RPC backend are initialised",
+        at="dist_autograd._init(rank)",
         body=(
             "from torch.distributed._protocol_version._rpc import check_rpc_protocol_version",
             "",
             "check_rpc_protocol_version(store, name, rank, world_size, rpc_backend_options)",
         ),
-        indent=" " * 8,
     ),
 )
 TARGETS = tuple(dict.fromkeys(hook.target for hook in HOOKS))
+# A marked block, as install writes it, with its indent.
+_BLOCK = re.compile(rf"^([ \t]*){re.escape(BEGIN)}\n.*?^[ \t]*{re.escape(END)}\n\n", re.MULTILINE | re.DOTALL)
 
 
 def is_patched(source: str) -> bool:
     return BEGIN in source
+
+
+def release_of(c10d_source: str, origin: str) -> str:
+    """The release whose shape ``_new_process_group_helper`` has; refused when it has none this tool knows."""
+    lines, body = c10d_source.splitlines(), _function_lines(c10d_source, C10D_FUNCTION)
+    for release, statement in RELEASES.items():
+        if any(lines[i].strip() == statement for i in body):
+            return release
+    known = "; ".join(f"{release}: {statement!r}" for release, statement in RELEASES.items())
+    raise PatchError(
+        f"refusing to patch {origin}: its {C10D_FUNCTION} has the shape of no torch release this tool knows "
+        f"({known}); port the hook table in tools/protocol_version_hook.py to this torch first."
+    )
+
+
+def hooks_of(sources: dict[str, str], origin: str) -> tuple[Hook, ...]:
+    """The rows of ``HOOKS`` for the release that ``sources`` (each target's text) are."""
+    release = release_of(sources[C10D_TARGET], origin)
+    return tuple(hook for hook in HOOKS if release in hook.releases)
 
 
 def unpatch(target: str, source: str, origin: str) -> str:
@@ -202,10 +220,8 @@ def unpatch(target: str, source: str, origin: str) -> str:
     Only the exact blocks that ``patch`` inserts are removed: a block edited by
     hand is refused rather than left half in place.
     """
-    stock = source
-    for hook in HOOKS:
-        if hook.target == target:
-            stock = stock.replace(hook.placed(), hook.anchor_before + hook.anchor_at, 1)
+    blocks = {hook.block(match[1]) for match in _BLOCK.finditer(source) for hook in HOOKS if hook.target == target}
+    stock = _BLOCK.sub(lambda match: "" if match[0] in blocks else match[0], source)
     if is_patched(stock):
         raise PatchError(
             f"refusing to change {origin}: a marked block differs from the ones this "
@@ -215,9 +231,9 @@ def unpatch(target: str, source: str, origin: str) -> str:
     return stock
 
 
-def patch_file(target: str, source: str, origin: str) -> str:
-    """Return ``source`` (the text of ``target``) with every hook of that file in place."""
-    for hook in HOOKS:
+def patch_file(target: str, source: str, origin: str, hooks: tuple[Hook, ...]) -> str:
+    """Return ``source`` (the text of ``target``) with every hook of ``hooks`` for that file in place."""
+    for hook in hooks:
         if hook.target == target:
             source = hook.patch(source, origin)
     return source
@@ -250,11 +266,13 @@ def apply_hooks(torch_dir: Path) -> list[Path]:
     """Insert every hook into the torch sources under ``torch_dir`` (an installed
     torch, an unpacked wheel, a checkout's ``torch/``); refuse, changing nothing,
     a source this tool does not know. Returns the files it changed."""
+    # unpatch first: refuses a block edited by hand, and takes out blocks another place of this tool left
+    stock = {rel: (target, unpatch(rel, text, str(target))) for rel, (target, text) in _read_targets(torch_dir).items()}
+    hooks = hooks_of({rel: text for rel, (_, text) in stock.items()}, str(torch_dir))
     planned = []
-    for rel, (target, source) in _read_targets(torch_dir).items():
-        # unpatch first: refuses a block edited by hand
-        patched = patch_file(rel, unpatch(rel, source, str(target)), str(target))
-        if patched != source:
+    for rel, (target, source) in stock.items():
+        patched = patch_file(rel, source, str(target), hooks)
+        if patched != target.read_text():
             planned.append((target, patched))
     for target, patched in planned:
         target.write_text(patched)
@@ -297,7 +315,7 @@ def install(torch_dir: Path) -> str:
     for rel in linked:
         (torch_dir / rel).symlink_to(REPO / "torch" / rel, target_is_directory=(REPO / "torch" / rel).is_dir())
     hooks = f"installed the hooks in {', '.join(map(str, changed))}" if changed else "hooks already installed"
-    where = f"{len(HOOKS)} in {len(TARGETS)} files under {torch_dir}"
+    where = f"{len(TARGETS)} files under {torch_dir}"
     return f"{hooks} ({where}); linked {len(linked)} paths to {REPO / 'torch'}"
 
 
@@ -315,24 +333,25 @@ def revert(torch_dir: Path) -> str:
     return f"reverted {len(TARGETS)} files in {torch_dir} to stock; removed the links"
 
 
-def _hook_state(hook: Hook, source: str) -> str:
-    if hook.placed() in source:
+def _hook_state(hook: Hook, source: str, origin: str) -> str:
+    if hook.is_placed(source, origin):
         return "present"
     return "edited" if is_patched(source) else "absent"
 
 
 def status(torch_dir: Path) -> tuple[bool, str]:
-    """Whether every hook (exactly as this tool inserts it) and every link are in
+    """Whether every hook of this torch's release (exactly as this tool inserts it) and every link are in
     place, and a one-line report."""
-    sources = _read_targets(torch_dir)
-    hooks = [(hook, _hook_state(hook, sources[hook.target][1])) for hook in HOOKS]
+    sources = {rel: text for rel, (_, text) in _read_targets(torch_dir).items()}
+    rows = hooks_of(sources, str(torch_dir))
+    hooks = [(hook, _hook_state(hook, sources[hook.target], str(torch_dir / hook.target))) for hook in rows]
     states = {rel: _link_state(torch_dir, rel) for rel in linked_paths()}
     wrong = [f"{rel} {state}" for rel, state in states.items() if state != "linked"]
     installed = all(state == "present" for _, state in hooks) and not wrong
     links = ", ".join(wrong) if wrong else f"all {len(states)} links in place"
     counts = {state: sum(1 for _, s in hooks if s == state) for _, state in hooks}
     report = ", ".join(f"{n} {state}" for state, n in counts.items())
-    return installed, f"hooks: {report} (of {len(HOOKS)}); {links}"
+    return installed, f"hooks: {report} (of {len(rows)}); {links}"
 
 
 def diff(torch_dir: Path) -> str:
@@ -457,9 +476,10 @@ def export(checkout: Path) -> list[str]:
             f"checkout (it has no {', '.join(missing)})"
         )
     # Bytes, not text mode: the checkout's line endings stay as they are.
-    planned = {}
-    for rel, (target, _) in _read_targets(checkout / "torch").items():
-        planned[target] = patch_file(rel, target.read_bytes().decode(), str(target)).encode()
+    sources = {rel: (target, target.read_bytes().decode())
+               for rel, (target, _) in _read_targets(checkout / "torch").items()}
+    hooks = hooks_of({rel: text for rel, (_, text) in sources.items()}, str(checkout))
+    planned = {target: patch_file(rel, text, str(target), hooks).encode() for rel, (target, text) in sources.items()}
     for name in exported_code():
         planned[checkout / name] = (REPO / name).read_bytes()
     pages = exported_pages()

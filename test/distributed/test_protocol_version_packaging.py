@@ -197,7 +197,7 @@ class TestWheelRecipe(TestCase):
                             *linked, NEW_INFO + "METADATA", NEW_INFO + "WHEEL", NEW_INFO + "RECORD"]),
                 )
                 for rel in hook.TARGETS:
-                    self.assertEqual(_sha(wheel.read(f"torch/{rel}")), _sha(hook.patch_file(rel, stock[rel], rel)))
+                    self.assertEqual(_sha(wheel.read(f"torch/{rel}")), _sha(hook.patch_file(rel, stock[rel], rel, hook.hooks_of(stock, rel))))
                 for name, digest in linked.items():
                     self.assertEqual(_sha(wheel.read(name)), digest, name)
                 metadata = wheel.read(NEW_INFO + "METADATA").decode()
@@ -411,10 +411,11 @@ class TestExportToCheckout(TestCase):
                     f"updated {hook.TOCTREE_PAGE}",
                 ],
             )
+            stock = _stock_sources()
             for rel in hook.TARGETS:
                 self.assertEqual(
                     _sha((checkout / "torch" / rel).read_bytes()),
-                    _sha(hook.patch_file(rel, _stock_sources()[rel], rel)),
+                    _sha(hook.patch_file(rel, stock[rel], rel, hook.hooks_of(stock, rel))),
                 )
             for name in hook.exported_code():
                 self.assertFalse((checkout / name).is_symlink(), name)
@@ -588,6 +589,30 @@ class TestHookTool(TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("expected exactly one place in init_rpc", result.stderr)
         self.assertEqual(_snapshot(self.torch_dir), before)
+
+    def test_upstream_edits_to_comments_do_not_move_a_hook(self) -> None:
+        """A release that rewrites every comment of the hooked functions (2.14 rewrote the one above
+        TorchComms' new_comm) is hooked at the same statements as the one it came from."""
+        stock = _stock_sources()
+        for rel, text in stock.items():
+            lines = text.splitlines(keepends=True)
+            for hooked in {h.function for h in hook.HOOKS if h.target == rel}:
+                for i in hook._function_lines(text, hooked):
+                    if lines[i].lstrip().startswith("#"):
+                        lines[i] = lines[i][: len(lines[i]) - len(lines[i].lstrip())] + "# reworded upstream\n"
+            (self.torch_dir / rel).write_text("".join(lines))
+        self.assertEqual(_tool("install", "--torch-dir", str(self.torch_dir)).returncode, 0)
+        status = _tool("status", "--torch-dir", str(self.torch_dir))
+        rows = hook.hooks_of(stock, "stock")
+        self.assertIn(f"hooks: {len(rows)} present (of {len(rows)})", status.stdout)
+        for row in rows:  # the block sits before the same statement, or the comments right above it
+            text = (self.torch_dir / row.target).read_text()
+            at, indent = row.where(text, row.target)
+            rest = text[at:].lstrip()
+            while rest.startswith("# reworded upstream"):
+                rest = rest.split("\n", 1)[1].lstrip()
+            self.assertTrue(rest.startswith(row.at), (row.place, rest[:80]))
+            self.assertTrue(text[:at].endswith(row.block(indent)), row.place)
 
     def test_errors_are_one_line(self) -> None:
         for command in ("status", "diff", "revert", "install"):

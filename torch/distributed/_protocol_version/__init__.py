@@ -108,7 +108,7 @@ def _check_protocol_version(
     """The hook ``_new_process_group_helper`` calls right before it builds a backend: checks the default
     group once. Gloo's key per rank shows a rank without the check only in the first group of a first
     attempt: later ones may find an earlier group's key (gloo would read it too), so each deletes its own."""
-    if not default_group or group_store in _negotiated or backend == "fake":
+    if not default_group or group_store in _negotiated or backend in ("fake", "mpi"):  # no store to check through
         return
     _negotiated[group_store] = None
     if not 0 <= rank < world_size:  # the backend refuses such a rank, as on stock
