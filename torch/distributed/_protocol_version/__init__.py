@@ -77,17 +77,16 @@ def _attempt_namespace(kind: str, count: int) -> tuple[str, bool]:
     return f"{kind}/{attempt}/{count}", restart == "0" and count == 0
 
 
-def _started_by_torchrun(rank: int, world_size: int) -> bool:
-    """Whether this group is the one torchrun's agents started this worker for, and their word (``ROUND_ENV``,
-    ``AGENTS_VERDICT_ENV``) is about it: a process a worker starts inherits the variables, but not as a rule its
-    rank and world size."""
+def _agents_word_applies(rank: int, world_size: int) -> bool:
+    """Whether torchrun's agents' word (``ROUND_ENV``, ``AGENTS_VERDICT_ENV``) is about this group, the one they
+    started this worker for: a process a worker starts inherits the variables, not as a rule its rank and size."""
     return os.environ.get("RANK") == str(rank) and os.environ.get("WORLD_SIZE") == str(world_size)
 
 
-def _take_agents_verdict(group_store: Store, rank: int, mode: str, backend: str) -> None:
+def _take_agents_verdict(word: str, group_store: Store, rank: int, mode: str, backend: str) -> None:
     """torchrun's agents judged this round with nodes whose workers never publish: this rank takes their
-    verdict (``none``: no version) where it speaks the version they negotiated."""
-    negotiated = None if os.environ[AGENTS_VERDICT_ENV].strip() == "none" else parse_version(AGENTS_VERDICT_ENV)
+    verdict ``word`` (``none``: no version) where it speaks the version they negotiated."""
+    negotiated = None if word.strip() == "none" else parse_version(AGENTS_VERDICT_ENV)
     if negotiated is None:
         return
     info = local_info(rank, C10D, mode)
@@ -119,9 +118,10 @@ def _check_protocol_version(
     mode = mode_or_tell(store, C10D, namespace, rank, world_size, backend)
     if mode is None:
         return
-    told = _started_by_torchrun(rank, world_size)
-    if told and AGENTS_VERDICT_ENV in os.environ:
-        _take_agents_verdict(group_store, rank, mode, backend)
+    applies = _agents_word_applies(rank, world_size)
+    agents_verdict = os.environ.get(AGENTS_VERDICT_ENV) if applies else None
+    if agents_verdict is not None:
+        _take_agents_verdict(agents_verdict, group_store, rank, mode, backend)
         return
     first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
@@ -130,7 +130,7 @@ def _check_protocol_version(
     started = time.monotonic()
     # Where torchrun's agents all checked this round (its name says so), so does every worker: warn waits too.
     outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None,
-                       expected=told and bool(os.environ.get(ROUND_ENV)))
+                       expected=applies and bool(os.environ.get(ROUND_ENV)))
     raise_on_failure(outcome.verdict, outcome.info, C10D)
     if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
         _negotiated[group_store] = outcome.verdict.negotiated
