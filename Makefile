@@ -43,9 +43,10 @@ demo: hooked
 
 # The contributor's loop: lint, then every test but the long suites, in two workers
 # (pytest-xdist; a class's tests stay on one worker, which runs them in order). On a
-# fresh clone the two venvs install side by side: pip is single-threaded.
+# fresh clone the two venvs install side by side, pip being single-threaded, unless
+# make was given its own -j; each one's output comes whole (-Otarget).
 test:
-	$(MAKE) --no-print-directory -j2 lint $(STOCK_STAMP)
+	$(MAKE) --no-print-directory $(if $(filter -j%,$(MAKEFLAGS)),,-j2) -Otarget lint $(STOCK_STAMP)
 	$(PY) -m pytest $(TESTS) -q -p no:cacheprovider -n 2 --dist loadscope $(addprefix --ignore=,$(LONG_TESTS))
 
 # The long suites: the namespace cluster with real other builds, upstream's suites'

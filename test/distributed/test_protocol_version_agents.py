@@ -82,7 +82,7 @@ Path(os.environ["PV_TEST_DIR"], f"started.{group_rank}.{attempt}").write_text(os
 if attempt == "0" and group_rank in os.environ.get("PV_TEST_FAIL_FIRST", "").split(","):
     sys.exit(3)
 if attempt == "0" and group_rank in os.environ.get("PV_TEST_SLOW_FIRST", "").split(","):
-    time.sleep(5)
+    time.sleep(5)  # a worker late past the grace period: the arrival itself is the scenario
 while group_rank in os.environ.get("PV_TEST_HOLD", "").split(",") and not Path(os.environ["PV_TEST_DIR"], "release").exists():
     time.sleep(0.1)
 if os.environ.get("PV_TEST_INIT") in ("1", "traceless"):
@@ -157,7 +157,7 @@ class AgentLauncher(TestCase):
                 str(agent.python), "-c", AGENT, f"--nnodes={nnodes or len(agents)}", "--nproc-per-node=1",
                 *rdzv, "--monitor-interval=0.1", *args, *(target or [str(self.dir / "worker.py")]),
             ]
-            time.sleep(agent.delay_s)
+            time.sleep(agent.delay_s)  # a node that starts late: the arrival itself is the scenario
             started = time.monotonic()
             result, timed_out = run_in_own_session(cmd, bound, {**base, **agent.env})
             self.assertFalse(timed_out, f"torchrun still running after {bound:g}s:\n{result.stdout[-4000:]}")

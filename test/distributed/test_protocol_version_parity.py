@@ -62,7 +62,8 @@ DIED = re.compile(r"died|may not have started")
 
 def run_jobs(python: Path, jobs: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], str]:
     """Run ``protocol_version_job.py`` with ``python`` on ``jobs``, one after the
-    other in one interpreter; each job's rank outcomes, and the log output."""
+    other in one interpreter; each job's rank outcomes, and the log output of them
+    all (a test that reads the log runs one job)."""
     env = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
     wall = sum(float(job.get("wall", 120)) for job in jobs)
     proc, timed_out = run_in_own_session([str(python), str(JOB), json.dumps(jobs)], timeout=wall + 60, env=env)
@@ -133,11 +134,13 @@ class TestStockParity(TestCase):
     }
 
     def test_argument_errors_fail_at_once_as_on_stock(self) -> None:
-        jobs = [{"world_size": 2, "init": "hashstore", "timeout": 30, "started": [1], "wall": 30, **args}
+        # A rank that waited for the absent peer would fail at its timeout (10 s), within the job's wall (30 s).
+        jobs = [{"world_size": 2, "init": "hashstore", "timeout": 10, "started": [1], "wall": 30, **args}
                 for args in self.ARGUMENT_ERRORS.values()]
         patched, stock = run_jobs(PATCHED_PY, jobs)[0], run_jobs(STOCK_PYTHON, jobs)[0]
         for name, patched_job, stock_job in zip(self.ARGUMENT_ERRORS, patched, stock):
             with self.subTest(name):
+                self.assertEqual((len(patched_job), len(stock_job)), (1, 1), (name, patched_job, stock_job))
                 self.assertFalse(stock_job[0]["ok"], stock_job)
                 self.assertEqual(patched_job[0]["error_type"], stock_job[0]["error_type"], patched_job)
                 self.assertLess(patched_job[0]["seconds"], 5.0, patched_job)
@@ -753,8 +756,9 @@ class TestCoreImports(TestCase):
     # its own entry point (init_rpc, torchrun's agent, the CLI and its preflight).
     CORE = ("", "._exchange", "._families", "._judge", "._messages", "._payload", "._settings", "._store", "._versions")
     ENTRY_POINTS = ("._agent", "._cli", "._preflight", "._rpc")
-    # Issue #21 asks for at most 1000 lines with the RPC and agents' modules; not reached yet, so a ratchet that
-    # only goes down, except where a promise needs the core (the workers read torchrun's agents' word there).
+    # Issue #21 asks for at most 1000 lines with the RPC and agents' modules; not reached yet, so a ratchet: lower
+    # it when the core shrinks; raising it needs a reason here (1150 until the workers learnt to read torchrun's
+    # agents' word, which they do in the core).
     MAX_CORE_LINES = 1183
 
     def test_init_process_group_loads_only_the_core(self) -> None:

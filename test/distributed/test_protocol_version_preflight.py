@@ -332,7 +332,7 @@ import time
 
 local_rank = os.environ["LOCAL_RANK"]
 if local_rank == os.environ.get("{LATE_RANK_ENV}"):
-    time.sleep(3)
+    time.sleep(3)  # past the grace period: the arrival itself is the scenario
 if local_rank == os.environ.get("{ODD_RANK_ENV}"):
     os.environ["{VERSION_OVERRIDE_ENV}"] = "2"
 if local_rank == os.environ.get("{SILENT_RANK_ENV}"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -78,6 +79,20 @@ class TestRangeRules(TestCase):
         else:
             self.assertEqual(verdict.status, "mismatch")
             self.assertIn(MISMATCH, verdict.detail)
+
+    @settings(max_examples=200, deadline=None)
+    @given(ranges, st.integers(0, 6), st.sampled_from(["error", "warn"]), st.booleans())
+    def test_a_rank_joins_a_negotiated_version_it_speaks(
+        self, rank_range: tuple[int, int], negotiated: int, mode: str, enforce: bool
+    ) -> None:
+        # A late rank, a worker taking torchrun's agents' verdict, an agent rejoining the static rendezvous.
+        info = dataclasses.replace(rank_info(1, rank_range[1], min_version=rank_range[0]), mode=mode)
+        verdict = _judge.joined(C10D, info, "gloo", "rank 1 came late", negotiated, enforce)
+        speaks = rank_range[0] <= negotiated <= rank_range[1]
+        self.assertEqual(verdict.negotiated, negotiated if speaks else None)
+        self.assertEqual(verdict.enforce, enforce or mode == "error")  # the strictest mode decides
+        if not speaks:
+            self.assertIn(f"rank 1 came late, and the others negotiated protocol version {negotiated}", verdict.detail)
 
     @settings(max_examples=25, deadline=None)
     @given(st.lists(ranges, min_size=2, max_size=4), st.randoms(use_true_random=False))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -85,18 +84,34 @@ def reinit_worker(rank: int, world_size: int, port: int, rounds: int) -> list[in
     return versions
 
 
-def dynamic_worker(rank: int, world_size: int, port: int, stay_s: float) -> dict[str, Any]:
-    """Join a dynamic group (no world_size) 1.5 s after the previous rank, call
-    worker 0 and leave; worker 0 stays ``stay_s`` for the joiners."""
+def dynamic_worker(rank: int, world_size: int, port: int, side_port: int) -> dict[str, Any]:
+    """Join a dynamic group (no world_size) right after the previous rank joined or failed to, call worker 0
+    and leave; worker 0 leaves once every joiner has. The ranks sequence through the test's own store."""
     from torch.distributed import rpc
 
-    time.sleep(1.5 * rank)
-    rpc.init_rpc(f"worker{rank}", rank=rank, rpc_backend_options=_options(port, 30.0))
-    out = {"version": pv.get_rpc_protocol_version()}
+    side = dist.TCPStore("127.0.0.1", side_port, is_master=False, timeout=timedelta(seconds=60))
+
+    def leave() -> None:
+        if side.add("left", 1) == world_size - 1:
+            side.set("all_left", "")
+
     if rank:
+        side.wait([f"joined/{rank - 1}"])
+    try:
+        rpc.init_rpc(f"worker{rank}", rank=rank, rpc_backend_options=_options(port, 30.0))
+    except Exception:
+        leave()
+        raise
+    finally:
+        side.set(f"joined/{rank}", "")
+    out = {"version": pv.get_rpc_protocol_version()}
+    if rank == 0:
+        side.wait(["all_left"])
+    else:
         out["sum"] = rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item()
-    time.sleep(stay_s if rank == 0 else 0.5)
     rpc.shutdown()
+    if rank:
+        leave()
     return out
 
 
@@ -161,12 +176,16 @@ class TestStaticGroup(RpcTestCase):
 
 
 class TestDynamicGroup(RpcTestCase):
+    def run_group(self, **kwargs: Any) -> list[RankResult]:
+        side = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        return spawn_ranks(dynamic_worker, 3, args=(find_free_port(), side.port), timeout=120, **kwargs)
+
     def test_compatible_workers_join(self) -> None:
-        results = spawn_ranks(dynamic_worker, 3, args=(find_free_port(), 12.0), timeout=120)
+        results = self.run_group()
         self.assertEqual([r.value for r in results], [{"version": 1}, {"version": 1, "sum": 2.0}, {"version": 1, "sum": 2.0}], results)
 
     def test_a_mismatched_joiner_fails_alone(self) -> None:
-        results = spawn_ranks(dynamic_worker, 3, args=(find_free_port(), 12.0), rank_env={1: {RPC_ENV: "2"}}, timeout=120)
+        results = self.run_group(rank_env={1: {RPC_ENV: "2"}})
         self.assertTrue(results[0].ok and results[2].ok, results)
         self.assertEqual(results[2].value, {"version": 1, "sum": 2.0})  # a later compatible joiner still joins
         self.assertEqual(results[1].error_type, "ProtocolVersionError", results[1])

@@ -1,17 +1,17 @@
-"""One small gloo job, run the same way on the fork and on stock torch.
+"""Small gloo jobs, each run the same way on the fork and on stock torch.
 
 Stock torch is the baseline for every path: ``test/distributed/test_protocol_version_parity.py``
 runs this file as a script with the Python of each environment and compares what every
 rank did. It imports nothing but torch and the standard library, so stock torch
-can run it. The job, or a list of jobs run one after the other by one interpreter
-(torch is imported once), is read as JSON from argv[1]; each job's rank outcomes
-are printed as one line, ``outcomes: <JSON list>``.
+can run it. A list of jobs, run one after the other by one interpreter (torch is imported
+once), is read as JSON from argv[1]; each job's rank outcomes are printed as one
+line, ``outcomes: <JSON list>``.
 
-    {"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
+    [{"world_size": 3, "started": [0, 1, 2], "delays": {"2": 9.4}, "timeout": 10,
      "init": "tcpstore" | "env" | "hashstore", "env": {"1": {"VAR": "value"}},
      "rank_arg": {"0": 3},  # optional: a wrong rank passed to init_process_group
      "private_ranks": true,  # optional, env:// only: init_process_group(_ranks=...)
-     "backend": "nccl", "kwargs": {"device_id": "cpu"}}  # optional: other arguments
+     "backend": "nccl", "kwargs": {"device_id": "cpu"}}]  # optional: other arguments
                                     # (a string device_id is made a torch.device)
 """
 
@@ -85,6 +85,8 @@ def _free_port() -> int:
 
 
 def _run(ctx: Any, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Start the job's ranks from the fork server, on a port of its own; each rank's outcome, once every one
+    reported or the job's wall time passed (the ranks are killed either way)."""
     results = ctx.Queue()
     started = list(job.get("started", range(job["world_size"])))
     imported = ctx.Barrier(len(started))
@@ -110,7 +112,7 @@ def main() -> None:
     # Ranks fork from a server that imported torch once, as the tests' own ranks do.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch.distributed"])
-    for job in jobs if isinstance(jobs, list) else [jobs]:
+    for job in jobs:
         print(f"outcomes: {json.dumps(_run(ctx, job))}", flush=True)
 
 
