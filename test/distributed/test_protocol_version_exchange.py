@@ -307,6 +307,8 @@ class TestNamespaces(TestCase):
 
     def test_ranks_swapped_on_a_re_init_derive_one_namespace(self) -> None:
         results = spawn_ranks(reinit_with_ranks_swapped, 3, args=((find_free_port(), find_free_port()),))
+        for result in results:
+            self.assertTrue(result.ok, result)  # the error of a rank that failed, with its type
         self.assertEqual([r.value for r in results], [[1, 1]] * 3, results)
 
     def test_the_restart_count_counts_only_where_workers_share_the_agents_store(self) -> None:
