@@ -110,10 +110,10 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend in ("fake", "mpi"):  # no store to check through
         return
     _negotiated[group_store] = None
-    if not 0 <= rank < world_size:  # the backend refuses such a rank, as on stock
+    built = getattr(dist, f"is_{backend}_available", lambda: True)  # a built-in backend this build may lack
+    if not 0 <= rank < world_size or not built():  # the backend refuses such a rank, or itself, as on stock
         return
-    # Only groups of several ranks count: a single rank's check makes no store traffic.
-    inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)
+    inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)  # 1 rank: no store traffic
     namespace, first = _attempt_namespace("c10d", inits[0])
     mode = mode_or_tell(store, C10D, namespace, rank, world_size, backend)
     if mode is None:
