@@ -8,10 +8,17 @@ HOOK    := tools/protocol_version_hook.py
 TESTS   := test/distributed
 # The suites that mostly cost time: make test-all adds them to make test (CI runs both).
 LONG_TESTS := $(addprefix $(TESTS)/,test_protocol_version_cluster.py test_upstream_suite_subset.py \
-              test_protocol_version_packaging.py test_protocol_version_agents_static.py)
+              test_protocol_version_packaging.py test_protocol_version_agents_static.py \
+              test_protocol_version_releases.py)
 # Defined before the rules that use them: make expands prerequisites as it reads.
 STOCK_PY    := .venv-stock/bin/python
 STOCK_STAMP := .venv-stock/.installed
+# Torch 2.14.1, the other release the hooks know, with the hooks: the CUDA wheel from
+# the registry (there is no CPU build of it; it runs gloo on CPU), 5.6 GB with its
+# dependencies. The long target runs a rolling update from the pinned base to it.
+NEXT_PY     := .venv-2.14/bin/python
+NEXT_STAMP  := .venv-2.14/.installed
+NEXT_TORCH  := torch==2.14.1
 # The pin of requirements.txt, held to its CPU build: without the CPU index
 # (README: PIP_EXTRA_INDEX_URL) pip then stops with "no matching distribution"
 # instead of downloading the CUDA build and its nvidia-* dependencies.
@@ -52,7 +59,8 @@ test:
 # The long suites: the namespace cluster with real other builds, upstream's suites'
 # subsets, packaging with wheel builds, the static rendezvous' torchrun scenes. Run
 # serially: their scenes time themselves.
-test-long: hooked $(STOCK_STAMP)
+test-long: hooked $(STOCK_STAMP) $(NEXT_STAMP)
+	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
 	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
 
 # One after the other, even under make -j: the long suites time themselves.
@@ -76,7 +84,7 @@ hook-diff: hooked
 	$(PY) $(HOOK) diff
 
 clean-venv:
-	rm -rf .venv .venv-stock
+	rm -rf .venv .venv-stock .venv-2.14
 
 # Longer suites, each its own target (times measured on the 2-core machine: see README).
 bench: hooked $(STOCK_STAMP)
@@ -87,6 +95,13 @@ $(STOCK_STAMP): requirements.txt
 	test -x $(STOCK_PY) || python3 -m venv .venv-stock
 	$(STOCK_PY) $(PIP_INSTALL)
 	touch $(STOCK_STAMP)
+
+# Every pin of requirements.txt but torch's, with torch 2.14.1 in its place.
+$(NEXT_STAMP): requirements.txt
+	test -x $(NEXT_PY) || python3 -m venv .venv-2.14
+	sed '/^torch==/d' requirements.txt > .venv-2.14/requirements.txt
+	$(NEXT_PY) -m pip install --quiet --disable-pip-version-check -r .venv-2.14/requirements.txt "$(NEXT_TORCH)"
+	touch $(NEXT_STAMP)
 
 upstream-suite: hooked $(STOCK_STAMP)
 	$(PY) tools/run_upstream_suite.py --full
