@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import itertools
 import json
 import os
@@ -258,10 +259,10 @@ class TestCli(TestCase):
                 "min_protocol_version": 2,
                 # The RPC family has its own versions; a collectives' override leaves them.
                 "rpc": {"protocol_version": 3, "min_protocol_version": 3},
-                "torch_version": torch.__version__,
+                "torch_version": importlib.metadata.version("torch"),  # the distribution's: it tells builds apart
                 "git_version": torch.version.git_version,
                 "python_version": platform.python_version(),
-                "backend_versions": {},
+                "backend_versions": {"nccl": ".".join(map(str, torch.cuda.nccl.version()))} if dist.is_nccl_available() else {},
                 "check_mode": "warn",
                 "overrides": {VERSION_OVERRIDE_ENV: " 4 ", MIN_VERSION_OVERRIDE_ENV: "2", rpc_env: "3"},
             },
