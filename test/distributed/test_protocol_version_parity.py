@@ -484,14 +484,18 @@ class TestMessageSize(TestCase):
 
 
 def init_and_all_reduce(rank: int, world_size: int, port: int, kind: str) -> float:
-    """``init_process_group`` on a plugin backend (``kind="plugin"``) or on a store
-    with only set/get/wait (``kind="minimal"``), then one all_reduce."""
+    """``init_process_group`` on a plugin backend (``kind="plugin"``; ``"ucc"``: one registered under the name of
+    a built-in backend this build lacks) or on a store with only set/get/wait (``kind="minimal"``), then one
+    all_reduce."""
     import torch
 
     store: dist.Store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
     backend = "gloo"
     if kind == "plugin":
         backend = register_traceless_backend()
+    elif kind == "ucc":
+        backend = kind
+        dist.Backend.register_backend(kind, lambda *args: dist.ProcessGroupGloo(*args), devices=["cpu"])
     else:
         store = MinimalStore(store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
@@ -504,6 +508,15 @@ def init_and_all_reduce(rank: int, world_size: int, port: int, kind: str) -> flo
 
 
 class TestPluginBackend(TestCase):
+    def test_a_plugin_under_the_name_of_a_built_in_this_build_lacks_is_checked(self) -> None:
+        # The torch_ucc plugin on a build without UCC: a built-in this build lacks is left to stock's own refusal,
+        # but a plugin in its place runs, and is checked.
+        self.assertFalse(dist.is_ucc_available())
+        mixed = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "ucc"), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
+        for result in mixed:
+            self.assertEqual(result.error_type, "ProtocolVersionError", result)
+            self.assertIn("(backend ucc)", result.error)
+
     def test_a_plugin_backend_is_checked_like_gloo(self) -> None:
         mixed = spawn_ranks(init_and_all_reduce, 2, args=(find_free_port(), "plugin"), rank_env={1: {VERSION_OVERRIDE_ENV: "2"}})
         for result in mixed:

@@ -104,14 +104,15 @@ def _check_protocol_version(
     store: Store, group_store: Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
 ) -> None:
-    """The hook ``_new_process_group_helper`` calls right before it builds a backend: checks the default
-    group once. Gloo's key per rank shows a rank without the check only in the first group of a first
-    attempt: later ones may find an earlier group's key (gloo would read it too), so each deletes its own."""
+    """The hook ``_new_process_group_helper`` calls right before it builds a backend: checks the default group
+    once. Gloo's key per rank shows a rank without the check only in the first group of a first attempt: later
+    ones may find an earlier group's key (gloo would read it too), so each deletes its own."""
     if not default_group or group_store in _negotiated or backend in ("fake", "mpi"):  # no store to check through
         return
     _negotiated[group_store] = None
-    built = getattr(dist, f"is_{backend}_available", lambda: True)  # a built-in backend this build may lack
-    if not 0 <= rank < world_size or not built():  # the backend refuses such a rank, or itself, as on stock
+    own = getattr(getattr(dist.Backend._plugins.get(backend.upper()), "creator_fn", None), "__module__", "")
+    lacked = own == dist.distributed_c10d.__name__ and not getattr(dist, f"is_{backend}_available", lambda: True)()
+    if not 0 <= rank < world_size or lacked:  # stock refuses such a rank, or a backend it lacks (2.14: its creator)
         return
     inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)  # 1 rank: no store traffic
     namespace, first = _attempt_namespace("c10d", inits[0])
@@ -119,9 +120,8 @@ def _check_protocol_version(
     if mode is None:
         return
     applies = _agents_word_applies(rank, world_size)
-    agents_verdict = os.environ.get(AGENTS_VERDICT_ENV) if applies else None
-    if agents_verdict is not None:
-        _take_agents_verdict(agents_verdict, group_store, rank, mode, backend)
+    if applies and AGENTS_VERDICT_ENV in os.environ:
+        _take_agents_verdict(os.environ[AGENTS_VERDICT_ENV], group_store, rank, mode, backend)
         return
     first = first and inits[1] == 0  # a later init (from another thread, as another rank) may find a key of gloo
     trace = gloo_key(group_name, device) if backend == "gloo" else None
