@@ -34,6 +34,7 @@ import ast
 import difflib
 import fnmatch
 import functools
+import io
 import importlib.util
 import re
 import sys
@@ -61,13 +62,22 @@ class PatchError(RuntimeError):
     """The target is not something this tool knows how to change; nothing was changed."""
 
 
-@functools.cache
-def _function_lines(source: str, function: str) -> range:
+def _lines(source: str) -> list[str]:
+    """``source``'s lines as Python numbers them (``str.splitlines`` also splits on form feeds and the like)."""
+    return io.StringIO(source, newline="").readlines()
+
+
+@functools.lru_cache(maxsize=16)
+def _function_lines(source: str, function: str, origin: str) -> range:
     """The lines (0-based) of ``function`` ("name", or "Class.method") in ``source``, wherever it is defined
     (``init_rpc`` is, under ``if is_available():``); empty when it has none."""
-    node: ast.AST = ast.parse(source)
+    try:
+        node: ast.AST = ast.parse(source)
+    except SyntaxError as e:
+        raise PatchError(f"refusing to patch {origin}: it does not parse ({e.msg}, line {e.lineno})") from None
+    defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     for name in function.split("."):
-        found = [n for n in ast.walk(node) if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name]
+        found = [n for n in ast.walk(node) if isinstance(n, defs) and n.name == name]
         if not found:
             return range(0)
         node = found[0]
@@ -91,13 +101,13 @@ class Hook:
     body: tuple[str, ...]
     releases: tuple[str, ...] = ("2.13", "2.14")  # the releases of RELEASES that have this place
 
-    def block(self, indent: str) -> str:
+    def block(self, indent: str, newline: str = "\n") -> str:
         lines = [BEGIN, *self.body, END]
-        return "".join(f"{indent}{line}\n" if line else "\n" for line in lines) + "\n"
+        return "".join(f"{indent}{line}{newline}" if line else newline for line in lines) + newline
 
-    def where(self, source: str, origin: str) -> tuple[int, str]:
-        """The offset in ``source`` where the block goes, and its indent."""
-        lines, body = source.splitlines(keepends=True), _function_lines(source, self.function)
+    def where(self, source: str, origin: str) -> tuple[int, str, str]:
+        """The offset in ``source`` where the block goes, its indent, and the line ending there."""
+        lines, body = _lines(source), _function_lines(source, self.function, origin)
         hits = [i for i in body if lines[i].strip() == self.at]
         if len(hits) != 1:
             raise PatchError(
@@ -107,21 +117,22 @@ class Hook:
             )
         first = hits[0]
         indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        newline = lines[first][len(lines[first].rstrip("\r\n")):] or "\n"
         while first - 1 in body and lines[first - 1].startswith(indent + "#"):
             first -= 1
-        return sum(map(len, lines[:first])), indent
+        return sum(map(len, lines[:first])), indent, newline
 
     def is_placed(self, source: str, origin: str) -> bool:
-        at, indent = self.where(source, origin)
-        block = self.block(indent)
+        at, indent, newline = self.where(source, origin)
+        block = self.block(indent, newline)
         return source[max(at - len(block), 0):at] == block
 
     def patch(self, source: str, origin: str) -> str:
         """Return ``source`` with the hook inserted; unchanged if already there."""
         if self.is_placed(source, origin):
             return source
-        at, indent = self.where(source, origin)
-        return source[:at] + self.block(indent) + source[at:]
+        at, indent, newline = self.where(source, origin)
+        return source[:at] + self.block(indent, newline) + source[at:]
 
 
 # The call every backend row of _new_process_group_helper makes, with the names
@@ -187,8 +198,9 @@ HOOKS = (
     ),
 )
 TARGETS = tuple(dict.fromkeys(hook.target for hook in HOOKS))
-# A marked block, as install writes it, with its indent.
-_BLOCK = re.compile(rf"^([ \t]*){re.escape(BEGIN)}\n.*?^[ \t]*{re.escape(END)}\n\n", re.MULTILINE | re.DOTALL)
+# A marked block, as install writes it, with its indent and line ending.
+_BLOCK = re.compile(rf"^([ \t]*){re.escape(BEGIN)}(\r?\n).*?^[ \t]*{re.escape(END)}\r?\n\r?\n",
+                    re.MULTILINE | re.DOTALL)
 
 
 def is_patched(source: str) -> bool:
@@ -197,7 +209,7 @@ def is_patched(source: str) -> bool:
 
 def release_of(c10d_source: str, origin: str) -> str:
     """The release whose shape ``_new_process_group_helper`` has; refused when it has none this tool knows."""
-    lines, body = c10d_source.splitlines(), _function_lines(c10d_source, C10D_FUNCTION)
+    lines, body = _lines(c10d_source), _function_lines(c10d_source, C10D_FUNCTION, origin)
     for release, statement in RELEASES.items():
         if any(lines[i].strip() == statement for i in body):
             return release
@@ -220,7 +232,7 @@ def unpatch(target: str, source: str, origin: str) -> str:
     Only the exact blocks that ``patch`` inserts are removed: a block edited by
     hand is refused rather than left half in place.
     """
-    blocks = {hook.block(match[1]) for match in _BLOCK.finditer(source) for hook in HOOKS if hook.target == target}
+    blocks = {hook.block(m[1], m[2]) for m in _BLOCK.finditer(source) for hook in HOOKS if hook.target == target}
     stock = _BLOCK.sub(lambda match: "" if match[0] in blocks else match[0], source)
     if is_patched(stock):
         raise PatchError(

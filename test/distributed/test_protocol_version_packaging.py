@@ -501,6 +501,22 @@ class TestExportToCheckout(TestCase):
             self.assertEqual(build.returncode, 0, build.stderr)
             self.assertTrue((Path(tmp) / "html" / "distributed.protocol_version.html").exists())
 
+    def test_export_keeps_a_checkouts_crlf_line_endings_and_a_second_run_changes_nothing(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = _scratch_checkout(Path(tmp))
+            for rel in hook.TARGETS:
+                target = checkout / "torch" / rel
+                target.write_bytes(target.read_bytes().replace(b"\n", b"\r\n"))
+            self.assertEqual(_export(checkout)[0], 0)
+            first = _snapshot(checkout)
+            self.assertEqual(_export(checkout)[0], 0)
+            self.assertEqual(_snapshot(checkout), first)
+            for rel in hook.TARGETS:
+                data = (checkout / "torch" / rel).read_bytes()
+                self.assertEqual(data.count(b"\n"), data.count(b"\r\n"), rel)  # no line ends in a bare LF
+                rows = [row for row in hook.HOOKS if row.target == rel]
+                self.assertEqual(data.count(hook.BEGIN.encode()), len(rows), rel)
+
     def test_export_refuses_an_installed_torch(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _write_stock(Path(tmp) / "torch")
@@ -597,7 +613,7 @@ class TestHookTool(TestCase):
         for rel, text in stock.items():
             lines = text.splitlines(keepends=True)
             for hooked in {h.function for h in hook.HOOKS if h.target == rel}:
-                for i in hook._function_lines(text, hooked):
+                for i in hook._function_lines(text, hooked, rel):
                     if lines[i].lstrip().startswith("#"):
                         lines[i] = lines[i][: len(lines[i]) - len(lines[i].lstrip())] + "# reworded upstream\n"
             (self.torch_dir / rel).write_text("".join(lines))
@@ -607,12 +623,12 @@ class TestHookTool(TestCase):
         self.assertIn(f"hooks: {len(rows)} present (of {len(rows)})", status.stdout)
         for row in rows:  # the block sits before the same statement, or the comments right above it
             text = (self.torch_dir / row.target).read_text()
-            at, indent = row.where(text, row.target)
+            at, indent, newline = row.where(text, row.target)
             rest = text[at:].lstrip()
             while rest.startswith("# reworded upstream"):
                 rest = rest.split("\n", 1)[1].lstrip()
             self.assertTrue(rest.startswith(row.at), (row.place, rest[:80]))
-            self.assertTrue(text[:at].endswith(row.block(indent)), row.place)
+            self.assertTrue(text[:at].endswith(row.block(indent, newline)), row.place)
 
     def test_errors_are_one_line(self) -> None:
         for command in ("status", "diff", "revert", "install"):
