@@ -85,33 +85,29 @@ def reinit_worker(rank: int, world_size: int, port: int, rounds: int) -> list[in
 
 
 def dynamic_worker(rank: int, world_size: int, port: int, side_port: int) -> dict[str, Any]:
-    """Join a dynamic group (no world_size) right after the previous rank joined or failed to, call worker 0
-    and leave; worker 0 leaves once every joiner has. The ranks sequence through the test's own store."""
+    """Join a dynamic group (no world_size) right after the previous rank joined or failed to, call worker 0,
+    and leave once every rank has joined, after the previous one left; worker 0 leaves last. The ranks sequence
+    through the test's own store: a leave that overlaps a join waits for it (RPC's membership tokens)."""
     from torch.distributed import rpc
 
     side = dist.TCPStore("127.0.0.1", side_port, is_master=False, timeout=timedelta(seconds=60))
-
-    def leave() -> None:
-        if side.add("left", 1) == world_size - 1:
-            side.set("all_left", "")
-
     if rank:
         side.wait([f"joined/{rank - 1}"])
     try:
         rpc.init_rpc(f"worker{rank}", rank=rank, rpc_backend_options=_options(port, 30.0))
     except Exception:
-        leave()
+        side.set(f"left/{rank}", "")
         raise
     finally:
         side.set(f"joined/{rank}", "")
     out = {"version": pv.get_rpc_protocol_version()}
-    if rank == 0:
-        side.wait(["all_left"])
-    else:
-        out["sum"] = rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item()
-    rpc.shutdown()
     if rank:
-        leave()
+        out["sum"] = rpc.rpc_sync("worker0", _add, args=(torch.ones(1), torch.ones(1))).item()
+    side.wait([f"joined/{world_size - 1}", *([f"left/{rank - 1}"] if rank > 1 else [])])
+    if rank == 0:
+        side.wait([f"left/{world_size - 1}"])
+    rpc.shutdown()
+    side.set(f"left/{rank}", "")
     return out
 
 
