@@ -214,11 +214,16 @@ def find_upstream_wheel(version: str, download_dir: Path) -> Path:
     what the fork ships.
     """
     download_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "pip", "download", f"torch=={version}", "--no-deps",
-        "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "--dest", str(download_dir),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Each call fetches into a directory of its own, then moves the whole wheel in: concurrent builds (the cluster
+    # tests make two at once) never read a wheel another pip is still writing.
+    with tempfile.TemporaryDirectory(dir=download_dir, prefix=".download-") as private:
+        cmd = [
+            sys.executable, "-m", "pip", "download", f"torch=={version}", "--no-deps",
+            "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "--dest", private,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for wheel in Path(private).glob("torch-*.whl"):
+            os.replace(wheel, download_dir / wheel.name)
     found = sorted(p for p in download_dir.glob("torch-*.whl") if _is_cpu_build(p.name, version))
     if proc.returncode != 0 or len(found) != 1:
         said = (proc.stderr.strip() or proc.stdout.strip())[-800:] or "nothing"
