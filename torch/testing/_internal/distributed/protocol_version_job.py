@@ -2,8 +2,8 @@
 
 Stock torch is the baseline for every path: ``test/distributed/test_protocol_version_parity.py``
 runs this file as a script with the Python of each environment and compares what every
-rank did. It imports nothing but torch and the standard library, so stock torch
-can run it. A list of jobs, run one after the other by one interpreter (torch is imported
+rank did. It imports nothing but torch (with its test helpers) and the standard library,
+so stock torch can run it. A list of jobs, run one after the other by one interpreter (torch is imported
 once), is read as JSON from argv[1]; each job's rank outcomes are printed as one
 line, ``outcomes: <JSON list>``.
 
@@ -21,11 +21,12 @@ import json
 import multiprocessing
 import os
 import queue
-import socket
 import sys
 import time
 from datetime import timedelta
 from typing import Any
+
+from torch.testing._internal.common_utils import find_free_port
 
 
 def _init(job: dict[str, Any], rank: int, port: int) -> None:
@@ -78,19 +79,13 @@ def _rank(job: dict[str, Any], rank: int, port: int, results: Any, imported: Any
     results.put(outcome)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(ctx: Any, job: dict[str, Any]) -> list[dict[str, Any]]:
     """Start the job's ranks from the fork server, on a port of its own; each rank's outcome, once every one
     reported or the job's wall time passed (the ranks are killed either way)."""
     results = ctx.Queue()
     started = list(job.get("started", range(job["world_size"])))
     imported = ctx.Barrier(len(started))
-    port = _free_port()
+    port = find_free_port()
     procs = [ctx.Process(target=_rank, args=(job, rank, port, results, imported)) for rank in started]
     for proc in procs:
         proc.start()
