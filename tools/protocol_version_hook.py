@@ -123,16 +123,13 @@ class Hook:
         return sum(map(len, lines[:first])), indent, newline
 
     def is_placed(self, source: str, origin: str) -> bool:
-        at, indent, newline = self.where(source, origin)
-        block = self.block(indent, newline)
-        return source[max(at - len(block), 0):at] == block
+        return self.patch(source, origin) is source
 
     def patch(self, source: str, origin: str) -> str:
-        """Return ``source`` with the hook inserted; unchanged if already there."""
-        if self.is_placed(source, origin):
-            return source
+        """Return ``source`` with the hook inserted; ``source`` itself if already there."""
         at, indent, newline = self.where(source, origin)
-        return source[:at] + self.block(indent, newline) + source[at:]
+        block = self.block(indent, newline)
+        return source if source[max(at - len(block), 0):at] == block else source[:at] + block + source[at:]
 
 
 # The call every backend row of _new_process_group_helper makes, with the names
