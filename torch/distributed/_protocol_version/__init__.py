@@ -86,7 +86,7 @@ def _agents_word_applies(rank: int, world_size: int) -> bool:
 def _take_agents_verdict(word: str, group_store: Store, rank: int, mode: str, backend: str) -> None:
     """torchrun's agents judged this round with nodes whose workers never publish: this rank takes their
     verdict ``word`` (``none``: no version) where it speaks the version they negotiated."""
-    negotiated = None if word.strip() == "none" else parse_version(AGENTS_VERDICT_ENV)
+    negotiated = None if word.strip() == "none" else parse_version(AGENTS_VERDICT_ENV, word)
     if negotiated is None:
         return
     info = local_info(rank, C10D, mode)

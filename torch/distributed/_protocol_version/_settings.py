@@ -19,10 +19,9 @@ class SettingError(RuntimeError):
     """An environment variable of the guardrail holds an invalid value."""
 
 
-def parse_version(name: str) -> int | None:
-    """A version in variable ``name``, ``None`` when unset: ASCII decimal digits only (``int()`` would
-    take ``"1_0"``, ``"+1"`` or other scripts' digits), length checked first."""
-    raw = os.environ.get(name)
+def parse_version(name: str, raw: str | None) -> int | None:
+    """The version ``raw`` that variable ``name`` holds, ``None`` when unset: ASCII decimal digits only (``int()``
+    would take ``"1_0"``, ``"+1"`` or other scripts' digits), length checked first."""
     if raw is None:
         return None
     significant = raw.strip().lstrip("0") or "0"  # leading zeros are harmless: "007" is 7
@@ -36,7 +35,7 @@ def parse_version(name: str) -> int | None:
 
 def version_range(family: Family) -> tuple[int, int]:
     """``(minimum, version)`` this rank announces; a version override alone means "exactly this version"."""
-    override, min_override = parse_version(family.version_env), parse_version(family.min_version_env)
+    override, min_override = (parse_version(n, os.environ.get(n)) for n in (family.version_env, family.min_version_env))
     version = family.version if override is None else override
     minimum = min_override if min_override is not None else family.min_version if override is None else version
     if minimum > version:
