@@ -773,8 +773,8 @@ class TestCoreImports(TestCase):
     ENTRY_POINTS = ("._agent", "._cli", "._preflight", "._rpc")
     # Issue #21 asks for at most 1000 lines with the RPC and agents' modules; not reached yet, so a ratchet: lower
     # it when the core shrinks; raising it needs a reason here (1150 until the workers learnt to read torchrun's
-    # agents' word, which they do in the core).
-    MAX_CORE_LINES = 1183
+    # agents' word, which they do in the core; 1183 until the backend skip became a named predicate, on review).
+    MAX_CORE_LINES = 1187
 
     def test_init_process_group_loads_only_the_core(self) -> None:
         script = (

@@ -100,6 +100,13 @@ def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
     return lambda rank: f"{group_name}//{device}//0/{rank}"
 
 
+def _stock_refuses(backend: str, rank: int, world_size: int) -> bool:
+    """Whether stock refuses this rank first: a bad rank, or a backend its own creator makes and this build lacks."""
+    creator = getattr(dist.Backend._plugins.get(backend.upper()), "creator_fn", None)
+    own = getattr(creator, "__module__", "") == dist.distributed_c10d.__name__
+    return not 0 <= rank < world_size or own and not getattr(dist, f"is_{backend}_available", lambda: True)()
+
+
 def _check_protocol_version(
     store: Store, group_store: Store, rank: int, world_size: int, timeout: timedelta,
     backend: str, device: str, group_name: str, default_group: bool,
@@ -110,9 +117,7 @@ def _check_protocol_version(
     if not default_group or group_store in _negotiated or backend in ("fake", "mpi"):  # no store to check through
         return
     _negotiated[group_store] = None
-    own = getattr(getattr(dist.Backend._plugins.get(backend.upper()), "creator_fn", None), "__module__", "")
-    lacked = own == dist.distributed_c10d.__name__ and not getattr(dist, f"is_{backend}_available", lambda: True)()
-    if not 0 <= rank < world_size or lacked:  # stock refuses such a rank, or a backend it lacks (2.14: its creator)
+    if _stock_refuses(backend, rank, world_size):
         return
     inits = (next(_thread_inits.count), next(_process_inits)) if world_size > 1 else (0, 0)  # 1 rank: no store traffic
     namespace, first = _attempt_namespace("c10d", inits[0])
