@@ -513,7 +513,8 @@ def run_job(
                     cluster.hosts[ENDPOINT], len(venvs), port, max_restarts, rdzv_conf or {},
                     ["--report-dir", tmp, *worker_args, *(host_args or {}).get(i, ())],
                 ),
-                {**_job_env(venv), **(env or {}), **(host_env or {}).get(i, {})},
+                # TMPDIR: torchrun's log directories go with the reports.
+                {**_job_env(venv), "TMPDIR": tmp, **(env or {}), **(host_env or {}).get(i, {})},
                 (bounds or {}).get(i, JOB_BOUND_S),
             )
             for i, venv in enumerate(venvs)

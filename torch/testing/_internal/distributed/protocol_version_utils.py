@@ -20,6 +20,7 @@ import os
 import queue
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -395,10 +396,18 @@ def run_in_own_session(
 
     Launchers (torchrun, pytest spawning ranks) leave children behind when they
     are killed or exit early, so the whole process group is killed on a timeout
-    and again once the command has returned.
+    and again once the command has returned. Its temporary files (torchrun's
+    ``torchelastic_*`` log directories) go to a directory removed afterwards.
     """
+    with tempfile.TemporaryDirectory(prefix="pv-session-", ignore_cleanup_errors=True) as tmp:
+        return _run_in_session(cmd, timeout, {**(os.environ if env is None else env), "TMPDIR": tmp})
+
+
+def _run_in_session(
+    cmd: Sequence[str], timeout: float, env: Mapping[str, str]
+) -> tuple[subprocess.CompletedProcess[str], bool]:
     proc = subprocess.Popen(
-        list(cmd), env=None if env is None else dict(env), stdout=subprocess.PIPE,
+        list(cmd), env=dict(env), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     timed_out = False
