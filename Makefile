@@ -69,10 +69,16 @@ test-all:
 	$(MAKE) test-long
 
 # ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
-# on the package; make test runs it first.
+# on the package. make test runs it first, in a make of its own: where test is also a
+# goal (make lint test, make -j2 lint test), lint is left to it, which lints once and
+# installs .venv once.
+ifeq ($(filter test,$(MAKECMDGOALS)),)
 lint: hooked
 	$(PY) -m ruff check torch tools benchmarks test
 	$(PY) -m mypy torch/distributed/_protocol_version
+else
+lint: ;
+endif
 
 # The pages of docs/source with Sphinx and MyST, warnings as errors (make test runs
 # the same build: test/distributed/test_protocol_version_docs.py).
