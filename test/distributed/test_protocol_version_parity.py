@@ -216,7 +216,7 @@ class TestNamingTheRightRank(TestCase):
         worker = (
             "import os, time, datetime, torch.distributed as dist\n"
             "rank = int(os.environ['RANK'])\n"
-            "time.sleep({0: 3, 2: 14}.get(rank, 0))\n"
+            "time.sleep({0: 3, 2: 14}.get(rank, 0))\n"  # the scene: rank 0 late, rank 2 after the 10 s timeout
             "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=10))\n"
         )
         env = {k: v for k, v in os.environ.items() if k not in GUARDRAIL_ENVS}
@@ -283,7 +283,7 @@ class TestNamingTheRightRank(TestCase):
         for rank in sorted(range(world_size), key=lambda r: offsets[r]):
             if rank not in absent:
                 threads.start({rank: store})
-                time.sleep(offsets[rank] / world_size)
+                time.sleep(offsets[rank] / world_size)  # the arrival spread is the rule under test
         outcomes = threads.join()
         for rank, outcome in outcomes.items():
             if not absent:
