@@ -48,15 +48,19 @@ PROBE = Path(__file__).resolve().parent / "protocol_version_probe.py"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
-def _stock_sources() -> dict[str, str]:
-    """Every hooked file as stock torch has it, from the installed (patched) ones:
+INSTALLED = Path(distributed_c10d.__file__).parents[1]  # this interpreter's torch (2.13.0, hooked)
+# The other supported release's, hooked: torch 2.14.1 in the venv make test-long creates.
+NEXT_INSTALLED = next((REPO / ".venv-2.14").glob("lib/python*/site-packages/torch"), None)
+
+
+def _stock_sources(installed: Path = INSTALLED) -> dict[str, str]:
+    """Every hooked file as stock torch has it, from the ``installed`` (patched) ones:
     nothing of PyTorch's is committed."""
-    torch_dir = Path(distributed_c10d.__file__).parents[1]
-    return {rel: hook.unpatch(rel, (torch_dir / rel).read_text(), rel) for rel in hook.TARGETS}
+    return {rel: hook.unpatch(rel, (installed / rel).read_text(), rel) for rel in hook.TARGETS}
 
 
-def _write_stock(torch_dir: Path) -> None:
-    for rel, text in _stock_sources().items():
+def _write_stock(torch_dir: Path, installed: Path = INSTALLED) -> None:
+    for rel, text in _stock_sources(installed).items():
         (torch_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (torch_dir / rel).write_text(text)
 
@@ -357,14 +361,15 @@ class TestPatchedWheelInstall(TestCase):
 # --------------------------------------------------------------------------- #
 
 
-def _scratch_checkout(root: Path) -> Path:
-    """The parts of a PyTorch source tree that export reads or recognises."""
+def _scratch_checkout(root: Path, installed: Path = INSTALLED) -> Path:
+    """The parts of a PyTorch source tree that export reads or recognises, the hooked files
+    those of the release ``installed`` is."""
     (root / "torch" / "distributed").mkdir(parents=True)
     (root / "test" / "distributed").mkdir(parents=True)
     (root / "docs" / "source").mkdir(parents=True)
     (root / "setup.py").write_text("")
     (root / hook.TOCTREE_PAGE).write_text("# Distributed communication package\n")
-    _write_stock(root / "torch")
+    _write_stock(root / "torch", installed)
     return root
 
 
@@ -425,6 +430,26 @@ class TestExportToCheckout(TestCase):
             self.assertEqual(code, 0)
             self.assertEqual(out.splitlines(), [f"unchanged {line.split()[1]}" for line in first.splitlines()])
             self.assertEqual(_snapshot(checkout), before)
+
+    def test_export_applies_to_a_checkout_of_each_supported_release(self) -> None:
+        """A checkout built from each release's installed files takes every row of that
+        release's hooks, and a second export changes nothing."""
+        if NEXT_INSTALLED is None:
+            self.skipTest("no torch 2.14.1 environment at .venv-2.14: make test-long creates it")
+        for installed, release in ((INSTALLED, "2.13"), (NEXT_INSTALLED, "2.14")):
+            with self.subTest(release=release), tempfile.TemporaryDirectory() as tmp:
+                checkout = _scratch_checkout(Path(tmp), installed)
+                c10d = (checkout / "torch" / hook.C10D_TARGET).read_text()
+                self.assertEqual(hook.release_of(c10d, "checkout"), release)
+                self.assertEqual(_export(checkout)[0], 0)
+                for rel in hook.TARGETS:
+                    text = (checkout / "torch" / rel).read_text()
+                    rows = [row for row in hook.HOOKS if row.target == rel and release in row.releases]
+                    self.assertEqual(text.count(hook.BEGIN), len(rows), rel)
+                    self.assertTrue(all(row.is_placed(text, rel) for row in rows), rel)
+                first = _snapshot(checkout)
+                self.assertEqual(_export(checkout)[0], 0)
+                self.assertEqual(_snapshot(checkout), first)
 
     def test_exported_tree_holds_the_whole_feature(self) -> None:
         code = hook.exported_code()
