@@ -11,7 +11,7 @@
 4. The cluster preflight (``--preflight``) at N = 64, 256, 1024 simulated ranks
    (threads, as in 1), against the same store barrier.
 5. torchrun's agents: the check the hook runs in ``SimpleElasticAgent._rendezvous``
-   at 2, 8, 64 agents (threads, real c10d rendezvous on a free port), against the
+   at 2, 8, 32 agents (threads, real c10d rendezvous on a free port), against the
    rendezvous itself; rounds with the check off (stock's path) and on alternate.
 6. A stock node under torchrun: two real torchruns, a stock node beside a node
    on the guardrail, against two stock nodes, workers on a backend without a trace.
@@ -20,7 +20,7 @@ Each benchmark runs its variants side by side in the same run and reports median
 and ratios: absolute times on a shared machine are noise. Results and the machine
 note live in docs/source/protocol_version_benchmarks.md.
 
-Usage: bench_protocol_version.py [--quick] [--only 1,3] [--sizes 64,256] [--agent-sizes 2,8,64]
+Usage: bench_protocol_version.py [--quick] [--only 1,3] [--sizes 64,256] [--agent-sizes 2,8,32]
 """
 
 from __future__ import annotations
