@@ -27,12 +27,15 @@ class TestStaticRendezvous(AgentLauncher):
     def test_static_rendezvous_checks_once_and_a_node_restarts_alone(self) -> None:
         """The static rendezvous keeps one store namespace for the job, and a node
         whose worker failed restarts alone, as on stock: its agent, which took
-        part in the check, does not wait for the others to check again."""
-        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=1"], env={"PV_TEST_FAIL_FIRST": "0"})
+        part in the check, does not wait for the others to check again, and its
+        new worker inits with the other node's first one, which waited for it."""
+        env = {"PV_TEST_FAIL_FIRST": "0", "PV_TEST_INIT": "1"}
+        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=1"], env=env)
         for agent in agents:
             self.assertEqual(agent.returncode, 0, agent.output[-4000:])
             self.assertEqual(len(agent.passed), 1, agent.output[-4000:])
         self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0"])
+        self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.0"])
         for started in self.dir.glob("started.*"):
             started.unlink()
         refused = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], static=True)

@@ -62,11 +62,11 @@ def check_agent_protocol_version(
         DistStoreError: an agent did not take part within the store's timeout.
         SettingError: a variable of the guardrail holds an invalid value.
     """
-    os.environ.pop(ROUND_ENV, None)  # the workers inherit the agent's environment: no round, unless checked
     static = rdzv_backend == "static"
-    if static and next(_rounds) > 0:  # the job's nodes, and so the agents' verdict, stay
+    if static and next(_rounds) > 0:  # the job's nodes, and so the agents' word (the workers' namespace), stay
         return
-    os.environ.pop(AGENTS_VERDICT_ENV, None)
+    for word in (ROUND_ENV, AGENTS_VERDICT_ENV):  # the workers inherit the agent's environment: none, unless checked
+        os.environ.pop(word, None)
     if any(tuple(args[i:i + 2]) == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[i + 2:]
            for i in range(len(args))):
         return
