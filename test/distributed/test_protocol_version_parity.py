@@ -773,8 +773,9 @@ class TestCoreImports(TestCase):
     ENTRY_POINTS = ("._agent", "._cli", "._preflight", "._rpc")
     # Issue #21 asks for at most 1000 lines with the RPC and agents' modules; not reached yet, so a ratchet: lower
     # it when the core shrinks; raising it needs a reason here (1150 until the workers learnt to read torchrun's
-    # agents' word, which they do in the core; 1183 until the backend skip became a named predicate, on review).
-    MAX_CORE_LINES = 1187
+    # agents' word, which they do in the core; 1183 until the backend skip became a named predicate, on review;
+    # 1187 until it learnt NCCL's refusal on a machine without GPUs, which the suite on torch 2.14.1 found).
+    MAX_CORE_LINES = 1190
 
     def test_init_process_group_loads_only_the_core(self) -> None:
         script = (

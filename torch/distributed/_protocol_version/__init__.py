@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch import cuda
 from torch._C._distributed_c10d import Store
 from torch.distributed._protocol_version._exchange import exchange, mode_or_tell, ProtocolVersionError, raise_on_failure
 from torch.distributed._protocol_version._families import C10D, RPC
@@ -101,10 +102,12 @@ def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
 
 
 def _stock_refuses(backend: str, rank: int, world_size: int) -> bool:
-    """Whether stock refuses this rank first: a bad rank, or a backend its own creator makes and this build lacks."""
+    """Whether stock refuses this rank first: a bad rank, or a backend its own creator makes (2.14) and this build
+    lacks, or NCCL on a machine without GPUs (ProcessGroupNCCL's own check)."""
     creator = getattr(dist.Backend._plugins.get(backend.upper()), "creator_fn", None)
     own = getattr(creator, "__module__", "") == dist.distributed_c10d.__name__
-    return not 0 <= rank < world_size or own and not getattr(dist, f"is_{backend}_available", lambda: True)()
+    built = getattr(dist, f"is_{backend}_available", lambda: True)()
+    return not 0 <= rank < world_size or own and (not built or backend == "nccl" and not cuda.device_count())
 
 
 def _check_protocol_version(
