@@ -365,20 +365,24 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def masked_table(output: str) -> str:
-    """The table and verdict rank 0 printed, with what depends on this machine
-    (host, commit, Python) masked and the column padding made uniform."""
+    """The table and verdict rank 0 printed, with what depends on this machine and build
+    (host, torch version, commit, Python) masked, the backends column (builds with NCCL
+    have one) left out, and the column padding made uniform."""
     start = output.index(f"{C10D.title} preflight")
     end = output.index("The job would", start)
     block = output[start : output.index("\n", end)]
     mask = {
         socket.gethostname(): "<host>",
+        importlib.metadata.version("torch"): "<torch>",
         torch.version.git_version[:12]: "<commit>",
         platform.python_version(): "<python>",
     }
-    lines = []
+    lines, backends = [], None
     for line in block.splitlines():
         cells = re.split(r"  +", line)
         if len(cells) > 1 and not line.startswith(" "):
+            backends = cells.index("backends") if "backends" in cells else backends
+            cells = cells if backends is None else cells[:backends] + cells[backends + 1:]
             line = " | ".join("--" if set(c) == {"-"} else mask.get(c, c) for c in cells)
         lines.append(line.replace(f"host {socket.gethostname()})", "host <host>)"))
     return "\n".join(lines)
@@ -475,7 +479,7 @@ class TestPreflightTorchrun(TestCase):
 torch.distributed protocol version preflight (backend gloo): 4 ranks, 4 with the check on 1 host
 host | ranks | protocol | torch | commit | python
 -- | -- | -- | -- | -- | --
-<host> | 0-3 | 1 | 2.13.0+cpu | <commit> | <python>
+<host> | 0-3 | 1 | <torch> | <commit> | <python>
 
 torch.distributed protocol version check passed (backend gloo): the 4 ranks negotiate protocol version 1.
 The job would start.""",
@@ -490,8 +494,8 @@ The job would start.""",
         # What torchrun itself saw: every worker's own code, none turned into -15 by its SIGTERM.
         self.assertEqual(len(re.findall(r"exitcode\s*: 1 ", result.stdout)), NPROC, result.stdout[-4000:])
         table = masked_table(result.stdout)
-        self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>", table)
-        self.assertIn("<host> | 3 | 2 | 2.13.0+cpu | <commit> | <python>", table)
+        self.assertIn("<host> | 0-2 | 1 | <torch> | <commit> | <python>", table)
+        self.assertIn("<host> | 3 | 2 | <torch> | <commit> | <python>", table)
         self.assertIn(MISMATCH, table)
         self.assertIn("Why: rank 3 accepts nothing older than protocol version 2", table)
 
@@ -558,7 +562,7 @@ class TestPreflightExplicitStore(TestCase):
         out = self.launch(commands)
         self.assertEqual([out[r][0] for r in range(3)], [0, 0, 0], out)
         table = masked_table(out[0][1])
-        self.assertIn("<host> | 0-2 | 1 | 2.13.0+cpu | <commit> | <python>\n", table)
+        self.assertIn("<host> | 0-2 | 1 | <torch> | <commit> | <python>\n", table)
         self.assertIn("without the check (host not known, taken as protocol version 1): rank 3\n", table)
         self.assertIn("rank 3 runs a build without the protocol version check", table)
 
