@@ -19,6 +19,7 @@ STOCK_STAMP := .venv-stock/.installed
 NEXT_PY     := .venv-2.14/bin/python
 NEXT_STAMP  := .venv-2.14/.installed
 NEXT_TORCH  := torch==2.14.1
+NEXT_STOCK_STAMP := .venv-stock-2.14/.installed
 # The pin of requirements.txt, held to its CPU build: without the CPU index
 # (README: PIP_EXTRA_INDEX_URL) pip then stops with "no matching distribution"
 # instead of downloading the CUDA build and its nvidia-* dependencies.
@@ -28,7 +29,7 @@ CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requiremen
 # test starts compiles torch again, which made make test 260 s slower than the 100 s saved.
 PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test test-long test-all lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
+.PHONY: demo test test-long test-2.14 test-all lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -63,10 +64,18 @@ test-long: hooked $(STOCK_STAMP) $(NEXT_STAMP)
 	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
 	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
 
+# make test's suite on torch 2.14.1, the other supported release: the hooks in
+# .venv-2.14, stock 2.14.1 (.venv-stock-2.14) as the baseline.
+test-2.14: $(NEXT_STAMP) $(NEXT_STOCK_STAMP)
+	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
+	PV_STOCK_PYTHON=$(CURDIR)/.venv-stock-2.14/bin/python $(NEXT_PY) -m pytest $(TESTS) -q -p no:cacheprovider \
+	  -n 2 --dist loadscope $(addprefix --ignore=,$(LONG_TESTS))
+
 # One after the other, even under make -j: the long suites time themselves.
 test-all:
 	$(MAKE) test
 	$(MAKE) test-long
+	$(MAKE) test-2.14
 
 # ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
 # on the package. make test runs it first, in a make of its own: where test is also a
@@ -90,7 +99,7 @@ hook-diff: hooked
 	$(PY) $(HOOK) diff
 
 clean-venv:
-	rm -rf .venv .venv-stock .venv-2.14
+	rm -rf .venv .venv-stock .venv-2.14 .venv-stock-2.14
 
 # Longer suites, each its own target (times measured on the 2-core machine: see README).
 bench: hooked $(STOCK_STAMP)
@@ -103,11 +112,12 @@ $(STOCK_STAMP): requirements.txt
 	touch $(STOCK_STAMP)
 
 # Every pin of requirements.txt but torch's, with torch 2.14.1 in its place.
-$(NEXT_STAMP): requirements.txt
-	test -x $(NEXT_PY) || python3 -m venv .venv-2.14
-	sed '/^torch==/d' requirements.txt > .venv-2.14/requirements.txt
-	$(NEXT_PY) -m pip install --quiet --disable-pip-version-check -r .venv-2.14/requirements.txt "$(NEXT_TORCH)"
-	touch $(NEXT_STAMP)
+# Torch 2.14.1 with the hooks (.venv-2.14) and without (.venv-stock-2.14, the baseline of make test-2.14).
+$(NEXT_STAMP) $(NEXT_STOCK_STAMP): requirements.txt
+	test -x $(@D)/bin/python || python3 -m venv $(@D)
+	sed '/^torch==/d' requirements.txt > $(@D)/requirements.txt
+	$(@D)/bin/python -m pip install --quiet --disable-pip-version-check -r $(@D)/requirements.txt "$(NEXT_TORCH)"
+	touch $@
 
 upstream-suite: hooked $(STOCK_STAMP)
 	$(PY) tools/run_upstream_suite.py --full
@@ -117,5 +127,6 @@ wheel: hooked
 
 # Three hosts made on this machine (needs root): a rolling update with real builds,
 # then the guardrail's own first rollout beside a stock torch host.
-cluster-demo: hooked $(STOCK_STAMP)
+cluster-demo: hooked $(STOCK_STAMP) $(NEXT_STAMP)
+	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
 	$(PY) tools/cluster_demo.py

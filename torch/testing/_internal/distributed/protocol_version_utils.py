@@ -58,9 +58,10 @@ GUARDRAIL_ENVS = (
 )
 # The checkout this file belongs to (it is linked into the installed torch).
 REPO_ROOT = Path(__file__).resolve().parents[4]
-# The same pinned torch without the guardrail, which ``make test`` builds beside
-# ``.venv``: the baseline every off-the-happy-path test compares against.
-STOCK_PYTHON = REPO_ROOT / ".venv-stock" / "bin" / "python"
+# The same torch without the guardrail, the baseline every off-the-happy-path test
+# compares against: ``.venv-stock`` (``make test`` builds it beside ``.venv``), or
+# ``PV_STOCK_PYTHON``'s where the tests run on another release (``make test-2.14``).
+STOCK_PYTHON = Path(os.environ.get("PV_STOCK_PYTHON") or REPO_ROOT / ".venv-stock" / "bin" / "python")
 NO_STOCK_REASON = f"no stock torch environment at {STOCK_PYTHON} to compare with"
 # torchrun tests: the local rank that runs another build.
 ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
