@@ -5,7 +5,8 @@ The hosts node-a, node-b and node-c are made on this machine (network, UTS and
 mount namespaces: own hostname, own address, own /etc/hosts). Each runs a real
 multi-node ``torchrun`` (c10d rendezvous on node-a) of a gloo job with the torch
 of its own venv: the fork (this repo's .venv, protocol version 1), stock torch
-(.venv-stock, no check), or the fork's wheel rebuilt with other versions.
+(.venv-stock, no check), the fork's wheel rebuilt with other versions, or the
+guardrail over torch 2.14.1 (.venv-2.14).
 
 Act 1, a rolling update with real builds:
   1. every host on the fork: torchrun's agents check each other, the job runs;
@@ -14,7 +15,10 @@ Act 1, a rolling update with real builds:
   2b. the same hosts launched without the agents' check (the check off for
      torchrun, on in the workers): every worker fails in init_process_group;
   3. node-c on the bridging build (versions 1-2) instead: the job runs at 1;
-  4. every host on the bridging build: the job runs at 2.
+  4. every host on the bridging build: the job runs at 2;
+  5. node-c on the next torch release, 2.14.1, with the guardrail (.venv-2.14):
+     both releases speak version 1, the job runs;
+  5b. node-c's 2.14.1 announcing version 2: the agents refuse, naming it.
 Act 2, the guardrail's own first rollout (node-c still on stock torch), the
 workers on a backend that leaves no trace in the store at init, as NCCL:
   5. beside version-1 hosts: the job runs; the guardrail agents warn, naming
@@ -47,6 +51,8 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
 
 
 FORK = REPO_ROOT / ".venv"
+NEXT = REPO_ROOT / ".venv-2.14"  # torch 2.14.1 with the hooks
+VERSION_OVERRIDE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE"
 STOCK = STOCK_PYTHON.parents[1]
 NO_CHECK = "without the protocol version check"
 AGENT_TITLE = "torch.distributed protocol version (torchrun agents)"
@@ -159,6 +165,7 @@ def main() -> int:
     v2_venv, bridge_venv = build_venvs([(2, 2), (2, 1)])
     fork, stock = Build("fork, version 1", FORK), Build("stock torch, no check", STOCK)
     v2, bridge = Build("build protocolv2", v2_venv), Build("build protocolv1to2", bridge_venv)
+    next_release = Build("the fork over torch 2.14.1, version 1", NEXT)
     with Cluster(3) as cluster:
         outcomes = {
             "1 all on the fork": step(cluster, "Act 1.1: every host on the fork", [fork] * 3, RAN),
@@ -177,6 +184,14 @@ def main() -> int:
                 cluster, "Act 1.3: node-c on the bridging build (versions 1-2) instead", [fork, fork, bridge], RAN
             ),
             "4 all bridging": step(cluster, "Act 1.4: every host on the bridging build", [bridge] * 3, RAN),
+            "5 node-c on torch 2.14.1": step(
+                cluster, "Act 1.5: node-c on the next torch release, 2.14.1, with the guardrail",
+                [fork, fork, next_release], RAN,
+            ),
+            "5b node-c's 2.14.1 on version 2": step(
+                cluster, f"Act 1.5b: node-c's 2.14.1 announcing version 2 ({VERSION_OVERRIDE_ENV}=2)",
+                [fork, fork, next_release], AGENTS_REFUSE, host_env={2: {VERSION_OVERRIDE_ENV: "2"}},
+            ),
             "5 stock beside version 1": step(
                 cluster, "Act 2.1: first rollout: node-c on stock torch, the others on version 1 (workers on a "
                 "backend without a trace, as NCCL)",

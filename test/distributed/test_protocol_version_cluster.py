@@ -61,12 +61,19 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
     run_job,
     unavailable_reason,
 )
-from torch.testing._internal.distributed.protocol_version_utils import MISMATCH, STOCK_PYTHON
+from torch.testing._internal.distributed.protocol_version_utils import (
+    MISMATCH,
+    REPO_ROOT,
+    STOCK_PYTHON,
+    VERSION_OVERRIDE_ENV,
+)
 
 
 # The fork as installed here (make test's .venv): the interpreter running this file.
 FORK = Path(sys.prefix)
 STOCK = STOCK_PYTHON.parents[1]
+# The next supported release with the guardrail: torch 2.14.1 and the hooks (make test-long creates it).
+NEXT = REPO_ROOT / ".venv-2.14"
 NNODES = 3
 # Bounds, generous for a shared 2-core machine: one torchrun takes 5-20 s there
 # (rendezvous, three interpreters importing torch at once).
@@ -241,6 +248,33 @@ class TestProtocolVersionCluster(_ClusterTestCase):
             self.assertIn(f"protocol version 2: rank {self.group_rank(job, v2)} on host {v2.name} (torch 2.13.0+cpu.protocolv2)", message)
             self.assertLess(job.left(host) - last, AGENT_VERDICT_S, host.name)
             self.assertLess(job.runs[host.index].finished - last, MISMATCH_EXIT_S, host.name)
+        self.assert_no_worker_started(job)
+        self.report(self.refusal_times(job, self.hosts))
+
+    def test_a_host_on_torch_2_14_1(self) -> None:
+        """A rolling update to the next release: node-c on the guardrail over torch
+        2.14.1, beside two hosts on 2.13.0. Both releases speak version 1: every agent
+        passes, the job runs, every worker records version 1."""
+        if not (NEXT / "bin" / "python").exists():
+            self.skipTest(f"no torch 2.14.1 environment at {NEXT}: make test-long creates it")
+        job = self.launch([FORK, FORK, NEXT])
+        self.assert_ran(job, {h.index: 1 for h in self.hosts})
+        self.assert_distribution(job, self.hosts[2], "2.14.1")
+        waited = self.assert_agents_passed(job)
+        self.report(f"agents passed {waited} s after the last arrival")
+
+    def test_a_host_on_torch_2_14_1_announcing_version_2(self) -> None:
+        """The same hosts, node-c's 2.14.1 announcing version 2 (the override): every
+        agent refuses before any worker starts, naming node-c and torch 2.14.1."""
+        if not (NEXT / "bin" / "python").exists():
+            self.skipTest(f"no torch 2.14.1 environment at {NEXT}: make test-long creates it")
+        job = self.launch([FORK, FORK, NEXT], host_env={2: {VERSION_OVERRIDE_ENV: "2"}})
+        messages = self.assert_agents_refused(job, self.hosts)
+        next_host = self.hosts[2]
+        for host in self.hosts:
+            self.assertIn(f"protocol version 2: rank {self.group_rank(job, next_host)} on host {next_host.name} "
+                          "(torch 2.14.1)", messages[host.name])
+            self.assertRegex(messages[host.name], r"protocol version 1: ranks? \S+ on hosts? .*\(torch 2\.13\.0")
         self.assert_no_worker_started(job)
         self.report(self.refusal_times(job, self.hosts))
 
