@@ -21,9 +21,9 @@ Act 1, a rolling update with real builds:
   5b. node-c's 2.14.1 announcing version 2: the agents refuse, naming it.
 Act 2, the guardrail's own first rollout (node-c still on stock torch), the
 workers on a backend that leaves no trace in the store at init, as NCCL:
-  5. beside version-1 hosts: the job runs; the guardrail agents warn, naming
+  6. beside version-1 hosts: the job runs; the guardrail agents warn, naming
      node-c, and their workers take the agents' verdict (version 1);
-  6. beside version-2 hosts: the guardrail agents refuse within seconds, before
+  7. beside version-2 hosts: the guardrail agents refuse within seconds, before
      any worker starts; the stock agent fails once its store host has gone.
 
 Needs root. The first run builds the two other builds' venvs (about 2 minutes);
@@ -57,7 +57,7 @@ STOCK = STOCK_PYTHON.parents[1]
 NO_CHECK = "without the protocol version check"
 AGENT_TITLE = "torch.distributed protocol version (torchrun agents)"
 CHECK_MODE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_CHECK"
-# How long a stock host that keeps waiting is watched in step 6.
+# How long a stock host that keeps waiting is watched in step 7.
 STOCK_BOUND_S = 45.0
 # The workers' backend in act 2: it leaves no key in the store before it starts, as NCCL.
 TRACELESS = ["--backend", "traceless"]
@@ -192,12 +192,12 @@ def main() -> int:
                 cluster, f"Act 1.5b: node-c's 2.14.1 announcing version 2 ({VERSION_OVERRIDE_ENV}=2)",
                 [fork, fork, next_release], AGENTS_REFUSE, host_env={2: {VERSION_OVERRIDE_ENV: "2"}},
             ),
-            "5 stock beside version 1": step(
+            "6 stock beside version 1": step(
                 cluster, "Act 2.1: first rollout: node-c on stock torch, the others on version 1 (workers on a "
                 "backend without a trace, as NCCL)",
                 [fork, fork, stock], RAN, worker_args=TRACELESS,
             ),
-            "6 stock beside version 2": step(
+            "7 stock beside version 2": step(
                 cluster, "Act 2.2: first rollout: node-c on stock torch, the others on version 2 (minimum 2)",
                 [v2, v2, stock], AGENTS_REFUSE, bounds={2: STOCK_BOUND_S}, worker_args=TRACELESS,
             ),
