@@ -102,12 +102,13 @@ def gloo_key(group_name: str, device: str) -> Callable[[int], str]:
 
 
 def _stock_refuses(backend: str, rank: int, world_size: int) -> bool:
-    """Whether stock refuses this rank first: a bad rank, or a backend its own creator makes (2.14) and this build
-    lacks, or NCCL on a machine without GPUs (ProcessGroupNCCL's own check)."""
+    """Whether stock refuses this rank first: a bad rank, a built-in backend this build lacks (2.14: one its own
+    creator makes), or ProcessGroupNCCL without GPUs (2.13: "nccl"; 2.14: what its NCCL creator makes)."""
     creator = getattr(dist.Backend._plugins.get(backend.upper()), "creator_fn", None)
     own = getattr(creator, "__module__", "") == dist.distributed_c10d.__name__
-    built = getattr(dist, f"is_{backend}_available", lambda: True)()
-    return not 0 <= rank < world_size or own and (not built or backend == "nccl" and not cuda.device_count())
+    lacked = own and not getattr(dist, f"is_{backend}_available", lambda: True)()
+    nccl = getattr(creator, "__name__", "") == "_create_nccl_process_group" if own else backend == "nccl"
+    return not 0 <= rank < world_size or lacked or nccl and not cuda.device_count()
 
 
 def _check_protocol_version(
