@@ -29,7 +29,7 @@ CPU_TORCH   := $(shell sed -n 's/^torch==\([^ ]*\).*/torch==\1+cpu/p' requiremen
 # test starts compiles torch again, which made make test 260 s slower than the 100 s saved.
 PIP_INSTALL  = -m pip install --quiet --disable-pip-version-check -r requirements.txt "$(CPU_TORCH)"
 
-.PHONY: demo test test-long test-2.14 test-all lint bench upstream-suite wheel clean-venv hook-diff hooked docs cluster-demo
+.PHONY: demo test test-long test-2.14 test-all lint bench upstream-suite wheel clean-venv hook-diff hooked hooked-2.14 docs cluster-demo
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -46,6 +46,12 @@ hooked: $(STAMP)
 	  { $(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$(CPU_TORCH)" \
 	    && $(PY) $(HOOK) install; }; }; }
 
+# The same for .venv-2.14 (torch 2.14.1 and the hooks), from the registry's wheel.
+hooked-2.14: $(NEXT_STAMP)
+	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install || \
+	  { $(NEXT_PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$(NEXT_TORCH)" \
+	    && $(NEXT_PY) $(HOOK) install; }
+
 demo: hooked
 	$(PY) tools/demo.py
 
@@ -60,16 +66,14 @@ test:
 # The long suites: the namespace cluster with real other builds, upstream's suites'
 # subsets, packaging with wheel builds, the static rendezvous' torchrun scenes. Run
 # serially: their scenes time themselves.
-test-long: hooked $(STOCK_STAMP) $(NEXT_STAMP)
-	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
+test-long: hooked $(STOCK_STAMP) hooked-2.14
 	$(PY) -m pytest $(LONG_TESTS) -q -p no:cacheprovider
 
 # make test's suite and the static rendezvous' scenes on torch 2.14.1, the other
 # supported release: the hooks in .venv-2.14, stock 2.14.1 (.venv-stock-2.14) as the
 # baseline. The other long suites are about the pinned base: its wheel (packaging, the
 # cluster's other builds), its upstream suites, and the update from it to 2.14.1.
-test-2.14: $(NEXT_STAMP) $(NEXT_STOCK_STAMP)
-	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
+test-2.14: hooked-2.14 $(NEXT_STOCK_STAMP)
 	PV_STOCK_PYTHON=$(CURDIR)/.venv-stock-2.14/bin/python $(NEXT_PY) -m pytest $(TESTS) -q -p no:cacheprovider \
 	  -n 2 --dist loadscope $(addprefix --ignore=,$(filter-out %_agents_static.py,$(LONG_TESTS)))
 
@@ -82,7 +86,7 @@ test-all:
 # ruff with upstream PyTorch's selection (pyproject.toml) everywhere, and mypy --strict
 # on the package. make test runs it first, in a make of its own: where test is also a
 # goal (make lint test, make -j2 lint test), lint is left to it, which lints once and
-# installs .venv once.
+# installs .venv once (each make reads its own goals: test's own make has lint, not test).
 ifeq ($(filter test,$(MAKECMDGOALS)),)
 lint: hooked
 	$(PY) -m ruff check torch tools benchmarks test
@@ -129,6 +133,5 @@ wheel: hooked
 
 # Three hosts made on this machine (needs root): a rolling update with real builds,
 # then the guardrail's own first rollout beside a stock torch host.
-cluster-demo: hooked $(STOCK_STAMP) $(NEXT_STAMP)
-	@$(NEXT_PY) $(HOOK) status >/dev/null 2>&1 || $(NEXT_PY) $(HOOK) install
+cluster-demo: hooked $(STOCK_STAMP) hooked-2.14
 	$(PY) tools/cluster_demo.py
