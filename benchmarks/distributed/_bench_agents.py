@@ -18,8 +18,10 @@ GIL, so the agents' Python work is serialised here where real agents run it in
 parallel on their own hosts (an upper bound for the check's Python share).
 Building the handlers and agents (the store connections) is not timed. At most
 32 agents: the rendezvous of 64 threads took 50 s on stock torch 2.13 here (32:
-2.6 s; 48: 11 s), and the fork's rounds with the check off passed its 120 s join
-timeout (RendezvousTimeoutError): the shared GIL, not the check.
+2.6 s), and the fork's rounds with the check off passed its 120 s join timeout
+(RendezvousTimeoutError). At 48, three interleaved pairs took 10.0, 12.4, 13.3 s on
+stock and 13.0, 10.0, 10.5 s on the fork with the check off (2026-12-07, at
+`524c5a8`): the threads' rendezvous itself, not the check.
 
 Stock against patched, side by side: each repetition runs two rounds back to
 back, in alternating order: "stock" with ``TORCH_DISTRIBUTED_PROTOCOL_CHECK=off``
