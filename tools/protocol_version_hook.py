@@ -123,10 +123,11 @@ class Hook:
         return sum(map(len, lines[:first])), indent, newline
 
     def is_placed(self, source: str, origin: str) -> bool:
-        return self.patch(source, origin) is source
+        """Whether the block is already in place in ``source``: patching it changes nothing."""
+        return self.patch(source, origin) == source
 
     def patch(self, source: str, origin: str) -> str:
-        """Return ``source`` with the hook inserted; ``source`` itself if already there."""
+        """Return ``source`` with the hook inserted; unchanged if already there."""
         at, indent, newline = self.where(source, origin)
         block = self.block(indent, newline)
         return source if source[max(at - len(block), 0):at] == block else source[:at] + block + source[at:]
