@@ -217,6 +217,19 @@ node-a  0-2    1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7
 node-b  3      2         2.13.0+cpu  bbbbbbbbbbbb  3.11.7""",
         )
 
+    def test_a_backends_column_where_some_rank_reports_a_library(self) -> None:
+        """Builds with NCCL report its version; the column shows it, and "-" for a build without."""
+        nccl = dataclasses.replace(built(rank_info(1, 1, host="node-b")), backend_versions=(("nccl", "2.30.7"),))
+        self.assertExpectedInline(
+            _preflight.render_table(_preflight.Roster(2, (built(rank_info(0, 1)), nccl)), "gloo"),
+            """\
+torch.distributed protocol version preflight (backend gloo): 2 ranks, 2 with the check on 2 hosts
+host    ranks  protocol  torch       commit        python  backends
+------  -----  --------  ----------  ------------  ------  -----------
+node-a  0      1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7  -
+node-b  1      1         2.13.0+cpu  aaaaaaaaaaaa  3.11.7  nccl 2.30.7""",
+        )
+
     def test_every_host_gets_a_row(self) -> None:
         """17 hosts of 4 ranks, host 9 on another build: one row each, none folded
         away, rank lists compressed."""
