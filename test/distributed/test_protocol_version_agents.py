@@ -325,6 +325,18 @@ class TestTheAgentsWord(AgentLauncher):
         self.assert_ran(agents, init=True)
         self.assertEqual(sorted(p.read_text() for p in self.dir.glob("version.*")), ["1", "1"])
 
+    def test_only_the_preflight_as_entry_point_is_left_to_the_workers(self) -> None:
+        module = "torch.distributed._protocol_version"
+        for args, preflight in (
+            (("-u", "-m", module, "--preflight"), True),  # torchrun -m <module> --preflight
+            (("-m", module, "--timeout", "9", "--preflight"), True),  # --no-python python -m ...
+            (("-u", "-m", module), False),  # the node CLI, no roll call
+            (("-u", "worker.py", "-m", module, "--preflight"), False),  # a script taking such arguments
+            (("-u", "-m", "other", "-m", module, "--preflight"), False),
+        ):
+            with self.subTest(args=args):
+                self.assertEqual(_agent._runs_the_preflight(args), preflight)
+
     def test_the_preflight_runs_on_a_mismatched_cluster(self) -> None:
         """The agents leave the check to the preflight, which is the check: it prints what every
         node runs, and every worker exits 1, as init_process_group would refuse the job."""

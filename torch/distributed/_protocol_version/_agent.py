@@ -67,8 +67,7 @@ def check_agent_protocol_version(
         return
     for word in (ROUND_ENV, AGENTS_VERDICT_ENV):  # the workers inherit the agent's environment: none, unless checked
         os.environ.pop(word, None)
-    if any(tuple(args[i:i + 2]) == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[i + 2:]
-           for i in range(len(args))):
+    if _runs_the_preflight(args):
         return
     backend = f"{rdzv_backend} rendezvous"
     mode = mode_or_tell(store, AGENTS, "round", group_rank, group_world_size, backend)
@@ -98,6 +97,13 @@ def check_agent_protocol_version(
     if verdict.ok and not verdict.without:
         logger.info("Agent %s: protocol version check of %s agents passed: negotiated protocol version %s.",
                     group_rank, group_world_size, verdict.negotiated)
+
+
+def _runs_the_preflight(args: tuple[object, ...]) -> bool:
+    """Whether the workers' entry point is the preflight: ``python [options] -m <module> ... --preflight``
+    (torchrun passes ``-u -m <module>``), not a script that merely takes such arguments."""
+    start = next((i for i, arg in enumerate(args) if arg == "-m" or not str(arg).startswith("-")), len(args))
+    return tuple(args[start:start + 2]) == ("-m", PREFLIGHT_MODULE) and "--preflight" in args[start + 2:]
 
 
 def _rejoin(store: Store, group_rank: int, group_world_size: int, mode: str, backend: str) -> None:
