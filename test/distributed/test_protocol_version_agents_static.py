@@ -41,6 +41,29 @@ class TestStaticRendezvous(AgentLauncher):
         refused = self.launch([Agent(), Agent(env={VERSION_OVERRIDE_ENV: "2"})], static=True)
         self.assert_refused(refused, refused)
 
+    def test_a_static_rank_0_stopped_in_the_check_is_replaced_by_its_restart(self) -> None:
+        """Node 0's worker, rank 0, publishes and waits in the check for node 1's slow
+        worker, and is stopped there (exit 3). Its restart, alone, takes over the check
+        its predecessor left, in the job's one namespace, and judges node 1's worker,
+        which was waiting for a verdict: the job runs, as on stock."""
+        env = {"PV_TEST_STOPPED_FIRST": "0", "PV_TEST_SLOW_FIRST": "1", "PV_TEST_INIT": "1"}
+        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=1"], env=env)
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        self.assertEqual(self.started(), ["started.0.0", "started.0.1", "started.1.0"])
+        self.assertEqual(sorted(p.name for p in self.dir.glob("sum.*")), ["sum.0.1", "sum.1.0"])
+
+    def test_a_static_check_that_timed_out_does_not_stop_the_restarts(self) -> None:
+        """Node 1's worker comes after rank 0's 3 s timeout: rank 0 fails and its node
+        restarts; the restarted rank 0 takes over the check the failed one left (and node
+        1's worker, should it have read that verdict, restarts too): the job runs."""
+        env = {"PV_TEST_SLOW_FIRST": "1", "PV_TEST_INIT": "1", "PV_TEST_TIMEOUT": "3"}
+        agents = self.launch([Agent(), Agent()], static=True, args=["--max-restarts=2"], env=env)
+        for agent in agents:
+            self.assertEqual(agent.returncode, 0, agent.output[-4000:])
+        self.assertIn("check timed out after 3s", agents[0].output)
+        self.assertEqual({p.name.split(".")[1] for p in self.dir.glob("sum.*")}, {"0", "1"})
+
     def test_a_static_node_that_restarts_alone_is_judged_against_the_job(self) -> None:
         """Node 1's torchrun ends (its worker fails, no restarts left) while node 0's
         worker holds the job and its store up. Node 1 comes back: on version 2 it is
