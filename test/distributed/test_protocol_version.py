@@ -183,7 +183,7 @@ def _check(
     """One rank's check as the exchange builds it, for the functions that word its verdicts."""
     return _exchange._Check(
         store=store, family=C10D, namespace=namespace, rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=timeout_s), end=time.monotonic() + timeout_s, grace=1.0, bounded=bounded, patient=False, takeover=False, backend=backend,
+        timeout=timedelta(seconds=timeout_s), end=time.monotonic() + timeout_s, grace=1.0, bounded=bounded, patient=False, backend=backend,
         info=info, payload=info.to_payload(C10D), trace=trace,
     )
 

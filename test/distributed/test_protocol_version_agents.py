@@ -71,7 +71,7 @@ PASSED = re.compile(r"Agent (\d+): protocol version check of (\d+) agents passed
 # group ranks listed in PV_TEST_FAIL_FIRST, takes 5 s to start on attempt 0 on
 # those in PV_TEST_SLOW_FIRST, is stopped 2 s into its init on attempt 0 on those in PV_TEST_STOPPED_FIRST
 # (in the check, waiting for a slow one), holds on those in PV_TEST_HOLD until the test leaves the file release,
-# and with PV_TEST_INIT=1 inits gloo through torchrun's store (timeout PV_TEST_TIMEOUT s) and all_reduces (with
+# and with PV_TEST_INIT=1 inits gloo through torchrun's store (on attempt 0 with a timeout of PV_TEST_TIMEOUT s) and all_reduces (with
 # PV_TEST_INIT=traceless, gloo under a prefix of its own, which leaves no key in the
 # store before it starts, as NCCL does not), leaving the version it negotiated.
 WORKER = '''\
@@ -95,9 +95,10 @@ if os.environ.get("PV_TEST_INIT") in ("1", "traceless"):
             dist.PrefixStore("traceless", store), rank, size, timeout), devices=["cpu"])
     if attempt == "0" and group_rank in os.environ.get("PV_TEST_STOPPED_FIRST", "").split(","):
         import threading
-        threading.Timer(2.0, os._exit, (3,)).start()  # as its agent stops it, whatever it is doing
+        threading.Timer(2.0, os._exit, (3,)).start()  # it ends wherever it is, as a stopped worker does
     import datetime
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(os.environ.get("PV_TEST_TIMEOUT", 1800))))
+    timeout = float(os.environ.get("PV_TEST_TIMEOUT", 1800)) if attempt == "0" else 1800
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     tensor = torch.ones(1)
     dist.all_reduce(tensor)
     Path(os.environ["PV_TEST_DIR"], f"sum.{group_rank}.{attempt}").write_text(str(tensor.item()))

@@ -137,11 +137,13 @@ def _check_protocol_version(
     if trace is not None and not first:
         delete(store, [trace(rank)])
     started = time.monotonic()
-    # Where torchrun's agents all checked this round (its name says so), so does every worker: warn waits too. The
-    # static rendezvous keeps that name for the job: a restarted rank 0 takes over from the one its agent stopped.
+    # Where torchrun's agents all checked this round (its name says so), so does every worker: warn waits too.
     expected = applies and bool(os.environ.get(ROUND_ENV))
+    if expected and rank == 0 and os.environ.get(RESTART_COUNT_ENV, "0") != "0":  # the static rendezvous keeps that
+        # name for the job: a restarted rank 0 takes over the check of the one its agent stopped
+        delete(store, [C10D.key(namespace, part) for part in ("rank/0", "verdict", "read", "left")])
     outcome = exchange(store, C10D, rank, world_size, timeout, backend, mode, namespace, trace if first else None,
-                       expected=expected, takeover=expected and os.environ.get(RESTART_COUNT_ENV, "0") != "0")
+                       expected=expected)
     raise_on_failure(outcome.verdict, outcome.info, C10D)
     if outcome.verdict.ok and not outcome.verdict.without:  # a rank it was reached without may not speak it
         _negotiated[group_store] = outcome.verdict.negotiated

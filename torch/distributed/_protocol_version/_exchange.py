@@ -71,7 +71,6 @@ class _Check:
     grace: float
     bounded: bool  # a warn rank without evidence: it waits its grace period for ranks not heard from
     patient: bool  # the preflight's roll call: wait up to the timeout on warn too, and hold the store as long
-    takeover: bool  # rank 0 replaces an earlier rank 0 of its attempt that was stopped mid-check
     backend: str
     info: RankInfo
     payload: str
@@ -133,9 +132,7 @@ def _coordinate(check: _Check) -> Outcome:
     """Rank 0: collect, judge, publish, and hold the store (it often hosts it) while the readers of a
     failing verdict read, for its grace period at most. Its own payload there means a reused namespace."""
     store, verdict_key = check.store, check.key("verdict")
-    if check.takeover:
-        delete(store, [verdict_key, check.key("read"), check.key("left")])
-    elif present(store, [check.slot(0)]):
+    if present(store, [check.slot(0)]):
         verdict = check.reused_verdict()
         store.set(verdict_key, verdict.to_json())
         return Outcome(verdict, check.info)
@@ -260,13 +257,12 @@ def mode_or_tell(store: Store, family: Family, namespace: str, rank: int, world_
 def exchange(
     store: Store, family: Family, rank: int, world_size: int, timeout: timedelta, backend: str, mode: str,
     namespace: str, trace: Callable[[int], str] | None = None, name: str = "", patient: bool = False,
-    expected: bool = False, takeover: bool = False,
+    expected: bool = False,
 ) -> Outcome:
     """Run one check of ``family`` as ``rank`` in ``mode`` (``error`` or ``warn``) under ``namespace``, the same
     on every rank of one attempt and never used twice on a store. ``trace(r)`` is where rank ``r``'s backend
     writes a key as it starts; ``expected``: every rank is known to run the check, so ``warn`` waits as ``error``
-    does; ``patient`` waits so too, and a rank but 0 once more for a rank 0 still at it (the preflight's roll call);
-    ``takeover``: rank 0 clears what an earlier rank 0 of this attempt, stopped mid-check, left, instead of refusing.
+    does; ``patient`` waits so too, and a rank but 0 once more for a rank 0 still at it (the preflight's roll call).
     Raises ``SettingError`` on a bad override before any store traffic, and a store failure as its own type."""
     info = local_info(rank, family, mode, name)
     payload = info.to_payload(family)
@@ -275,8 +271,8 @@ def exchange(
     grace = min(_GRACE_SECONDS, timeout.total_seconds() / 10)
     bounded = mode == "warn" and not (patient or expected) and trace is None
     end = time.monotonic() + timeout.total_seconds()
-    check = _Check(store, family, namespace, rank, world_size, timeout, end, grace, bounded, patient, takeover,
-                   backend, info, payload, trace)
+    check = _Check(store, family, namespace, rank, world_size, timeout, end, grace, bounded, patient, backend, info,
+                   payload, trace)
     try:
         if rank == 0:
             return _coordinate(check)
