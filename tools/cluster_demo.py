@@ -40,7 +40,7 @@ from typing import Any
 from collections.abc import Mapping
 
 from torch.testing._internal.distributed.protocol_version_builds import build_venvs
-from torch.testing._internal.distributed.protocol_version_utils import REPO_ROOT, STOCK_PYTHON
+from torch.testing._internal.distributed.protocol_version_utils import NEXT_VENV, REPO_ROOT, STOCK_PYTHON
 from torch.testing._internal.distributed.protocol_version_cluster import (
     Cluster,
     Host,
@@ -51,7 +51,6 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
 
 
 FORK = REPO_ROOT / ".venv"
-NEXT = REPO_ROOT / ".venv-2.14"  # torch 2.14.1 with the hooks
 VERSION_OVERRIDE_ENV = "TORCH_DISTRIBUTED_PROTOCOL_VERSION_OVERRIDE"
 STOCK = STOCK_PYTHON.parents[1]
 NO_CHECK = "without the protocol version check"
@@ -165,7 +164,7 @@ def main() -> int:
     v2_venv, bridge_venv = build_venvs([(2, 2), (2, 1)])
     fork, stock = Build("fork, version 1", FORK), Build("stock torch, no check", STOCK)
     v2, bridge = Build("build protocolv2", v2_venv), Build("build protocolv1to2", bridge_venv)
-    next_release = Build("the fork over torch 2.14.1, version 1", NEXT)
+    next_release = Build("the fork over torch 2.14.1, version 1", NEXT_VENV)
     with Cluster(3) as cluster:
         outcomes = {
             "1 all on the fork": step(cluster, "Act 1.1: every host on the fork", [fork] * 3, RAN),

@@ -63,7 +63,7 @@ from torch.testing._internal.distributed.protocol_version_cluster import (
 )
 from torch.testing._internal.distributed.protocol_version_utils import (
     MISMATCH,
-    REPO_ROOT,
+    NEXT_VENV as NEXT,
     STOCK_PYTHON,
     VERSION_OVERRIDE_ENV,
 )
@@ -72,8 +72,6 @@ from torch.testing._internal.distributed.protocol_version_utils import (
 # The fork as installed here (make test's .venv): the interpreter running this file.
 FORK = Path(sys.prefix)
 STOCK = STOCK_PYTHON.parents[1]
-# The next supported release with the guardrail: torch 2.14.1 and the hooks (make test-long creates it).
-NEXT = REPO_ROOT / ".venv-2.14"
 NNODES = 3
 # Bounds, generous for a shared 2-core machine: one torchrun takes 5-20 s there
 # (rendezvous, three interpreters importing torch at once).

@@ -34,7 +34,7 @@ from wheel.wheelfile import WheelFile
 from torch.distributed import distributed_c10d
 from torch.distributed._protocol_version import PROTOCOL_VERSION
 from torch.testing._internal.common_utils import find_free_port, run_tests, TestCase
-from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS, MISMATCH, REPO_ROOT
+from torch.testing._internal.distributed.protocol_version_utils import GUARDRAIL_ENVS, MISMATCH, NEXT_VENV, REPO_ROOT
 
 
 REPO = REPO_ROOT
@@ -50,7 +50,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 INSTALLED = Path(distributed_c10d.__file__).parents[1]  # this interpreter's torch (2.13.0, hooked)
 # The other supported release's, hooked: torch 2.14.1 in the venv make test-long creates.
-NEXT_INSTALLED = next((REPO / ".venv-2.14").glob("lib/python*/site-packages/torch"), None)
+NEXT_INSTALLED = next(NEXT_VENV.glob("lib/python*/site-packages/torch"), None)
 
 
 def _stock_sources(installed: Path = INSTALLED) -> dict[str, str]:

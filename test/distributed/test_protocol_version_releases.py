@@ -19,13 +19,13 @@ from torch.testing._internal.common_utils import find_free_port, run_tests, Test
 from torch.testing._internal.distributed.protocol_version_utils import (
     GUARDRAIL_ENVS,
     MISMATCH,
-    REPO_ROOT,
+    NEXT_VENV,
     VERSION_OVERRIDE_ENV,
 )
 
 
 BASE_PY = Path(sys.executable)
-NEXT_PY = REPO_ROOT / ".venv-2.14" / "bin" / "python"
+NEXT_PY = NEXT_VENV / "bin" / "python"
 # One rank of a 2-rank gloo job on env://; prints what it did as one JSON line.
 RANK = """\
 import datetime, importlib.metadata, json, os, sys, torch, torch.distributed as dist

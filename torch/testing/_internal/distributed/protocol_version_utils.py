@@ -63,6 +63,8 @@ REPO_ROOT = Path(__file__).resolve().parents[4]
 # ``PV_STOCK_PYTHON``'s where the tests run on another release (``make test-2.14``).
 STOCK_PYTHON = Path(os.environ.get("PV_STOCK_PYTHON") or REPO_ROOT / ".venv-stock" / "bin" / "python")
 NO_STOCK_REASON = f"no stock torch environment at {STOCK_PYTHON} to compare with"
+# The other supported release with the hooks: torch 2.14.1, which ``make test-long`` builds.
+NEXT_VENV = REPO_ROOT / ".venv-2.14"
 # torchrun tests: the local rank that runs another build.
 ODD_RANK_ENV = "PV_TEST_ODD_LOCAL_RANK"
 # What every mismatch message says (the first line names torch.distributed too).
